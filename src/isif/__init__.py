@@ -1,0 +1,3 @@
+"""isif: unsupervised embedding learning via Invariant and Spreading Instance Feature."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,55 @@
+"""Checkpoints: written atomically, loaded safely.
+
+A checkpoint is a plain dict of tensors, numbers, strings and lists, so it
+loads with ``torch.load(weights_only=True)``: a file crafted to run code when
+unpickled is refused instead of executed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data.sources import atomic_write_bytes
+from .errors import UserError
+
+FORMAT = "isif-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``state`` to ``path`` through a temporary file, fsync and rename: never a torn file."""
+    state = {"format": FORMAT, "version": VERSION, **state}
+    atomic_write_bytes(Path(path), lambda f: torch.save(state, f))
+    try:  # make the rename itself durable
+        fd = os.open(Path(path).parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint``; anything else is a UserError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint {p} does not exist; pass the path of a .pt file from a run's checkpoints/ folder")
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise UserError(f"checkpoint {p} was refused: it holds more than weights and plain data ({first[:160]})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"checkpoint {p} is truncated or not a checkpoint ({type(e).__name__}); use an intact file") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{p} is not an isif checkpoint (no '{FORMAT}' marker)")
+    if state.get("version", 0) > VERSION:
+        raise UserError(f"{p} was written by a newer isif (format {state['version']}); upgrade isif to read it")
+    return state

@@ -1,0 +1,253 @@
+"""Command-line interface: ``isif train | eval knn | presets``.
+
+Every user mistake ends in one line on stderr, ``isif: error: ...``, and exit
+code 2. A run stopped by Ctrl-C saves a checkpoint and exits with 130; a run
+whose loss diverges exits with 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train an embedding", description="Train an embedding without labels.")
+    p.add_argument("--preset", default="cifar10-cpu", help="named setting (see `isif presets`); default cifar10-cpu")
+    p.add_argument("--data", help="dataset path: cifar-10-batches-py folder, train/ test/ image folders, or a .zip")
+    p.add_argument("--dataset", help="dataset kind: cifar10 or folder")
+    p.add_argument("--cache-dir", help="where decoded arrays are cached (default $ISIF_CACHE or ~/.cache/isif)")
+    p.add_argument("--out", help="run folder (default runs/PRESET-TIMESTAMP)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (or --out) from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="instances per step (a step sees twice as many images)")
+    p.add_argument("--width", type=float, help="backbone channel multiplier")
+    p.add_argument("--method", help="training objective (see `isif methods`)")
+    p.add_argument("--variant", help="isif objective: official (reference code) or paper (Eq. 7)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--neg-weight", type=float, help="the reference code's negM")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--schedule", help="step or cosine")
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--precision", help="fp32, bf16 or fp16")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", type=int, help="kNN evaluation every N epochs (always after the last)")
+    p.add_argument("--knn-k", type=int)
+    p.add_argument("--train-subset", type=int, help="train on a stratified slice of N images")
+    p.add_argument("--test-subset", type=int, help="evaluate on a stratified slice of N images")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# flag -> (section, field); the flags a resumed run may change are marked True
+_OVERRIDES = {
+    "data": ("data", "path", True),
+    "dataset": ("data", "dataset", False),
+    "cache_dir": ("data", "cache_dir", True),
+    "train_subset": ("data", "train_subset", False),
+    "test_subset": ("data", "test_subset", False),
+    "epochs": ("train", "epochs", True),
+    "batch_size": ("train", "batch_size", False),
+    "width": ("model", "width", False),
+    "method": ("method", "name", False),
+    "variant": ("method", "variant", False),
+    "temperature": ("method", "temperature", False),
+    "neg_weight": ("method", "neg_weight", False),
+    "lr": ("optim", "lr", False),
+    "schedule": ("optim", "schedule", False),
+    "warmup_epochs": ("optim", "warmup_epochs", False),
+    "precision": ("train", "precision", False),
+    "channels_last": ("train", "channels_last", True),
+    "device": ("train", "device", True),
+    "seed": ("train", "seed", False),
+    "eval_every": ("train", "eval_every", True),
+    "knn_k": ("train", "knn_k", False),
+}
+
+
+def _apply_overrides(cfg, args, resuming: bool) -> None:
+    for flag, (section, key, resumable) in _OVERRIDES.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        sec = getattr(cfg, section)
+        if resuming and not resumable and getattr(sec, key) != value:
+            raise UserError(f"--{flag.replace('_', '-')} cannot change on --resume (the run has "
+                            f"{section}.{key}={getattr(sec, key)!r}); start a new run instead")
+        setattr(sec, key, value)
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .config import Config, preset
+    from .train import RunDir, train
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    resuming = args.resume is not None
+    if resuming:
+        out = Path(args.resume if isinstance(args.resume, str) else (args.out or ""))
+        if not str(out):
+            raise UserError("--resume needs the run folder: --resume RUN_DIR (or --out RUN_DIR --resume)")
+        run = RunDir(out)
+        if not run.last.is_file():
+            raise UserError(f"nothing to resume in {out}: no checkpoints/last.pt; start without --resume")
+        cfg = Config.from_dict(load_checkpoint(run.last)["config"])
+    else:
+        cfg = preset(args.preset)
+        out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _apply_overrides(cfg, args, resuming)
+    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
+        raise UserError(f"--data {cfg.data.path}: no such file or folder")
+    cfg.validate()
+    t = cfg.train
+    if not args.quiet:
+        print(f"isif: {'resuming' if resuming else 'training'} {cfg.method.name} ({cfg.preset}) -> {out}; "
+              f"batch {t.batch_size} instances ({2 * t.batch_size} images/step), {t.epochs} epochs, "
+              f"{t.precision}, device {t.device}", file=sys.stderr)
+    history = train(cfg, out, resume=resuming, overwrite=args.overwrite, progress=not args.quiet)
+    evals = [r for r in history if r.get("knn_top1") is not None]
+    if evals:
+        last = evals[-1]
+        print(f"kNN top-1 {last['knn_top1']:.2f}% after epoch {last['epoch']} "
+              f"(k={t.knn_k}, sigma={t.knn_sigma}); run folder: {out}")
+    return 0
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    esub = p.add_subparsers(dest="protocol", required=True, parser_class=_Parser)
+    k = esub.add_parser("knn", help="weighted kNN top-1 on the test split")
+    k.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder (uses checkpoints/last.pt)")
+    k.add_argument("--data", help="dataset path, if it moved since training")
+    k.add_argument("--device", default=None)
+    k.add_argument("--k", type=int, default=None, help="neighbours (default: the run's, 200)")
+    k.add_argument("--sigma", type=float, default=None, help="vote temperature (default: the run's, 0.1)")
+    k.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .config import Config
+    from .models import build_model
+    from .train import build_augment, evaluate_knn, load_splits, resolve_device
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    cfg = Config.from_dict(state["config"])
+    if args.data is not None:
+        cfg.data.path = args.data
+    if args.device is not None:
+        cfg.train.device = args.device
+    if args.k is not None:
+        cfg.train.knn_k = args.k
+    if args.sigma is not None:
+        cfg.train.knn_sigma = args.sigma
+    cfg.validate()
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg.model.arch, cfg.model.width, cfg.model.dim)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit {cfg.model.arch} width {cfg.model.width} "
+                        f"({str(e).splitlines()[0][:120]})") from None
+    model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    splits, train_set, test_set = load_splits(cfg)
+    if cfg.train.knn_k > len(train_set):
+        raise UserError(f"--k {cfg.train.knn_k} is larger than the training set ({len(train_set)} images)")
+    _, plain = build_augment(cfg, splits)
+    t0 = time.perf_counter()
+    acc = evaluate_knn(model, train_set, test_set, plain, cfg, device)
+    res = {"checkpoint": str(path), "epoch": state.get("epoch"), "knn_top1": acc, "k": cfg.train.knn_k,
+           "sigma": cfg.train.knn_sigma, "train_images": len(train_set), "test_images": len(test_set),
+           "eval_s": time.perf_counter() - t0}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"kNN top-1 {acc:.2f}% (k={res['k']}, sigma={res['sigma']}) on {len(test_set)} test images, "
+              f"bank of {len(train_set)}; checkpoint epoch {res['epoch']}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import PRESETS
+
+    for name, fn in PRESETS.items():
+        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:16s} {doc}")
+        if args.verbose:
+            print(json.dumps(fn().to_dict(), indent=2))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .objectives import methods
+
+    for name, m in sorted(methods().items()):
+        print(f"{name:16s} {m.summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="isif", description="Unsupervised embedding learning via Invariant and Spreading "
+                                              "Instance Feature (Ye et al., CVPR 2019).")
+    parser.add_argument("--version", action="version", version=f"isif {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _train_parser(sub)
+    _eval_parser(sub)
+    pp = sub.add_parser("presets", help="list the named presets")
+    pp.add_argument("-v", "--verbose", action="store_true", help="print each preset's full config")
+    sub.add_parser("methods", help="list the training methods")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .train import Interrupted, TrainingDiverged
+
+    try:
+        args = build_parser().parse_args(argv)
+        return {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "methods": cmd_methods}[
+            args.command](args)
+    except UserError as e:
+        print(f"isif: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"isif: error: {e}", file=sys.stderr)
+        return 3
+    except Interrupted as e:
+        print(f"isif: interrupted: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("isif: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Typed configuration and named presets.
+
+Every default lives here. A run's resolved config is saved as JSON in its
+folder and inside every checkpoint, so a run can be resumed or evaluated
+from the folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .precision import PRECISIONS
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    path: str | None = None  # None: torchvision's download into the cache
+    cache_dir: str | None = None  # None: $ISIF_CACHE or ~/.cache/isif
+    train_subset: int | None = None  # a stratified slice of the training set (tests, quick looks)
+    test_subset: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18_cifar"
+    width: float = 1.0  # channel multiplier
+    dim: int = 128  # embedding size
+
+
+@dataclass
+class MethodConfig:
+    name: str = "isif"
+    temperature: float = 0.1
+    variant: str = "official"  # "official" (reference code) or "paper" (Eq. 7)
+    neg_weight: float = 1.0  # the reference code's negM
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale: tuple[float, float] | None = (0.2, 1.0)  # None: no RandomResizedCrop
+    jitter: tuple[float, float, float, float] | None = (0.4, 0.4, 0.4, 0.4)  # None: no ColorJitter
+    grayscale_p: float = 0.2
+    flip: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"  # "step" or "cosine"
+    milestones: tuple[int, ...] = (120, 160)  # step: epochs where the factor changes
+    factors: tuple[float, ...] = (0.1, 0.01)  # step: lr multiplier from each milestone on
+    warmup_epochs: float = 0.0  # linear warm-up, in epochs (fractions allowed)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 128  # instances per step; a step sees 2 x batch_size images
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    channels_last: bool = False
+    eval_every: int = 1  # kNN every N epochs (and always after the last)
+    knn_k: int = 200
+    knn_sigma: float = 0.1
+    eval_batch_size: int = 1024
+
+
+@dataclass
+class Config:
+    preset: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        return _build(cls, d)
+
+    def validate(self) -> Config:
+        """Raise UserError naming the first bad value and its fix."""
+        from .data.sources import DATASETS
+        from .models import ARCHS
+        from .objectives import methods
+        from .objectives.isif import VARIANTS
+
+        t, o, m, a = self.train, self.optim, self.method, self.augment
+        _check(self.data.dataset in DATASETS, f"unknown dataset {self.data.dataset!r}; known: {', '.join(DATASETS)}")
+        _check(self.model.arch in ARCHS, f"unknown --arch {self.model.arch!r}; known: {', '.join(ARCHS)}")
+        _check(m.name in methods(), f"unknown --method {m.name!r}; known: {', '.join(sorted(methods()))}")
+        _check(m.variant in VARIANTS, f"unknown --variant {m.variant!r}; known: {', '.join(VARIANTS)}")
+        _check(_pos(m.temperature), f"--temperature must be > 0, got {m.temperature}")
+        _check(_pos(m.neg_weight) and m.neg_weight >= 1, f"--neg-weight must be >= 1, got {m.neg_weight}")
+        _check(t.batch_size >= 2, f"--batch-size must be >= 2 (the objective contrasts instances), got {t.batch_size}")
+        _check(t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}")
+        _check(t.eval_every >= 1, f"--eval-every must be >= 1, got {t.eval_every}")
+        _check(t.knn_k >= 1, f"--knn-k must be >= 1, got {t.knn_k}")
+        _check(_pos(t.knn_sigma), f"--knn-sigma must be > 0, got {t.knn_sigma}")
+        _check(t.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {t.eval_batch_size}")
+        _check(t.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+        _check(_pos(self.model.width), f"--width must be > 0, got {self.model.width}")
+        _check(self.model.dim >= 1, f"--dim must be >= 1, got {self.model.dim}")
+        _check(_pos(o.lr), f"--lr must be > 0, got {o.lr}")
+        _check(0 <= o.momentum < 1, f"momentum must be in [0, 1), got {o.momentum}")
+        _check(o.weight_decay >= 0, f"weight decay must be >= 0, got {o.weight_decay}")
+        _check(o.schedule in ("step", "cosine"), f"--schedule must be step or cosine, got {o.schedule!r}")
+        _check(len(o.milestones) == len(o.factors), "milestones and factors must have the same length")
+        _check(o.warmup_epochs >= 0, f"warmup must be >= 0 epochs, got {o.warmup_epochs}")
+        if a.crop_scale is not None:
+            lo, hi = a.crop_scale
+            _check(0 < lo <= hi <= 1, f"crop scale must satisfy 0 < min <= max <= 1, got {a.crop_scale}")
+        if a.jitter is not None:
+            _check(len(a.jitter) == 4 and all(j >= 0 for j in a.jitter), "jitter needs 4 strengths >= 0")
+            _check(a.jitter[3] <= 0.5, f"hue jitter must be <= 0.5, got {a.jitter[3]}")
+        _check(0 <= a.grayscale_p <= 1, f"grayscale probability must be in [0, 1], got {a.grayscale_p}")
+        for name in ("train_subset", "test_subset"):
+            v = getattr(self.data, name)
+            _check(v is None or v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        return self
+
+
+def _pos(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise UserError(msg)
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _build(cls, d: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in d.items():
+        if key not in names:
+            raise UserError(f"unknown config key {cls.__name__}.{key}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value)
+        elif isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _cifar10() -> Config:
+    """Table 1: ResNet-18 (CIFAR stem), batch 128, tau 0.1, lr 0.03 x0.1 at 120, x0.01 at 160, 200 epochs."""
+    return Config(preset="cifar10")
+
+
+def _cifar10_cpu() -> Config:
+    """A quarter-width ResNet-18 trained for a few epochs: about 15 minutes on 2 CPU cores."""
+    c = Config(preset="cifar10-cpu")
+    c.model.width = 0.25
+    c.train.epochs = 10
+    c.train.precision = "bf16"
+    c.train.channels_last = True
+    c.train.eval_every = 1
+    c.optim.schedule = "cosine"
+    c.optim.lr = 0.06
+    c.optim.warmup_epochs = 0.5
+    return c
+
+
+def _cifar10_tiny() -> Config:
+    """Seconds on a CPU: a tiny width on a slice of the data. For tests and a first look."""
+    c = Config(preset="cifar10-tiny")
+    c.model.width = 0.0625
+    c.train.epochs = 2
+    c.train.batch_size = 32
+    c.data.train_subset = 1000
+    c.data.test_subset = 500
+    c.optim.schedule = "cosine"
+    c.train.knn_k = 50
+    return c
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {
+    "cifar10": _cifar10,
+    "cifar10-cpu": _cifar10_cpu,
+    "cifar10-tiny": _cifar10_tiny,
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; known: {', '.join(PRESETS)} (see `isif presets`)")
+    return PRESETS[name]()

@@ -1,0 +1,38 @@
+"""Feature extraction: a model applied to an in-memory set with the test transform."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..precision import autocast
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Embed uint8 images (N, 3, H, W) in eval mode; returns float32 (N, D) on ``device``."""
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    feats = []
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            x = transform(images[start : start + batch_size].to(device, non_blocking=True))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                z = model(x)
+            feats.append(z.float())
+    finally:
+        model.train(was_training)
+    return torch.cat(feats)

@@ -1,0 +1,92 @@
+"""Weighted k-nearest-neighbour classification, as in Wu et al. and Ye et al.
+
+For a query q and a bank of L2-normalised features b_j with labels y_j, take
+the k most similar bank entries by cosine similarity s_j = q . b_j; class c
+gets the vote sum over those neighbours with y_j = c of exp(s_j / sigma). The
+prediction is the class with the largest vote.
+
+Ties are resolved deterministically: neighbours tied at the k-th similarity
+are taken in bank order (lowest index first), and tied votes go to the lowest
+class index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def knn_scores(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    sigma: float = 0.1,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Class votes for each query, normalised to sum to 1.
+
+    Shape:
+        query: (Q, D), bank: (N, D), both L2-normalised; bank_labels: (N,) int.
+        Output: (Q, num_classes), at least float32; row q is
+        votes_q / sum(votes_q). Votes are computed as exp((s - s_max) / sigma),
+        a per-query constant factor that cancels in the normalisation, so a
+        small sigma cannot overflow.
+
+    ``k`` larger than the bank uses the whole bank. Memory is bounded by
+    ``chunk_size * N`` similarities at a time.
+    """
+    if query.dim() != 2 or bank.dim() != 2 or query.shape[1] != bank.shape[1]:
+        raise ValueError(f"query (Q, D) and bank (N, D) must share D; got {tuple(query.shape)}, {tuple(bank.shape)}")
+    if bank.shape[0] != bank_labels.shape[0]:
+        raise ValueError(f"bank has {bank.shape[0]} rows but {bank_labels.shape[0]} labels")
+    if k < 1 or sigma <= 0:
+        raise ValueError(f"k must be >= 1 and sigma > 0; got k={k}, sigma={sigma}")
+    n = bank.shape[0]
+    k = min(k, n)
+    dtype = torch.promote_types(bank.dtype, torch.float32)
+    bank = bank.to(dtype)
+    onehot = torch.zeros(n, num_classes, dtype=dtype, device=bank.device)
+    onehot[torch.arange(n, device=bank.device), bank_labels.to(bank.device).long()] = 1  # (N, C)
+    out = []
+    for start in range(0, query.shape[0], chunk_size):
+        q = query[start : start + chunk_size].to(bank.device, dtype)
+        sim = q @ bank.t()  # (q, N)
+        kth = torch.topk(sim, k, dim=1).values[:, -1:]  # (q, 1) the k-th largest similarity
+        above = sim > kth
+        tied = sim == kth
+        room = k - above.sum(dim=1, keepdim=True)  # how many tied entries still fit
+        take = above | (tied & (torch.cumsum(tied.to(torch.int32), dim=1) <= room))
+        top = sim.max(dim=1, keepdim=True).values  # (q, 1)
+        weights = torch.where(take, torch.exp((sim - top) / sigma), torch.zeros_like(sim))  # (q, N)
+        votes = weights @ onehot  # (q, C)
+        out.append(votes / votes.sum(dim=1, keepdim=True))
+    return torch.cat(out) if out else torch.zeros(0, num_classes, dtype=dtype)
+
+
+def knn_predict(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    sigma: float = 0.1,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Predicted labels (Q,) by weighted kNN; see ``knn_scores``."""
+    return knn_scores(query, bank, bank_labels, num_classes, k, sigma, chunk_size).argmax(dim=1)
+
+
+def knn_accuracy(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    sigma: float = 0.1,
+    chunk_size: int = 1024,
+) -> float:
+    """Top-1 accuracy in percent."""
+    pred = knn_predict(query, bank, bank_labels, num_classes, k, sigma, chunk_size)
+    return 100.0 * (pred.cpu() == query_labels.cpu()).double().mean().item()

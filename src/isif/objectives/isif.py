@@ -1,0 +1,145 @@
+"""The Invariant and Spreading Instance Feature objective (Ye et al., CVPR 2019).
+
+A softmax over the real-time features of the batch, with no memory bank: the
+second view of an instance must be recognised as that instance (invariance)
+and every other instance must not be (spreading).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+VARIANTS = ("official", "paper")
+_LN2 = math.log(2.0)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate over the whole range.
+
+    Both branches are evaluated on inputs where they are finite, so the unused
+    branch never feeds inf or nan into the gradient.
+    """
+    small = x < -_LN2
+    safe_small = torch.where(small, x, torch.full_like(x, -1.0))
+    safe_large = torch.where(small, torch.full_like(x, -1.0), x)
+    return torch.where(small, torch.log1p(-torch.exp(safe_small)), torch.log(-torch.expm1(safe_large)))
+
+
+def _masked_log1mexp(log_p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log(1 - p) where ``mask``, 0 elsewhere. Entries outside the mask (the positive and the
+    self term, whose p can round to 1) never reach log1mexp, so they cannot make a NaN gradient."""
+    safe = torch.where(mask, log_p, torch.full_like(log_p, -1.0))
+    return torch.where(mask, log1mexp(safe), torch.zeros_like(log_p))
+
+
+def _check_batch(z: torch.Tensor) -> int:
+    if z.dim() != 2:
+        raise ValueError(f"z must be 2-D (2B, D), got shape {tuple(z.shape)}")
+    if z.shape[0] % 2:
+        raise ValueError(f"z must have an even number of rows (two views per instance), got {z.shape[0]}")
+    b = z.shape[0] // 2
+    if b < 2:
+        raise ValueError(f"the batch needs at least 2 instances (4 rows), got {z.shape[0]} rows")
+    return b
+
+
+class InvariantSpreading(nn.Module):
+    """Instance softmax over the batch's own features.
+
+    Args:
+        temperature: tau in exp(s / tau); must be > 0. The paper uses 0.1.
+        variant: ``"official"`` reproduces the reference code's BatchCriterion;
+            ``"paper"`` is Eq. 7 of the paper.
+        neg_weight: the reference code's ``negM``: a factor on the negatives,
+            in the denominators and on the spreading term; >= 1 (below 1 a
+            negative's probability can exceed 1). 1 is the paper.
+
+    Shape:
+        z: (2B, D), L2-normalised. Rows i and B+i are the two views of
+        instance i. For ``"paper"``, rows 0..B-1 are the un-augmented anchors
+        f_i and rows B..2B-1 the augmented features f^_i.
+        instance_idx: (B,) dataset indices; unused (no memory bank), accepted
+        so that every objective has the same call.
+        Output: scalar loss.
+
+    ``"official"``: every row a is an anchor; its positive is the other view
+    (a ± B); its denominator sums exp(x_a . x_j / tau) over the 2B-1 rows
+    j != a, with x_j detached (gradient flows only through the anchor row);
+    the spreading term sums log(1 - p_aj) over j not in {a, pos(a)}:
+
+        loss = -(sum_a log p_a,pos(a) + neg_weight * sum_a sum_j log(1 - p_aj)) / 2B
+
+    ``"paper"``: with P(i|x) = exp(f_i . x / tau) / sum_k exp(f_k . x / tau),
+    k over the B anchors (the self term kept),
+
+        loss = -(sum_i log P(i|f^_i) + neg_weight * sum_i sum_{j!=i} log(1 - P(i|f_j))) / B
+
+    Everything is computed from log-probabilities (logsumexp), in at least
+    float32, so bf16/fp16 features cannot overflow exp().
+
+    Example:
+        >>> crit = InvariantSpreading(temperature=0.1)
+        >>> z = torch.nn.functional.normalize(torch.randn(8, 128), dim=1)
+        >>> loss = crit(z, torch.arange(4))
+    """
+
+    def __init__(self, temperature: float = 0.1, variant: str = "official", neg_weight: float = 1.0) -> None:
+        super().__init__()
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+        if not (isinstance(neg_weight, (int, float)) and math.isfinite(neg_weight) and neg_weight >= 1):
+            # below 1 a negative's probability e_j / (negM * sum_neg + e_pos) can exceed 1: log(1 - p) is NaN
+            raise ValueError(f"neg_weight must be a finite number >= 1, got {neg_weight!r}")
+        self.temperature = float(temperature)
+        self.variant = variant
+        self.neg_weight = float(neg_weight)
+
+    @property
+    def views(self) -> tuple[str, str]:
+        """What the training loop feeds as the two views: the paper's anchor is un-augmented."""
+        return ("plain", "augment") if self.variant == "paper" else ("augment", "augment")
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, variant={self.variant!r}, neg_weight={self.neg_weight}"
+
+    def forward(self, z: torch.Tensor, instance_idx: torch.Tensor | None = None) -> torch.Tensor:
+        b = _check_batch(z)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        if self.variant == "official":
+            return self._official(z, b)
+        return self._paper(z, b)
+
+    def _official(self, z: torch.Tensor, b: int) -> torch.Tensor:
+        n = 2 * b
+        rows = torch.arange(n, device=z.device)
+        pos = (rows + b) % n  # (2B,) index of the other view
+        logits = z @ z.detach().t() / self.temperature  # (2B, 2B): anchors x detached keys
+        self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(self_mask, float("-inf"))
+        pos_logit = logits[rows, pos]  # (2B,)
+        neg_mask = ~self_mask
+        neg_mask[rows, pos] = False  # (2B, 2B): j != a and j != pos(a)
+        if self.neg_weight == 1.0:
+            log_den = torch.logsumexp(logits, dim=1)  # (2B,)
+        else:
+            neg_lse = torch.logsumexp(logits.masked_fill(~neg_mask, float("-inf")), dim=1)
+            log_den = torch.logaddexp(pos_logit, neg_lse + math.log(self.neg_weight))
+        log_p_pos = pos_logit - log_den  # (2B,)
+        log_p = logits - log_den[:, None]  # (2B, 2B)
+        spread = _masked_log1mexp(log_p, neg_mask).sum()
+        return -(log_p_pos.sum() + self.neg_weight * spread) / n
+
+    def _paper(self, z: torch.Tensor, b: int) -> torch.Tensor:
+        f, f_hat = z[:b], z[b:]  # (B, D) anchors, (B, D) augmented
+        inv_logits = f_hat @ f.t() / self.temperature  # (B, B): [i, k] = f_k . f^_i / tau
+        log_p_inv = torch.diagonal(inv_logits) - torch.logsumexp(inv_logits, dim=1)  # (B,)
+        sp_logits = f @ f.t() / self.temperature  # (B, B): [j, i] = f_i . f_j / tau, self term kept
+        log_p_sp = sp_logits - torch.logsumexp(sp_logits, dim=1, keepdim=True)  # [j, i] = log P(i | x_j)
+        off_diag = ~torch.eye(b, dtype=torch.bool, device=z.device)
+        spread = _masked_log1mexp(log_p_sp, off_diag).sum()
+        return -(log_p_inv.sum() + self.neg_weight * spread) / b

@@ -1,0 +1,411 @@
+"""The one training loop, shared by every method.
+
+    for each epoch:
+        permute the instances (seeded generator)
+        for each batch of B instances:
+            views  = [augment or plain transform of the batch, per objective.views]
+            z      = model(cat(views))             # (V*B, 128), L2-normalised
+            loss   = objective(z, instance_idx)    # every method has this call
+            SGD step, lr from the schedule
+        kNN evaluation (every N epochs and after the last)
+        checkpoint (atomic), metrics.jsonl, TensorBoard, learning-curve PNG
+
+Resuming restores model, optimiser, RNG streams, epoch and position inside
+the epoch, so an interrupted run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config
+from .data.augment import BatchAugment, PlainTransform
+from .data.sources import ArrayDataset, Splits, atomic_write_bytes, load_dataset
+from .errors import UserError
+from .evaluate import extract_features, knn_accuracy
+from .models import build_model
+from .objectives import build_objective
+from .precision import autocast
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or Inf."""
+
+
+class Interrupted(Exception):
+    """SIGINT: a checkpoint was saved; ``--resume`` continues."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def curve(self) -> Path:
+        return self.root / "curve.png"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def lr_at(cfg: Config, t: float) -> float:
+    """Learning rate at training time ``t``, in epochs (fractional inside an epoch)."""
+    o = cfg.optim
+    if o.schedule == "cosine":
+        lr = o.lr * 0.5 * (1.0 + math.cos(math.pi * min(t, cfg.train.epochs) / cfg.train.epochs))
+    else:
+        lr = o.lr
+        for milestone, factor in zip(o.milestones, o.factors):
+            if t >= milestone:
+                lr = o.lr * factor
+    if o.warmup_epochs > 0 and t < o.warmup_epochs:
+        lr *= t / o.warmup_epochs
+    return lr
+
+
+def build_augment(cfg: Config, splits: Splits) -> tuple[BatchAugment, PlainTransform]:
+    a = cfg.augment
+    size = int(splits.train.images.shape[-1])
+    aug = BatchAugment(size, splits.mean, splits.std, a.crop_scale, jitter=a.jitter,
+                       grayscale_p=a.grayscale_p, flip=a.flip)
+    return aug, PlainTransform(size, splits.mean, splits.std)
+
+
+def load_splits(cfg: Config) -> tuple[Splits, ArrayDataset, ArrayDataset]:
+    splits = load_dataset(cfg.data.dataset, cfg.data.path, Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
+    return splits, splits.train.subset(cfg.data.train_subset), splits.test.subset(cfg.data.test_subset)
+
+
+def evaluate_knn(model: nn.Module, train_set: ArrayDataset, test_set: ArrayDataset, plain: PlainTransform,
+                 cfg: Config, device: torch.device) -> float:
+    """The paper's kNN: train features recomputed with the test transform, k=200, sigma=0.1 by default."""
+    t = cfg.train
+    kw = dict(batch_size=t.eval_batch_size, device=device, precision=t.precision, channels_last=t.channels_last)
+    bank = extract_features(model, train_set.images, plain, **kw)
+    query = extract_features(model, test_set.images, plain, **kw)
+    return knn_accuracy(query, test_set.labels, bank, train_set.labels, len(train_set.classes), t.knn_k, t.knn_sigma)
+
+
+def _append_line(path: Path, row: dict) -> None:
+    line = json.dumps(row) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)  # one write of a whole line
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in history).encode()
+    atomic_write_bytes(path, lambda f: f.write(text))
+
+
+def plot_curve(history: list[dict], path: Path, title: str = "") -> None:
+    """Loss and kNN top-1 against epoch, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ep = [r["epoch"] for r in history]
+    ax1.plot(ep, [r["loss"] for r in history], marker="o")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss")
+    ev = [r for r in history if r.get("knn_top1") is not None]
+    ax2.plot([r["epoch"] for r in ev], [r["knn_top1"] for r in ev], marker="o", color="tab:green")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("kNN top-1 (%)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+
+    def write(f) -> None:
+        fig.savefig(f, format="png", dpi=110)
+
+    atomic_write_bytes(path, write)
+    plt.close(fig)
+
+
+class _SigintFlag:
+    """The first Ctrl-C asks the loop to save and stop; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: Any = None
+
+    def __enter__(self) -> _SigintFlag:
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> RunDir:
+    run = RunDir(out)
+    if resume:
+        if not run.last.is_file():
+            raise UserError(f"nothing to resume in {out}: no checkpoints/last.pt; start without --resume")
+        return run
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to start again")
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, stop_after_steps: int | None = None) -> list[dict]:
+    """Train ``cfg`` into the run folder ``out``; returns the metrics history.
+
+    ``stop_after_steps`` interrupts the run (as SIGINT would) after that many
+    optimiser steps in this call: for tests of mid-epoch resume.
+    """
+    cfg.validate()
+    run = prepare_run_dir(Path(out), resume, overwrite)
+    state = load_checkpoint(run.last) if resume else None
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    t = cfg.train
+
+    torch.manual_seed(t.seed)
+    splits, train_set, test_set = load_splits(cfg)
+    n = len(train_set)
+    if t.batch_size > n:
+        raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({n} images)")
+    if t.knn_k > n:
+        raise UserError(f"--knn-k {t.knn_k} is larger than the training set ({n} images); lower it")
+    model = build_model(cfg.model.arch, cfg.model.width, cfg.model.dim).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    mcfg = dataclasses.asdict(cfg.method)
+    objective = build_objective(mcfg.pop("name"), **mcfg, num_instances=n).to(device)
+    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                          weight_decay=cfg.optim.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    data_gen = torch.Generator().manual_seed(t.seed + 1)  # instance order
+    aug_gen = torch.Generator().manual_seed(t.seed + 2)  # augmentation parameters
+    augment, plain = build_augment(cfg, splits)
+    images = train_set.images.to(device)
+    views = tuple(getattr(objective, "views", ("augment", "augment")))
+
+    history: list[dict] = []
+    start_epoch, start_step, loss_sum, loss_steps, train_time = 0, 0, 0.0, 0, 0.0
+    epoch_start_rng = data_gen.get_state()
+    if state is not None:
+        _check_compatible(state, cfg)
+        model.load_state_dict(state["model"])
+        objective.load_state_dict(state["objective"])
+        opt.load_state_dict(state["optimizer"])
+        if "scaler" in state and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        epoch_start_rng = rng["data_epoch_start"]
+        aug_gen.set_state(rng["augment"])
+        torch.set_rng_state(rng["torch"])
+        start_epoch, start_step = int(state["epoch"]), int(state["step"])
+        loss_sum, loss_steps = float(state["epoch_loss_sum"]), int(state["epoch_loss_steps"])
+        train_time = float(state["train_time_s"])
+        history = list(state["history"])
+        _write_metrics(run.metrics, history)  # drop anything written after this checkpoint
+    atomic_write_bytes(run.config, lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    steps_per_epoch = n // t.batch_size
+    writer = SummaryWriter(str(run.tensorboard), purge_step=start_epoch * steps_per_epoch + start_step)
+    tqdm = _tqdm()
+    tty = sys.stderr.isatty()
+    steps_this_call = 0
+    model.train()
+
+    def snapshot(epoch: int, step: int, data_state: torch.Tensor) -> dict[str, Any]:
+        s = {
+            "config": cfg.to_dict(),
+            "model": model.state_dict(),
+            "objective": objective.state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": {"data_epoch_start": data_state, "augment": aug_gen.get_state(), "torch": torch.get_rng_state()},
+            "epoch": epoch,
+            "step": step,
+            "epoch_loss_sum": loss_sum,
+            "epoch_loss_steps": loss_steps,
+            "train_time_s": train_time,
+            "history": history,
+        }
+        if scaler.is_enabled():
+            s["scaler"] = scaler.state_dict()
+        return s
+
+    try:
+        with _SigintFlag() as sigint:
+            for epoch in range(start_epoch, t.epochs):
+                data_gen.set_state(epoch_start_rng)
+                perm = torch.randperm(n, generator=data_gen)  # (N,)
+                next_epoch_rng = data_gen.get_state()
+                first = start_step if epoch == start_epoch else 0
+                if first == 0:
+                    loss_sum, loss_steps = 0.0, 0
+                bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}",
+                           disable=not progress, mininterval=0.5 if tty else 30, leave=tty, file=sys.stderr)
+                acc = torch.zeros((), device=device, dtype=torch.float64)
+                first_bad = torch.full((), -1, device=device, dtype=torch.long)
+                acc_steps = 0
+                t_epoch = time.perf_counter()
+                t_mark, seen_mark = t_epoch, 0
+                for step in range(first, steps_per_epoch):
+                    if sigint.set or (stop_after_steps is not None and steps_this_call >= stop_after_steps):
+                        loss_sum += float(acc)
+                        loss_steps += acc_steps
+                        train_time += time.perf_counter() - t_epoch
+                        save_checkpoint(snapshot(epoch, step, epoch_start_rng), run.last)
+                        bar.close()
+                        raise Interrupted(f"stopped at epoch {epoch + 1}, step {step}/{steps_per_epoch}; "
+                                          f"continue with: isif train --resume {run.root}")
+                    gstep = epoch * steps_per_epoch + step
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(cfg, epoch + step / steps_per_epoch)
+                    idx = perm[step * t.batch_size:(step + 1) * t.batch_size]  # (B,)
+                    idx_dev = idx.to(device, non_blocking=True)
+                    x = images[idx_dev]  # (B, 3, H, W) uint8
+                    inp = torch.cat([augment(x, aug_gen) if v == "augment" else plain(x) for v in views])
+                    if t.channels_last:
+                        inp = inp.contiguous(memory_format=torch.channels_last)
+                    with autocast(device, t.precision):
+                        z = model(inp)  # (V*B, D)
+                    loss = objective(z, idx_dev)
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    ld = loss.detach()
+                    first_bad = torch.where(~torch.isfinite(ld) & (first_bad < 0), gstep, first_bad)
+                    acc += ld
+                    acc_steps += 1
+                    steps_this_call += 1
+                    if acc_steps % 10 == 0 or step == steps_per_epoch - 1:
+                        bad = int(first_bad)
+                        if bad >= 0:
+                            bar.close()
+                            raise TrainingDiverged(_diverged_message(bad, steps_per_epoch, run, cfg))
+                        now = time.perf_counter()
+                        seen = (step + 1 - first) * t.batch_size * len(views)
+                        rate = (seen - seen_mark) / max(now - t_mark, 1e-9)
+                        t_mark, seen_mark = now, seen
+                        bar.set_postfix(loss=f"{float(acc) / acc_steps:.4f}", img_s=f"{rate:.0f}", refresh=False)
+                    bar.update(1)
+                bar.close()
+                dt = time.perf_counter() - t_epoch
+                train_time += dt
+                loss_sum += float(acc)
+                loss_steps += acc_steps
+                images_per_s = (steps_per_epoch - first) * t.batch_size * len(views) / max(dt, 1e-9)
+                epoch_loss = loss_sum / max(loss_steps, 1)
+                row: dict[str, Any] = {"epoch": epoch + 1, "loss": epoch_loss, "knn_top1": None,
+                                       "lr": lr_at(cfg, epoch + 1 - 1 / steps_per_epoch),
+                                       "images_per_s": images_per_s, "train_s": train_time}
+                if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+                    t_eval = time.perf_counter()
+                    row["knn_top1"] = evaluate_knn(model, train_set, test_set, plain, cfg, device)
+                    row["eval_s"] = time.perf_counter() - t_eval
+                row["elapsed_s"] = train_time + sum(r.get("eval_s", 0.0) for r in history) + row.get("eval_s", 0.0)
+                history.append(row)
+                epoch_start_rng = next_epoch_rng
+                loss_sum, loss_steps = 0.0, 0
+                save_checkpoint(snapshot(epoch + 1, 0, epoch_start_rng), run.last)
+                _append_line(run.metrics, row)
+                gs = (epoch + 1) * steps_per_epoch
+                writer.add_scalar("train/loss", epoch_loss, gs)
+                writer.add_scalar("train/images_per_s", images_per_s, gs)
+                writer.add_scalar("train/lr", row["lr"], gs)
+                if row["knn_top1"] is not None:
+                    writer.add_scalar("eval/knn_top1", row["knn_top1"], gs)
+                writer.flush()
+                plot_curve(history, run.curve, title=f"{cfg.preset}: {cfg.method.name}")
+                knn = f"  kNN {row['knn_top1']:.2f}%" if row["knn_top1"] is not None else ""
+                if progress:
+                    print(f"epoch {epoch + 1}/{t.epochs}  loss {epoch_loss:.4f}{knn}  "
+                          f"{images_per_s:.0f} img/s  {dt:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        writer.close()
+    return history
+
+
+def _diverged_message(gstep: int, steps_per_epoch: int, run: RunDir, cfg: Config) -> str:
+    epoch, step = divmod(gstep, steps_per_epoch)
+    hint = "lower --lr" + (" or use --precision fp32" if cfg.train.precision != "fp32" else "")
+    return (f"loss became NaN/Inf at epoch {epoch + 1}, step {step} (global step {gstep}); "
+            f"the last good checkpoint is {run.last}; {hint}")
+
+
+def _check_compatible(state: dict, cfg: Config) -> None:
+    saved = state.get("config", {})
+    for section, key in (("model", "arch"), ("model", "width"), ("model", "dim"), ("method", "name")):
+        a, b = saved.get(section, {}).get(key), getattr(getattr(cfg, section), key)
+        if a != b:
+            raise UserError(f"checkpoint has {section}.{key}={a!r} but the config asks for {b!r}")
+
+
+def _tqdm():
+    from tqdm.auto import tqdm
+
+    return tqdm
