@@ -25,7 +25,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     yield
 
 
-def class_images(rng: np.random.Generator, n_classes: int, per_class: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def class_images(rng: np.random.Generator, n_classes: int, per_class: int,
+                 size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Images whose class is visible: a class colour plus noise, so a network can learn something."""
     colors = rng.integers(30, 225, size=(n_classes, 3))
     xs, ys = [], []
@@ -42,7 +43,7 @@ def write_image_tree(root: Path, n_classes: int = 4, train_per_class: int = 16, 
     rng = np.random.default_rng(seed)
     for split, per in (("train", train_per_class), ("test", test_per_class)):
         x, y = class_images(rng, n_classes, per)
-        for i, (img, c) in enumerate(zip(x, y)):
+        for i, (img, c) in enumerate(zip(x, y, strict=True)):
             d = root / split / f"class{c}"
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(d / f"{i:04d}{ext}")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import shutil
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from isif.data.sources import decode_rgb, BadImage, load_cifar10, load_image_folder
+from isif.data.sources import BadImage, decode_rgb, load_cifar10, load_image_folder
 from isif.errors import UserError
 
 from .conftest import CIFAR_ZIP, requires_cifar, write_cifar_batches, write_image_tree

@@ -41,13 +41,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     p = Path(path)
     if not p.is_file():
         raise UserError(f"checkpoint {p} does not exist; pass the path of a .pt file from a run's checkpoints/ folder")
+    if not zipfile.is_zipfile(p):  # torch.save writes a zip archive; a torn write loses its directory
+        raise UserError(f"checkpoint {p} is truncated or not a checkpoint; use an intact file")
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise UserError(f"checkpoint {p} was refused: it holds more than weights and plain data ({first[:160]})") from None
+        raise UserError(
+            f"checkpoint {p} was refused: it holds more than weights and plain data ({first[:160]})"
+        ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise UserError(f"checkpoint {p} is truncated or not a checkpoint ({type(e).__name__}); use an intact file") from None
+        raise UserError(
+            f"checkpoint {p} is truncated or not a checkpoint ({type(e).__name__}); use an intact file"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{p} is not an isif checkpoint (no '{FORMAT}' marker)")
     if state.get("version", 0) > VERSION:

@@ -8,7 +8,6 @@ whose loss diverges exits with 3.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -95,14 +94,9 @@ def _apply_overrides(cfg, args, resuming: bool) -> None:
 def cmd_train(args) -> int:
     from .checkpoint import load_checkpoint
     from .config import Config, preset
-    from .train import RunDir, train
+    from .train import RunDir, resolve_device, train
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     resuming = args.resume is not None
     if resuming:
         out = Path(args.resume if isinstance(args.resume, str) else (args.out or ""))
@@ -120,10 +114,11 @@ def cmd_train(args) -> int:
         raise UserError(f"--data {cfg.data.path}: no such file or folder")
     cfg.validate()
     t = cfg.train
+    device = resolve_device(t.device)
     if not args.quiet:
         print(f"isif: {'resuming' if resuming else 'training'} {cfg.method.name} ({cfg.preset}) -> {out}; "
               f"batch {t.batch_size} instances ({2 * t.batch_size} images/step), {t.epochs} epochs, "
-              f"{t.precision}, device {t.device}", file=sys.stderr)
+              f"{t.precision}, device {device}", file=sys.stderr)
     history = train(cfg, out, resume=resuming, overwrite=args.overwrite, progress=not args.quiet)
     evals = [r for r in history if r.get("knn_top1") is not None]
     if evals:
@@ -194,6 +189,59 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="training-step throughput against the backbone's forward+backward limit")
+    p.add_argument("--preset", default="cifar10-cpu")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--width", type=float)
+    p.add_argument("--precision")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--device")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per piece (after 3 warm-up steps)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+    from .config import preset
+
+    cfg = preset(args.preset)
+    for flag, (section, key) in {"batch_size": ("train", "batch_size"), "width": ("model", "width"),
+                                 "precision": ("train", "precision"), "channels_last": ("train", "channels_last"),
+                                 "device": ("train", "device")}.items():
+        if getattr(args, flag) is not None:
+            setattr(getattr(cfg, section), key, getattr(args, flag))
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    _set_threads(args.threads)
+    res = run_bench(cfg, steps=args.steps)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"device {res['device']} ({res['threads']} threads), {res['arch']} width {res['width']}, "
+          f"{res['precision']}{', channels_last' if res['channels_last'] else ''}, "
+          f"batch {res['batch_instances']} instances = {res['images_per_step']} images/step")
+    print(f"  training step        {res['step_images_per_s']:9.0f} images/s  ({res['step_ms']:.1f} ms)")
+    print(f"  backbone fwd+bwd     {res['limit_images_per_s']:9.0f} images/s  ({res['limit_ms']:.1f} ms)  <- limit")
+    print(f"  augmentation         {res['augment_ms']:9.1f} ms/step")
+    print(f"  objective fwd+bwd    {res['objective_ms']:9.1f} ms/step")
+    mem = res.get("peak_memory_mib", res.get("peak_rss_mib"))
+    print(f"  peak memory          {mem:9.0f} MiB ({'GPU allocated' if 'peak_memory_mib' in res else 'process RSS'})")
+    print(f"  step / limit         {res['ratio_step_to_limit']:9.3f}")
+    return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def cmd_presets(args) -> int:
     from .config import PRESETS
 
@@ -222,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
     _eval_parser(sub)
+    _bench_parser(sub)
     pp = sub.add_parser("presets", help="list the named presets")
     pp.add_argument("-v", "--verbose", action="store_true", help="print each preset's full config")
     sub.add_parser("methods", help="list the training methods")
@@ -233,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        return {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "methods": cmd_methods}[
+        return {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "presets": cmd_presets,
+                "methods": cmd_methods}[
             args.command](args)
     except UserError as e:
         print(f"isif: error: {e}", file=sys.stderr)

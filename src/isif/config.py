@@ -70,7 +70,7 @@ class TrainConfig:
     eval_every: int = 1  # kNN every N epochs (and always after the last)
     knn_k: int = 200
     knn_sigma: float = 0.1
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 256
 
 
 @dataclass

@@ -97,7 +97,7 @@ def lr_at(cfg: Config, t: float) -> float:
         lr = o.lr * 0.5 * (1.0 + math.cos(math.pi * min(t, cfg.train.epochs) / cfg.train.epochs))
     else:
         lr = o.lr
-        for milestone, factor in zip(o.milestones, o.factors):
+        for milestone, factor in zip(o.milestones, o.factors, strict=True):
             if t >= milestone:
                 lr = o.lr * factor
     if o.warmup_epochs > 0 and t < o.warmup_epochs:
@@ -126,6 +126,58 @@ def evaluate_knn(model: nn.Module, train_set: ArrayDataset, test_set: ArrayDatas
     bank = extract_features(model, train_set.images, plain, **kw)
     query = extract_features(model, test_set.images, plain, **kw)
     return knn_accuracy(query, test_set.labels, bank, train_set.labels, len(train_set.classes), t.knn_k, t.knn_sigma)
+
+
+@dataclasses.dataclass
+class Parts:
+    """Everything one optimisation step needs; shared by the loop and the benchmark."""
+
+    cfg: Config
+    device: torch.device
+    model: nn.Module
+    objective: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    augment: BatchAugment
+    plain: PlainTransform
+    views: tuple[str, ...]
+
+
+def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.device) -> Parts:
+    t = cfg.train
+    model = build_model(cfg.model.arch, cfg.model.width, cfg.model.dim).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    mcfg = dataclasses.asdict(cfg.method)
+    objective = build_objective(mcfg.pop("name"), **mcfg, num_instances=num_instances).to(device)
+    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                          weight_decay=cfg.optim.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    augment, plain = build_augment(cfg, splits)
+    views = tuple(getattr(objective, "views", ("augment", "augment")))
+    return Parts(cfg, device, model, objective, opt, scaler, augment, plain, views)
+
+
+def make_views(parts: Parts, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (V*B, 3, S, S) float: view v of instance i at row v*B + i."""
+    inp = torch.cat([parts.augment(x, gen) if v == "augment" else parts.plain(x) for v in parts.views])
+    if parts.cfg.train.channels_last:
+        inp = inp.contiguous(memory_format=torch.channels_last)
+    return inp
+
+
+def train_step(parts: Parts, x: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One optimisation step on a batch of uint8 images; returns the (undetached) loss."""
+    inp = make_views(parts, x, gen)
+    with autocast(parts.device, parts.cfg.train.precision):
+        z = parts.model(inp)  # (V*B, D)
+    loss = parts.objective(z, idx)
+    parts.opt.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    parts.scaler.step(parts.opt)
+    parts.scaler.update()
+    return loss
 
 
 def _append_line(path: Path, row: dict) -> None:
@@ -233,20 +285,13 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
         raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({n} images)")
     if t.knn_k > n:
         raise UserError(f"--knn-k {t.knn_k} is larger than the training set ({n} images); lower it")
-    model = build_model(cfg.model.arch, cfg.model.width, cfg.model.dim).to(device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    mcfg = dataclasses.asdict(cfg.method)
-    objective = build_objective(mcfg.pop("name"), **mcfg, num_instances=n).to(device)
-    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                          weight_decay=cfg.optim.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    parts = build_parts(cfg, splits, n, device)
+    model, objective, opt, scaler = parts.model, parts.objective, parts.opt, parts.scaler
     data_gen = torch.Generator().manual_seed(t.seed + 1)  # instance order
     aug_gen = torch.Generator().manual_seed(t.seed + 2)  # augmentation parameters
-    augment, plain = build_augment(cfg, splits)
+    plain = parts.plain
     images = train_set.images.to(device)
-    views = tuple(getattr(objective, "views", ("augment", "augment")))
+    views = parts.views
 
     history: list[dict] = []
     start_epoch, start_step, loss_sum, loss_steps, train_time = 0, 0, 0.0, 0, 0.0
@@ -326,17 +371,7 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                         group["lr"] = lr_at(cfg, epoch + step / steps_per_epoch)
                     idx = perm[step * t.batch_size:(step + 1) * t.batch_size]  # (B,)
                     idx_dev = idx.to(device, non_blocking=True)
-                    x = images[idx_dev]  # (B, 3, H, W) uint8
-                    inp = torch.cat([augment(x, aug_gen) if v == "augment" else plain(x) for v in views])
-                    if t.channels_last:
-                        inp = inp.contiguous(memory_format=torch.channels_last)
-                    with autocast(device, t.precision):
-                        z = model(inp)  # (V*B, D)
-                    loss = objective(z, idx_dev)
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
+                    loss = train_step(parts, images[idx_dev], idx_dev, aug_gen)
                     ld = loss.detach()
                     first_bad = torch.where(~torch.isfinite(ld) & (first_bad < 0), gstep, first_bad)
                     acc += ld
@@ -367,6 +402,7 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                     t_eval = time.perf_counter()
                     row["knn_top1"] = evaluate_knn(model, train_set, test_set, plain, cfg, device)
                     row["eval_s"] = time.perf_counter() - t_eval
+                row["peak_memory_mib"] = _peak_memory_mib(device)
                 row["elapsed_s"] = train_time + sum(r.get("eval_s", 0.0) for r in history) + row.get("eval_s", 0.0)
                 history.append(row)
                 epoch_start_rng = next_epoch_rng
@@ -388,6 +424,15 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
     finally:
         writer.close()
     return history
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA; the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _diverged_message(gstep: int, steps_per_epoch: int, run: RunDir, cfg: Config) -> str:

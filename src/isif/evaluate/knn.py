@@ -46,22 +46,40 @@ def knn_scores(
     k = min(k, n)
     dtype = torch.promote_types(bank.dtype, torch.float32)
     bank = bank.to(dtype)
+    labels = bank_labels.to(bank.device).long()  # (N,)
     onehot = torch.zeros(n, num_classes, dtype=dtype, device=bank.device)
-    onehot[torch.arange(n, device=bank.device), bank_labels.to(bank.device).long()] = 1  # (N, C)
+    onehot[torch.arange(n, device=bank.device), labels] = 1  # (N, C)
     out = []
     for start in range(0, query.shape[0], chunk_size):
         q = query[start : start + chunk_size].to(bank.device, dtype)
         sim = q @ bank.t()  # (q, N)
-        kth = torch.topk(sim, k, dim=1).values[:, -1:]  # (q, 1) the k-th largest similarity
-        above = sim > kth
-        tied = sim == kth
-        room = k - above.sum(dim=1, keepdim=True)  # how many tied entries still fit
-        take = above | (tied & (torch.cumsum(tied.to(torch.int32), dim=1) <= room))
-        top = sim.max(dim=1, keepdim=True).values  # (q, 1)
-        weights = torch.where(take, torch.exp((sim - top) / sigma), torch.zeros_like(sim))  # (q, N)
-        votes = weights @ onehot  # (q, C)
+        # k + 1 values tell whether the k-th neighbour is tied with the next one
+        vals, idx = torch.topk(sim, min(k + 1, n), dim=1)  # (q, k+1), sorted descending
+        if k < n:
+            tied_rows = vals[:, k - 1] == vals[:, k]  # (q,) the top-k set is ambiguous
+            vals, idx = vals[:, :k], idx[:, :k]
+        else:
+            tied_rows = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+        w = torch.exp((vals - vals[:, :1]) / sigma)  # (q, k); the per-query factor cancels below
+        votes = torch.zeros(q.shape[0], num_classes, dtype=dtype, device=bank.device)
+        votes.scatter_add_(1, labels[idx], w)  # (q, C)
+        if bool(tied_rows.any()):
+            rows = torch.nonzero(tied_rows).squeeze(1)
+            votes[rows] = _tied_votes(sim[rows], k, sigma, onehot)
         out.append(votes / votes.sum(dim=1, keepdim=True))
     return torch.cat(out) if out else torch.zeros(0, num_classes, dtype=dtype)
+
+
+def _tied_votes(sim: torch.Tensor, k: int, sigma: float, onehot: torch.Tensor) -> torch.Tensor:
+    """Exact votes for rows whose k-th similarity is tied: tied entries are taken in bank order."""
+    kth = torch.topk(sim, k, dim=1).values[:, -1:]  # (r, 1)
+    above = sim > kth
+    tied = sim == kth
+    room = k - above.sum(dim=1, keepdim=True)  # how many tied entries still fit
+    take = above | (tied & (torch.cumsum(tied.to(torch.int32), dim=1) <= room))
+    top = sim.max(dim=1, keepdim=True).values
+    weights = torch.where(take, torch.exp((sim - top) / sigma), torch.zeros_like(sim))  # (r, N)
+    return weights @ onehot  # (r, C)
 
 
 def knn_predict(

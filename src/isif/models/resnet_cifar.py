@@ -50,7 +50,7 @@ class CifarResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         layers = []
         in_planes = chans[0]
-        for i, (c, n) in enumerate(zip(chans, blocks)):
+        for i, (c, n) in enumerate(zip(chans, blocks, strict=True)):
             stride = 1 if i == 0 else 2
             stage = []
             for j in range(n):

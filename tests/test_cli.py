@@ -1,0 +1,128 @@
+"""The command line: one-line errors with exit code 2, and end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from isif.cli import main
+
+from .conftest import CIFAR_ZIP, requires_cifar
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, needle):
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("isif: error:") and "Traceback" not in err
+    assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--batch-size", "1"], "--batch-size must be >= 2"),
+    (["train", "--temperature", "-0.5"], "--temperature must be > 0"),
+    (["train", "--temperature", "0"], "--temperature must be > 0"),
+    (["train", "--preset", "nope"], "unknown preset 'nope'"),
+    (["train", "--data", "/definitely/not/here"], "no such file or folder"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "--epochs", "abc"], "invalid int value"),
+    (["train", "--epochs", "0"], "--epochs must be >= 1"),
+    (["train", "--lr", "-1"], "--lr must be > 0"),
+    (["train", "--precision", "fp8"], "--precision must be one of"),
+    (["train", "--method", "nope"], "unknown --method 'nope'"),
+    (["train", "--variant", "nope"], "unknown --variant"),
+    (["train", "--device", "tpu9"], "--device"),
+    (["train", "--resume", "/definitely/not/here"], "nothing to resume"),
+    (["train", "--threads", "0"], "--threads must be >= 1"),
+    (["nope"], "invalid choice"),
+    (["eval", "knn", "--checkpoint", "/definitely/not/here.pt"], "does not exist"),
+    (["eval", "knn"], "--checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, needle)
+
+
+def test_cuda_device_without_cuda_is_a_user_error(capsys, image_tree, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run_cli(capsys, "train", "--preset", "cifar10-tiny", "--dataset", "folder", "--data",
+                           str(image_tree), "--device", "cuda", "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "CUDA is not available")
+
+
+def test_garbage_checkpoint_is_refused(capsys, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    code, _, err = run_cli(capsys, "eval", "knn", "--checkpoint", str(bad))
+    assert_one_line_error(code, err, "truncated or not a checkpoint")
+
+
+def test_train_resume_eval_on_a_folder(capsys, tmp_path, image_tree):
+    out = tmp_path / "run"
+    common = ["--dataset", "folder", "--data", str(image_tree), "--width", "0.03125", "--batch-size", "8",
+              "--knn-k", "5", "--out", str(out), "--quiet"]
+    code, stdout, err = run_cli(capsys, "train", "--preset", "cifar10-tiny", "--epochs", "1", *common)
+    assert code == 0, err
+    assert "kNN top-1" in stdout
+    # an existing folder needs --resume or --overwrite
+    code, _, err = run_cli(capsys, "train", "--preset", "cifar10-tiny", *common)
+    assert_one_line_error(code, err, "--overwrite")
+    # resume may extend the epochs but not change the model
+    code, _, err = run_cli(capsys, "train", "--resume", str(out), "--width", "0.5")
+    assert_one_line_error(code, err, "cannot change on --resume")
+    code, stdout, err = run_cli(capsys, "train", "--resume", str(out), "--epochs", "2", "--quiet")
+    assert code == 0, err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    code, stdout, err = run_cli(capsys, "eval", "knn", "--checkpoint", str(out), "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["epoch"] == 2 and res["knn_top1"] == pytest.approx(rows[-1]["knn_top1"])
+    code, _, err = run_cli(capsys, "eval", "knn", "--checkpoint", str(out), "--k", "100000")
+    assert_one_line_error(code, err, "larger than the training set")
+
+
+def test_console_entry_point_exit_code_and_presets():
+    r = subprocess.run([sys.executable, "-m", "isif", "train", "--batch-size", "1"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "isif", "presets"], capture_output=True, text=True)
+    assert r.returncode == 0 and "cifar10-cpu" in r.stdout
+
+
+@requires_cifar
+@pytest.mark.slow
+def test_end_to_end_on_a_slice_of_the_shared_cifar10_copy(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "isif", "train", "--preset", "cifar10-tiny", "--data", str(CIFAR_ZIP),
+                        "--epochs", "1", "--out", str(out), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["epoch"] == 1
+    assert 10.0 < rows[0]["knn_top1"] <= 100.0  # 10 classes: chance is 10%
+    assert rows[0]["images_per_s"] > 0 and rows[0]["elapsed_s"] > 0
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "curve.png").is_file()
+
+
+def test_bench_reports_consistent_figures(capsys):
+    code, out, err = run_cli(capsys, "bench", "--preset", "cifar10-tiny", "--batch-size", "8", "--steps", "2",
+                             "--precision", "fp32", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["images_per_step"] == 16 and res["batch_instances"] == 8
+    assert res["step_images_per_s"] == pytest.approx(16 / (res["step_ms"] / 1000))
+    assert res["ratio_step_to_limit"] == pytest.approx(res["limit_ms"] / res["step_ms"])
+    assert res["augment_ms"] > 0 and res["objective_ms"] > 0
+    code, _, err = run_cli(capsys, "bench", "--steps", "0")
+    assert_one_line_error(code, err, "--steps must be >= 1")
