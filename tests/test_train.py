@@ -33,7 +33,7 @@ def weights(run_dir):
 
 
 def strip_times(history):
-    return [{k: v for k, v in r.items() if k not in ("images_per_s", "train_s", "eval_s", "elapsed_s")}
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "train_s", "eval_s", "elapsed_s", "peak_memory_mib")}
             for r in history]
 
 
