@@ -126,3 +126,31 @@ def test_bench_reports_consistent_figures(capsys):
     assert res["augment_ms"] > 0 and res["objective_ms"] > 0
     code, _, err = run_cli(capsys, "bench", "--steps", "0")
     assert_one_line_error(code, err, "--steps must be >= 1")
+
+
+def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, image_tree):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "isif", "train", "--preset", "cifar10-tiny", "--dataset", "folder", "--data",
+           str(image_tree), "--width", "0.03125", "--batch-size", "8", "--knn-k", "5", "--epochs", "400",
+           "--eval-every", "1000", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    for line in proc.stderr:  # wait for the first finished epoch
+        if "epoch 1/400  loss" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err
+    assert "isif: interrupted" in err and "--resume" in err and "Traceback" not in err
+    from isif.checkpoint import load_checkpoint
+
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert 1 <= state["epoch"] < 400
+    r = subprocess.run([sys.executable, "-m", "isif", "train", "--resume", str(out), "--epochs",
+                        str(state["epoch"] + 1), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["epoch"] == state["epoch"] + 1 and rows[-1]["knn_top1"] is not None

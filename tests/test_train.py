@@ -32,9 +32,11 @@ def weights(run_dir):
     return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
 
 
+TIMES = ("images_per_s", "train_s", "eval_s", "elapsed_s", "peak_memory_mib")
+
+
 def strip_times(history):
-    return [{k: v for k, v in r.items() if k not in ("images_per_s", "train_s", "eval_s", "elapsed_s", "peak_memory_mib")}
-            for r in history]
+    return [{k: v for k, v in r.items() if k not in TIMES} for r in history]
 
 
 def test_run_folder_has_config_metrics_checkpoint_tensorboard_and_curve(tmp_path, image_tree):
@@ -121,3 +123,38 @@ def test_batch_larger_than_data_and_k_larger_than_data(tmp_path, image_tree):
     cfg = tiny_config(image_tree, knn_k=1000)
     with pytest.raises(UserError, match="knn-k"):
         train(cfg, tmp_path / "b", progress=False)
+
+
+@pytest.mark.parametrize("method", ["npsoftmax", "nce", "exemplar", "triplet", "triplet-hard", "deepcluster"])
+def test_every_method_resumes_bit_identically(tmp_path, image_tree, method):
+    cfg = tiny_config(image_tree, epochs=2)
+    cfg.method.name = method
+    cfg.method.nce_noise = 16
+    cfg.method.clusters = 4
+    full = train(cfg, tmp_path / "full", progress=False)
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path / "cut", progress=False, stop_after_steps=11)  # mid-epoch 2
+    resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    for part in ("model", "objective"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert strip_times(full) == strip_times(resumed)
+
+
+def test_random_method_evaluates_once_without_training(tmp_path, image_tree):
+    cfg = tiny_config(image_tree, epochs=3)
+    cfg.method.name = "random"
+    hist = train(cfg, tmp_path / "r", progress=False)
+    assert len(hist) == 1 and hist[0]["epoch"] == 0 and hist[0]["knn_top1"] is not None
+
+
+def test_bank_size_mismatch_on_resume_is_a_user_error(tmp_path, image_tree):
+    cfg = tiny_config(image_tree, epochs=2)
+    cfg.method.name = "npsoftmax"
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path / "r", progress=False, stop_after_steps=3)
+    cfg.data.train_subset = 32
+    with pytest.raises(UserError, match="bank.memory has shape"):
+        train(cfg, tmp_path / "r", resume=True, progress=False)

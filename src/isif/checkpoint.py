@@ -59,3 +59,31 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if state.get("version", 0) > VERSION:
         raise UserError(f"{p} was written by a newer isif (format {state['version']}); upgrade isif to read it")
     return state
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A .pt file, or a run folder (its checkpoints/last.pt)."""
+    p = Path(path)
+    return p / "checkpoints" / "last.pt" if p.is_dir() else p
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """(model in eval mode on ``device``, its Config, the checkpoint dict) from a checkpoint or run folder."""
+    from .config import Config
+    from .models import build_model
+
+    p = resolve_checkpoint(path)
+    state = load_checkpoint(p)
+    if "config" not in state or "model" not in state:
+        raise UserError(f"{p} has no model or config; pass a checkpoint written by `isif train`")
+    cfg = Config.from_dict(state["config"])
+    try:
+        model = build_model(cfg.model.arch, cfg.model.width, cfg.model.dim)
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{p}: the weights do not fit {cfg.model.arch} width {cfg.model.width} "
+                        f"({str(e).splitlines()[0][:120]})") from None
+    model.to(device).eval()
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, cfg, state

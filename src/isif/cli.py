@@ -24,13 +24,30 @@ class _Parser(argparse.ArgumentParser):
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train an embedding", description="Train an embedding without labels.")
     p.add_argument("--preset", default="cifar10-cpu", help="named setting (see `isif presets`); default cifar10-cpu")
-    p.add_argument("--data", help="dataset path: cifar-10-batches-py folder, train/ test/ image folders, or a .zip")
-    p.add_argument("--dataset", help="dataset kind: cifar10 or folder")
-    p.add_argument("--cache-dir", help="where decoded arrays are cached (default $ISIF_CACHE or ~/.cache/isif)")
     p.add_argument("--out", help="run folder (default runs/PRESET-TIMESTAMP)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (or --out) from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    _config_flags(p)
+
+
+def _race_parser(sub) -> None:
+    from .race import DEFAULT_METHODS
+
+    p = sub.add_parser("race", help="train every method under one budget; plot kNN against epoch (Fig. 3)")
+    p.add_argument("--preset", default="cifar10-race", help="the shared setting (default cifar10-race)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--out", help="race folder (default runs/race-TIMESTAMP); rerunning reuses finished runs")
+    _config_flags(p)
+
+
+def _config_flags(p) -> None:
+    p.add_argument("--data", help="dataset path: cifar-10-batches-py folder, train/ test/ image folders, a .zip, "
+                                  "or an stl10_binary folder")
+    p.add_argument("--dataset", help="dataset kind: cifar10, stl10 or folder")
+    p.add_argument("--split", help="training split: train; stl10 also unlabeled, train+unlabeled")
+    p.add_argument("--cache-dir", help="where decoded arrays are cached (default $ISIF_CACHE or ~/.cache/isif)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="instances per step (a step sees twice as many images)")
     p.add_argument("--width", type=float, help="backbone channel multiplier")
@@ -38,6 +55,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--variant", help="isif objective: official (reference code) or paper (Eq. 7)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--neg-weight", type=float, help="the reference code's negM")
+    p.add_argument("--negatives", help="isif: all, hard or easy (Table 8 keeps half of them)")
+    p.add_argument("--clusters", type=int, help="deepcluster: k of k-means (10, 100, 1000)")
+    p.add_argument("--nce-noise", type=int, help="nce: noise samples per instance (default 4096)")
+    p.add_argument("--margin", type=float, help="triplet: margin (default 0.5)")
     p.add_argument("--lr", type=float)
     p.add_argument("--schedule", help="step or cosine")
     p.add_argument("--warmup-epochs", type=float)
@@ -57,6 +78,11 @@ def _train_parser(sub) -> None:
 _OVERRIDES = {
     "data": ("data", "path", True),
     "dataset": ("data", "dataset", False),
+    "split": ("data", "split", False),
+    "negatives": ("method", "negatives", False),
+    "clusters": ("method", "clusters", False),
+    "nce_noise": ("method", "nce_noise", False),
+    "margin": ("method", "margin", False),
     "cache_dir": ("data", "cache_dir", True),
     "train_subset": ("data", "train_subset", False),
     "test_subset": ("data", "test_subset", False),
@@ -128,6 +154,52 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_race(args) -> int:
+    from .config import preset
+    from .race import race, race_table
+
+    if args.method is not None:
+        raise UserError("isif race takes --methods A,B,C, not --method")
+    _set_threads(args.threads)
+    cfg = preset(args.preset)
+    _apply_overrides(cfg, args, resuming=False)
+    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
+        raise UserError(f"--data {cfg.data.path}: no such file or folder")
+    cfg.validate()
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = Path(args.out) if args.out else Path("runs") / f"race-{time.strftime('%Y%m%d-%H%M%S')}"
+    histories = race(cfg, names, out, progress=not args.quiet)
+    print(race_table(histories), end="")
+    print(f"race folder: {out} (race.png, race.md)")
+    return 0
+
+
+def _plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="figures from trained runs")
+    psub = p.add_subparsers(dest="figure", required=True, parser_class=_Parser)
+    s = psub.add_parser("similarity", help="cosine similarity of positives and negatives on the test set (Fig. 5)")
+    s.add_argument("run", help="a run folder or checkpoint")
+    s.add_argument("--compare", action="append", default=[], help="another run to overlay (repeatable)")
+    s.add_argument("--out", help="PNG path (default RUN/similarity.png)")
+    s.add_argument("--images", type=int, default=5000, help="test images used (default 5000)")
+    s.add_argument("--data", help="dataset path, if it moved since training")
+    s.add_argument("--device", default=None)
+    s.add_argument("--seed", type=int, default=0)
+
+
+def cmd_plot(args) -> int:
+    from .similarity import similarity_figure
+
+    if args.images < 2:
+        raise UserError(f"--images must be >= 2, got {args.images}")
+    out = Path(args.out) if args.out else Path(args.run) / "similarity.png"
+    stats = similarity_figure([args.run, *args.compare], out, args.images, args.data, args.device, args.seed)
+    for name, st in stats.items():
+        print(f"{name}: positives mean {st['pos_mean']:.3f}, negatives mean {st['neg_mean']:.3f}")
+    print(f"wrote {out}")
+    return 0
+
+
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     esub = p.add_subparsers(dest="protocol", required=True, parser_class=_Parser)
@@ -138,54 +210,90 @@ def _eval_parser(sub) -> None:
     k.add_argument("--k", type=int, default=None, help="neighbours (default: the run's, 200)")
     k.add_argument("--sigma", type=float, default=None, help="vote temperature (default: the run's, 0.1)")
     k.add_argument("--json", action="store_true", help="print one JSON object")
+    lin = esub.add_parser("linear", help="linear probe on frozen features")
+    lin.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder (uses checkpoints/last.pt)")
+    lin.add_argument("--data", help="dataset path, if it moved since training")
+    lin.add_argument("--device", default=None)
+    lin.add_argument("--features", choices=("backbone", "embedding"), default="backbone",
+                     help="pooled backbone features (default) or the 128-d embedding")
+    lin.add_argument("--epochs", type=int, default=100, help="probe epochs (default 100)")
+    lin.add_argument("--lr", type=float, default=0.1, help="probe learning rate, cosine schedule (default 0.1)")
+    lin.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _load_for_eval(args):
+    """Model, config, checkpoint, device and data for the eval and plot commands."""
+    from .checkpoint import load_model, resolve_checkpoint
+    from .train import load_splits, resolve_device
+
+    path = resolve_checkpoint(args.checkpoint)
+    device = resolve_device(args.device or "auto")
+    model, cfg, state = load_model(path, device)
+    if args.data is not None:
+        cfg.data.path = args.data
+    cfg.train.device = str(device)
+    return path, model, cfg, state, device, load_splits(cfg)
 
 
 def cmd_eval(args) -> int:
-    import torch
+    if args.protocol == "linear":
+        return cmd_eval_linear(args)
+    from .train import build_augment, evaluate_knn
 
-    from .checkpoint import load_checkpoint
-    from .config import Config
-    from .models import build_model
-    from .train import build_augment, evaluate_knn, load_splits, resolve_device
-
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    state = load_checkpoint(path)
-    cfg = Config.from_dict(state["config"])
-    if args.data is not None:
-        cfg.data.path = args.data
-    if args.device is not None:
-        cfg.train.device = args.device
+    path, model, cfg, state, device, (splits, _, bank_set, test_set) = _load_for_eval(args)
     if args.k is not None:
         cfg.train.knn_k = args.k
     if args.sigma is not None:
         cfg.train.knn_sigma = args.sigma
     cfg.validate()
-    device = resolve_device(cfg.train.device)
-    model = build_model(cfg.model.arch, cfg.model.width, cfg.model.dim)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit {cfg.model.arch} width {cfg.model.width} "
-                        f"({str(e).splitlines()[0][:120]})") from None
-    model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    splits, train_set, test_set = load_splits(cfg)
-    if cfg.train.knn_k > len(train_set):
-        raise UserError(f"--k {cfg.train.knn_k} is larger than the training set ({len(train_set)} images)")
+    if cfg.train.knn_k > len(bank_set):
+        raise UserError(f"--k {cfg.train.knn_k} is larger than the training set ({len(bank_set)} images)")
     _, plain = build_augment(cfg, splits)
     t0 = time.perf_counter()
-    acc = evaluate_knn(model, train_set, test_set, plain, cfg, device)
+    acc = evaluate_knn(model, bank_set, test_set, plain, cfg, device)
     res = {"checkpoint": str(path), "epoch": state.get("epoch"), "knn_top1": acc, "k": cfg.train.knn_k,
-           "sigma": cfg.train.knn_sigma, "train_images": len(train_set), "test_images": len(test_set),
+           "sigma": cfg.train.knn_sigma, "train_images": len(bank_set), "test_images": len(test_set),
            "eval_s": time.perf_counter() - t0}
     if args.json:
         print(json.dumps(res))
     else:
         print(f"kNN top-1 {acc:.2f}% (k={res['k']}, sigma={res['sigma']}) on {len(test_set)} test images, "
-              f"bank of {len(train_set)}; checkpoint epoch {res['epoch']}")
+              f"bank of {len(bank_set)}; checkpoint epoch {res['epoch']}")
+    return 0
+
+
+def cmd_eval_linear(args) -> int:
+    import torch
+
+    from .evaluate import extract_features
+    from .evaluate.linear import LinearRecipe, linear_probe
+    from .train import build_augment
+
+    if args.epochs < 1 or not args.lr > 0:
+        raise UserError("--epochs must be >= 1 and --lr > 0")
+    path, model, cfg, state, device, (splits, _, bank_set, test_set) = _load_for_eval(args)
+    _, plain = build_augment(cfg, splits)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    t0 = time.perf_counter()
+    kw = dict(batch_size=cfg.train.eval_batch_size, device=device, precision=cfg.train.precision,
+              channels_last=cfg.train.channels_last, backbone_only=args.features == "backbone")
+    train_x = extract_features(model, bank_set.images, plain, **kw)
+    test_x = extract_features(model, test_set.images, plain, **kw)
+    recipe = LinearRecipe(epochs=args.epochs, lr=args.lr)
+    res = linear_probe(train_x, bank_set.labels.to(device), test_x, test_set.labels, len(bank_set.classes), recipe)
+    # as MoCo's sanity check: the probe never touched the network
+    after = model.state_dict()
+    unchanged = all(torch.equal(before[k], after[k]) for k in before)
+    if not unchanged:
+        raise RuntimeError("the network's weights changed during the linear probe")
+    out = {"checkpoint": str(path), "epoch": state.get("epoch"), "linear_top1": res["test_top1"],
+           "linear_train_top1": res["train_top1"], "features": args.features, "feature_dim": int(train_x.shape[1]),
+           "recipe": recipe.__dict__, "backbone_unchanged": unchanged, "eval_s": time.perf_counter() - t0}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"linear probe top-1 {res['test_top1']:.2f}% (train {res['train_top1']:.2f}%) on {args.features} "
+              f"features ({train_x.shape[1]}-d); backbone weights unchanged: yes; checkpoint epoch {out['epoch']}")
     return 0
 
 
@@ -269,8 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"isif {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
+    _race_parser(sub)
     _eval_parser(sub)
     _bench_parser(sub)
+    _plot_parser(sub)
     pp = sub.add_parser("presets", help="list the named presets")
     pp.add_argument("-v", "--verbose", action="store_true", help="print each preset's full config")
     sub.add_parser("methods", help="list the training methods")
@@ -282,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        return {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "presets": cmd_presets,
-                "methods": cmd_methods}[
+        return {"train": cmd_train, "race": cmd_race, "eval": cmd_eval, "bench": cmd_bench, "plot": cmd_plot,
+                "presets": cmd_presets, "methods": cmd_methods}[
             args.command](args)
     except UserError as e:
         print(f"isif: error: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ from .precision import PRECISIONS
 @dataclass
 class DataConfig:
     dataset: str = "cifar10"
+    split: str = "train"  # the training instances; stl10 also has "unlabeled" and "train+unlabeled"
     path: str | None = None  # None: torchvision's download into the cache
     cache_dir: str | None = None  # None: $ISIF_CACHE or ~/.cache/isif
     train_subset: int | None = None  # a stratified slice of the training set (tests, quick looks)
@@ -35,9 +36,16 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = "isif"
-    temperature: float = 0.1
-    variant: str = "official"  # "official" (reference code) or "paper" (Eq. 7)
-    neg_weight: float = 1.0  # the reference code's negM
+    temperature: float | None = None  # None: the method's default (isif 0.1, npsoftmax/nce 0.07, ...)
+    variant: str = "official"  # isif: "official" (reference code) or "paper" (Eq. 7)
+    neg_weight: float = 1.0  # isif: the reference code's negM
+    negatives: str = "all"  # isif: "all", or Table 8's "hard" / "easy" half
+    neg_fraction: float = 0.5  # isif: share of negatives kept by "hard" / "easy"
+    memory_momentum: float = 0.5  # npsoftmax, nce: bank update momentum
+    nce_noise: int = 4096  # nce: noise samples per instance
+    margin: float = 0.5  # triplet: margin on L2-normalised features
+    clusters: int = 100  # deepcluster: k of k-means
+    kmeans_iters: int = 20  # deepcluster
 
 
 @dataclass
@@ -102,7 +110,15 @@ class Config:
         _check(self.model.arch in ARCHS, f"unknown --arch {self.model.arch!r}; known: {', '.join(ARCHS)}")
         _check(m.name in methods(), f"unknown --method {m.name!r}; known: {', '.join(sorted(methods()))}")
         _check(m.variant in VARIANTS, f"unknown --variant {m.variant!r}; known: {', '.join(VARIANTS)}")
-        _check(_pos(m.temperature), f"--temperature must be > 0, got {m.temperature}")
+        _check(m.temperature is None or _pos(m.temperature), f"--temperature must be > 0, got {m.temperature}")
+        _check(m.negatives in ("all", "hard", "easy"), f"--negatives must be all, hard or easy, got {m.negatives!r}")
+        _check(m.negatives == "all" or m.variant == "official", "--negatives hard/easy needs --variant official")
+        _check(0 < m.neg_fraction <= 1, f"neg_fraction must be in (0, 1], got {m.neg_fraction}")
+        _check(0 <= m.memory_momentum < 1, f"memory momentum must be in [0, 1), got {m.memory_momentum}")
+        _check(m.nce_noise >= 1, f"--nce-noise must be >= 1, got {m.nce_noise}")
+        _check(m.margin >= 0, f"--margin must be >= 0, got {m.margin}")
+        _check(m.clusters >= 2, f"--clusters must be >= 2, got {m.clusters}")
+        _check(m.kmeans_iters >= 1, f"k-means iterations must be >= 1, got {m.kmeans_iters}")
         _check(_pos(m.neg_weight) and m.neg_weight >= 1, f"--neg-weight must be >= 1, got {m.neg_weight}")
         _check(t.batch_size >= 2, f"--batch-size must be >= 2 (the objective contrasts instances), got {t.batch_size}")
         _check(t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}")
@@ -201,10 +217,80 @@ def _cifar10_tiny() -> Config:
     return c
 
 
+def _stl10() -> Config:
+    """Table 2: ResNet-18 on the 5K labelled STL-10 train images (96x96, pooled over the whole 12x12 map)."""
+    c = Config(preset="stl10")
+    c.data.dataset = "stl10"
+    return c
+
+
+def _stl10_105k() -> Config:
+    """Table 2: ResNet-18 on STL-10 train + unlabeled (105K images); kNN bank = the 5K labelled images."""
+    c = _stl10()
+    c.preset = "stl10-105k"
+    c.data.split = "train+unlabeled"
+    return c
+
+
+def _cifar10_race() -> Config:
+    """Fig. 3 at CPU scale: every method, 1/8-width ResNet-18, the same epochs, bf16; see `isif race`."""
+    c = Config(preset="cifar10-race")
+    c.model.width = 0.125
+    c.train.epochs = 5
+    c.train.precision = "bf16"
+    c.train.channels_last = True
+    c.optim.schedule = "cosine"
+    c.optim.lr = 0.06
+    c.optim.warmup_epochs = 0.5
+    return c
+
+
+def _ablation(name: str, doc: str, change: typing.Callable[[Config], None]) -> typing.Callable[[], Config]:
+    def make() -> Config:
+        c = Config(preset=name)
+        change(c)
+        return c
+
+    make.__doc__ = doc
+    return make
+
+
+def _set(section: str, **kw) -> typing.Callable[[Config], None]:
+    def change(c: Config) -> None:
+        for k, v in kw.items():
+            setattr(getattr(c, section), k, v)
+
+    return change
+
+
+def _no_aug(c: Config) -> None:
+    c.augment.crop_scale = None
+    c.augment.jitter = None
+    c.augment.grayscale_p = 0.0
+    c.augment.flip = False
+
+
 PRESETS: dict[str, typing.Callable[[], Config]] = {
     "cifar10": _cifar10,
     "cifar10-cpu": _cifar10_cpu,
     "cifar10-tiny": _cifar10_tiny,
+    "cifar10-race": _cifar10_race,
+    "stl10": _stl10,
+    "stl10-105k": _stl10_105k,
+    "cifar10-no-crop": _ablation("cifar10-no-crop", "Table 7: cifar10 without RandomResizedCrop (paper: 56.2)",
+                                 _set("augment", crop_scale=None)),
+    "cifar10-no-gray": _ablation("cifar10-no-gray", "Table 7: cifar10 without RandomGrayscale (paper: 79.3)",
+                                 _set("augment", grayscale_p=0.0)),
+    "cifar10-no-jitter": _ablation("cifar10-no-jitter", "Table 7: cifar10 without ColorJitter (paper: 75.7)",
+                                   _set("augment", jitter=None)),
+    "cifar10-no-flip": _ablation("cifar10-no-flip", "Table 7: cifar10 without horizontal flip (paper: 82.6)",
+                                 _set("augment", flip=False)),
+    "cifar10-no-aug": _ablation("cifar10-no-aug", "Table 8: cifar10 with no augmentation at all (paper: 37.4)",
+                                _no_aug),
+    "cifar10-hard50": _ablation("cifar10-hard50", "Table 8: cifar10, only the 50% hardest negatives (paper: 83.2)",
+                                _set("method", negatives="hard", neg_fraction=0.5)),
+    "cifar10-easy50": _ablation("cifar10-easy50", "Table 8: cifar10, only the 50% easiest negatives (paper: 57.5)",
+                                _set("method", negatives="easy", neg_fraction=0.5)),
 }
 
 

@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from .errors import UserError
 from .evaluate import extract_features, knn_accuracy
 from .models import build_model
 from .objectives import build_objective
+from .plots import plot_curve
 from .precision import autocast
 
 
@@ -113,9 +115,13 @@ def build_augment(cfg: Config, splits: Splits) -> tuple[BatchAugment, PlainTrans
     return aug, PlainTransform(size, splits.mean, splits.std)
 
 
-def load_splits(cfg: Config) -> tuple[Splits, ArrayDataset, ArrayDataset]:
-    splits = load_dataset(cfg.data.dataset, cfg.data.path, Path(cfg.data.cache_dir) if cfg.data.cache_dir else None)
-    return splits, splits.train.subset(cfg.data.train_subset), splits.test.subset(cfg.data.test_subset)
+def load_splits(cfg: Config) -> tuple[Splits, ArrayDataset, ArrayDataset, ArrayDataset]:
+    """(splits, training instances, kNN bank, test set), with the configured slices applied."""
+    splits = load_dataset(cfg.data.dataset, cfg.data.path, Path(cfg.data.cache_dir) if cfg.data.cache_dir else None,
+                          cfg.data.split)
+    train_set = splits.train.subset(cfg.data.train_subset)
+    bank = train_set if splits.bank is None else splits.bank.subset(cfg.data.train_subset)
+    return splits, train_set, bank, splits.test.subset(cfg.data.test_subset)
 
 
 def evaluate_knn(model: nn.Module, train_set: ArrayDataset, test_set: ArrayDataset, plain: PlainTransform,
@@ -149,7 +155,11 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     mcfg = dataclasses.asdict(cfg.method)
-    objective = build_objective(mcfg.pop("name"), **mcfg, num_instances=num_instances).to(device)
+    try:
+        objective = build_objective(mcfg.pop("name"), **mcfg, num_instances=num_instances, dim=cfg.model.dim,
+                                    seed=t.seed).to(device)
+    except ValueError as e:
+        raise UserError(f"method {cfg.method.name}: {e}") from None
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                           weight_decay=cfg.optim.weight_decay)
@@ -191,35 +201,6 @@ def _append_line(path: Path, row: dict) -> None:
 def _write_metrics(path: Path, history: list[dict]) -> None:
     text = "".join(json.dumps(r) + "\n" for r in history).encode()
     atomic_write_bytes(path, lambda f: f.write(text))
-
-
-def plot_curve(history: list[dict], path: Path, title: str = "") -> None:
-    """Loss and kNN top-1 against epoch, written atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ep = [r["epoch"] for r in history]
-    ax1.plot(ep, [r["loss"] for r in history], marker="o")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("training loss")
-    ev = [r for r in history if r.get("knn_top1") is not None]
-    ax2.plot([r["epoch"] for r in ev], [r["knn_top1"] for r in ev], marker="o", color="tab:green")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("kNN top-1 (%)")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-
-    def write(f) -> None:
-        fig.savefig(f, format="png", dpi=110)
-
-    atomic_write_bytes(path, write)
-    plt.close(fig)
 
 
 class _SigintFlag:
@@ -279,12 +260,12 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
     t = cfg.train
 
     torch.manual_seed(t.seed)
-    splits, train_set, test_set = load_splits(cfg)
+    splits, train_set, bank_set, test_set = load_splits(cfg)
     n = len(train_set)
     if t.batch_size > n:
         raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({n} images)")
-    if t.knn_k > n:
-        raise UserError(f"--knn-k {t.knn_k} is larger than the training set ({n} images); lower it")
+    if t.knn_k > len(bank_set):
+        raise UserError(f"--knn-k {t.knn_k} is larger than the kNN bank ({len(bank_set)} labelled images); lower it")
     parts = build_parts(cfg, splits, n, device)
     model, objective, opt, scaler = parts.model, parts.objective, parts.opt, parts.scaler
     data_gen = torch.Generator().manual_seed(t.seed + 1)  # instance order
@@ -299,7 +280,7 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
     if state is not None:
         _check_compatible(state, cfg)
         model.load_state_dict(state["model"])
-        objective.load_state_dict(state["objective"])
+        _load_objective_state(objective, state["objective"], n)
         opt.load_state_dict(state["optimizer"])
         if "scaler" in state and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
@@ -316,7 +297,8 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
 
     from torch.utils.tensorboard import SummaryWriter
 
-    steps_per_epoch = n // t.batch_size
+    trains = getattr(objective, "trains", True)
+    steps_per_epoch = n // t.batch_size if trains else 0
     writer = SummaryWriter(str(run.tensorboard), purge_step=start_epoch * steps_per_epoch + start_step)
     tqdm = _tqdm()
     tty = sys.stderr.isatty()
@@ -343,13 +325,17 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
 
     try:
         with _SigintFlag() as sigint:
-            for epoch in range(start_epoch, t.epochs):
+            for epoch in range(start_epoch, t.epochs if trains else min(start_epoch + 1, 1)):
                 data_gen.set_state(epoch_start_rng)
                 perm = torch.randperm(n, generator=data_gen)  # (N,)
                 next_epoch_rng = data_gen.get_state()
                 first = start_step if epoch == start_epoch else 0
                 if first == 0:
                     loss_sum, loss_steps = 0.0, 0
+                    hook = getattr(objective, "on_epoch_start", None)
+                    if hook is not None:
+                        hook(EpochContext(epoch, lambda: extract_features(
+                            model, images, plain, t.eval_batch_size, device, t.precision, t.channels_last), opt))
                 bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}",
                            disable=not progress, mininterval=0.5 if tty else 30, leave=tty, file=sys.stderr)
                 acc = torch.zeros((), device=device, dtype=torch.float64)
@@ -394,13 +380,14 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                 loss_sum += float(acc)
                 loss_steps += acc_steps
                 images_per_s = (steps_per_epoch - first) * t.batch_size * len(views) / max(dt, 1e-9)
+                epoch_number = epoch + 1 if trains else 0
                 epoch_loss = loss_sum / max(loss_steps, 1)
-                row: dict[str, Any] = {"epoch": epoch + 1, "loss": epoch_loss, "knn_top1": None,
-                                       "lr": lr_at(cfg, epoch + 1 - 1 / steps_per_epoch),
+                row: dict[str, Any] = {"epoch": epoch_number, "loss": epoch_loss if trains else None,
+                                       "knn_top1": None, "lr": lr_at(cfg, epoch + 1 - 1 / max(steps_per_epoch, 1)),
                                        "images_per_s": images_per_s, "train_s": train_time}
-                if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+                if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs or not trains:
                     t_eval = time.perf_counter()
-                    row["knn_top1"] = evaluate_knn(model, train_set, test_set, plain, cfg, device)
+                    row["knn_top1"] = evaluate_knn(model, bank_set, test_set, plain, cfg, device)
                     row["eval_s"] = time.perf_counter() - t_eval
                 row["peak_memory_mib"] = _peak_memory_mib(device)
                 row["elapsed_s"] = train_time + sum(r.get("eval_s", 0.0) for r in history) + row.get("eval_s", 0.0)
@@ -419,11 +406,34 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                 plot_curve(history, run.curve, title=f"{cfg.preset}: {cfg.method.name}")
                 knn = f"  kNN {row['knn_top1']:.2f}%" if row["knn_top1"] is not None else ""
                 if progress:
-                    print(f"epoch {epoch + 1}/{t.epochs}  loss {epoch_loss:.4f}{knn}  "
+                    print(f"epoch {epoch_number}/{t.epochs}  loss {epoch_loss:.4f}{knn}  "
                           f"{images_per_s:.0f} img/s  {dt:.0f} s", file=sys.stderr, flush=True)
     finally:
         writer.close()
     return history
+
+
+@dataclasses.dataclass
+class EpochContext:
+    """What an objective's ``on_epoch_start`` hook may use."""
+
+    epoch: int
+    features: Callable[[], torch.Tensor]  # (N, D) embeddings of the training set, test transform, in order
+    optimizer: torch.optim.Optimizer
+
+    def reset_optimizer_state(self, params: list[torch.nn.Parameter]) -> None:
+        """Forget momentum for re-initialised parameters."""
+        for p in params:
+            self.optimizer.state.pop(p, None)
+
+
+def _load_objective_state(objective: nn.Module, sd: dict, n: int) -> None:
+    mine = objective.state_dict()
+    for key, value in sd.items():
+        if key in mine and mine[key].shape != value.shape:
+            raise UserError(f"the checkpoint's {key} has shape {tuple(value.shape)} but this data needs "
+                            f"{tuple(mine[key].shape)} ({n} training images); resume with the data it was trained on")
+    objective.load_state_dict(sd)
 
 
 def _peak_memory_mib(device: torch.device) -> float:

@@ -19,8 +19,14 @@ def extract_features(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     channels_last: bool = False,
+    backbone_only: bool = False,
 ) -> torch.Tensor:
-    """Embed uint8 images (N, 3, H, W) in eval mode; returns float32 (N, D) on ``device``."""
+    """Embed uint8 images (N, 3, H, W) in eval mode; returns float32 (N, D) on ``device``.
+
+    ``backbone_only`` returns the backbone's pooled features instead of the
+    L2-normalised embedding (for the linear probe).
+    """
+    net = model.backbone if backbone_only else model
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -31,7 +37,7 @@ def extract_features(
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
-                z = model(x)
+                z = net(x)
             feats.append(z.float())
     finally:
         model.train(was_training)

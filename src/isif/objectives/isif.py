@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 VARIANTS = ("official", "paper")
+NEGATIVES = ("all", "hard", "easy")
 _LN2 = math.log(2.0)
 
 
@@ -86,7 +87,8 @@ class InvariantSpreading(nn.Module):
         >>> loss = crit(z, torch.arange(4))
     """
 
-    def __init__(self, temperature: float = 0.1, variant: str = "official", neg_weight: float = 1.0) -> None:
+    def __init__(self, temperature: float = 0.1, variant: str = "official", neg_weight: float = 1.0,
+                 negatives: str = "all", neg_fraction: float = 0.5) -> None:
         super().__init__()
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
@@ -95,9 +97,17 @@ class InvariantSpreading(nn.Module):
         if not (isinstance(neg_weight, (int, float)) and math.isfinite(neg_weight) and neg_weight >= 1):
             # below 1 a negative's probability e_j / (negM * sum_neg + e_pos) can exceed 1: log(1 - p) is NaN
             raise ValueError(f"neg_weight must be a finite number >= 1, got {neg_weight!r}")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}; got {negatives!r}")
+        if negatives != "all" and variant != "official":
+            raise ValueError("hard/easy negative selection is defined for the official variant only")
+        if not 0 < neg_fraction <= 1:
+            raise ValueError(f"neg_fraction must be in (0, 1], got {neg_fraction!r}")
         self.temperature = float(temperature)
         self.variant = variant
         self.neg_weight = float(neg_weight)
+        self.negatives = negatives
+        self.neg_fraction = float(neg_fraction)
 
     @property
     def views(self) -> tuple[str, str]:
@@ -105,7 +115,8 @@ class InvariantSpreading(nn.Module):
         return ("plain", "augment") if self.variant == "paper" else ("augment", "augment")
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, variant={self.variant!r}, neg_weight={self.neg_weight}"
+        return (f"temperature={self.temperature}, variant={self.variant!r}, neg_weight={self.neg_weight}, "
+                f"negatives={self.negatives!r}")
 
     def forward(self, z: torch.Tensor, instance_idx: torch.Tensor | None = None) -> torch.Tensor:
         b = _check_batch(z)
@@ -124,11 +135,14 @@ class InvariantSpreading(nn.Module):
         pos_logit = logits[rows, pos]  # (2B,)
         neg_mask = ~self_mask
         neg_mask[rows, pos] = False  # (2B, 2B): j != a and j != pos(a)
-        if self.neg_weight == 1.0:
-            log_den = torch.logsumexp(logits, dim=1)  # (2B,)
-        else:
-            neg_lse = torch.logsumexp(logits.masked_fill(~neg_mask, float("-inf")), dim=1)
-            log_den = torch.logaddexp(pos_logit, neg_lse + math.log(self.neg_weight))
+        if self.negatives != "all":
+            m = max(1, round(self.neg_fraction * (n - 2)))
+            hard = self.negatives == "hard"
+            scores = logits.detach().masked_fill(~neg_mask, float("-inf") if hard else float("inf"))
+            keep = torch.topk(scores, m, dim=1, largest=hard).indices  # (2B, m)
+            neg_mask = torch.zeros_like(neg_mask).scatter_(1, keep, True)
+        neg_lse = torch.logsumexp(logits.masked_fill(~neg_mask, float("-inf")), dim=1)  # (2B,)
+        log_den = torch.logaddexp(pos_logit, neg_lse + math.log(self.neg_weight))  # (2B,)
         log_p_pos = pos_logit - log_den  # (2B,)
         log_p = logits - log_den[:, None]  # (2B, 2B)
         spread = _masked_log1mexp(log_p, neg_mask).sum()

@@ -1,0 +1,41 @@
+"""Exemplar: parametric instance classification, one weight vector per training instance."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Exemplar(nn.Module):
+    """Cross-entropy of every augmented view against its own instance's class.
+
+    logits = z W^T / tau with W (N, D) learned (initialised N(0, 1/D)); both
+    views of each instance are classified, so a step sees the same images as
+    ISIF's. W is a parameter of the objective: the optimiser trains it and
+    checkpoints keep it.
+
+    Shape: z (2B, D), view v of instance i at row v*B + i; instance_idx (B,) -> scalar.
+    """
+
+    views = ("augment", "augment")
+
+    def __init__(self, num_instances: int, dim: int = 128, temperature: float = 0.1) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.weight = nn.Parameter(torch.randn(num_instances, dim) / math.sqrt(dim))
+
+    def forward(self, z: torch.Tensor, instance_idx: torch.Tensor | None = None) -> torch.Tensor:
+        if instance_idx is None:
+            raise ValueError("Exemplar needs instance_idx of shape (B,)")
+        v = z.shape[0] // instance_idx.shape[0]
+        if z.shape[0] != v * instance_idx.shape[0]:
+            raise ValueError(f"z has {z.shape[0]} rows, not a multiple of the {instance_idx.shape[0]} instances")
+        target = instance_idx.to(z.device).long().repeat(v)  # (V*B,)
+        dt = torch.promote_types(torch.promote_types(z.dtype, self.weight.dtype), torch.float32)
+        logits = z.to(dt) @ self.weight.to(dt).t() / self.temperature  # (V*B, N)
+        return F.cross_entropy(logits, target)

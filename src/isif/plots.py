@@ -1,0 +1,85 @@
+"""Figures: learning curves, the learning-speed race (Fig. 3), similarity histograms (Fig. 5).
+
+Every figure is written atomically as a PNG, with matplotlib's Agg backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data.sources import atomic_write_bytes
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write_bytes(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
+    _plt().close(fig)
+
+
+def plot_curve(history: list[dict], path: Path, title: str = "") -> None:
+    """Loss and kNN top-1 against epoch."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    rows = [r for r in history if r.get("loss") is not None]
+    ax1.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker="o")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss")
+    ev = [r for r in history if r.get("knn_top1") is not None]
+    ax2.plot([r["epoch"] for r in ev], [r["knn_top1"] for r in ev], marker="o", color="tab:green")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("kNN top-1 (%)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_race(histories: dict[str, list[dict]], path: Path, title: str = "") -> None:
+    """kNN top-1 against epoch, one line per method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, hist in histories.items():
+        ev = [r for r in hist if r.get("knn_top1") is not None]
+        if len(ev) == 1 and ev[0]["epoch"] == 0:  # an untrained network: a flat reference line
+            ax.axhline(ev[0]["knn_top1"], ls="--", color="grey", label=f"{name} ({ev[0]['knn_top1']:.1f})")
+            continue
+        ax.plot([r["epoch"] for r in ev], [r["knn_top1"] for r in ev], marker="o", label=name,
+                lw=2.5 if name == "isif" else 1.5)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_similarity(series: dict[str, tuple[list[float], list[float]]], path: Path, title: str = "") -> None:
+    """Histograms of cosine similarity for positives (two views of one image) and negatives, per run."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    bins = [i / 50 - 1 for i in range(101)]
+    for k, (name, (pos, neg)) in enumerate(series.items()):
+        c = colors[k % len(colors)]
+        ax.hist(pos, bins=bins, density=True, histtype="step", lw=2, color=c, label=f"{name}: positives")
+        ax.hist(neg, bins=bins, density=True, histtype="step", lw=2, ls="--", color=c, label=f"{name}: negatives")
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)

@@ -1,0 +1,71 @@
+"""The learning-speed race (Fig. 3): every method under the same budget, data, seed and backbone."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from .checkpoint import load_checkpoint
+from .config import Config
+from .data.sources import atomic_write_bytes
+from .errors import UserError
+from .objectives import methods as registered
+from .plots import plot_race
+from .train import RunDir, train
+
+DEFAULT_METHODS = ("random", "isif", "npsoftmax", "nce", "exemplar", "triplet", "triplet-hard", "deepcluster")
+
+
+def race(base: Config, names: list[str], out: Path, progress: bool = True) -> dict[str, list[dict]]:
+    """Train each method into ``out/<method>``; finished runs are reused, interrupted ones resumed.
+
+    Writes ``out/race.png`` and ``out/race.md`` after every method, so partial
+    results survive an interruption.
+    """
+    unknown = [n for n in names if n not in registered()]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(registered()))}")
+    if not names:
+        raise UserError("--methods needs at least one method")
+    out = Path(out)
+    histories: dict[str, list[dict]] = {}
+    for name in names:
+        cfg = copy.deepcopy(base)
+        cfg.method.name = name
+        run = RunDir(out / name)
+        if run.last.is_file():
+            state = load_checkpoint(run.last)
+            done = state["epoch"] >= (cfg.train.epochs if name != "random" else 1) and state["step"] == 0
+            histories[name] = state["history"] if done else train(cfg, run.root, resume=True, progress=progress)
+        else:
+            histories[name] = train(cfg, run.root, overwrite=True, progress=progress)
+        write_race(histories, out, base)
+    return histories
+
+
+def race_table(histories: dict[str, list[dict]]) -> str:
+    epochs = sorted({r["epoch"] for h in histories.values() for r in h if r["epoch"] > 0})
+    head = "| method | " + " | ".join(f"ep {e}" for e in epochs) + " | train time (s) |"
+    lines = [head, "|---|" + "---|" * (len(epochs) + 1)]
+    for name, hist in histories.items():
+        by_epoch = {r["epoch"]: r for r in hist}
+        if set(by_epoch) == {0}:
+            knn = by_epoch[0]["knn_top1"]
+            cells = [f"{knn:.2f}" for _ in epochs]
+            lines.append(f"| {name} (untrained) | " + " | ".join(cells) + " | 0 |")
+            continue
+        cells = [f"{by_epoch[e]['knn_top1']:.2f}" if e in by_epoch and by_epoch[e].get("knn_top1") is not None
+                 else "–" for e in epochs]
+        train_s = max(r.get("train_s", 0.0) for r in hist)
+        best = "**" if name == "isif" else ""
+        lines.append(f"| {best}{name}{best} | " + " | ".join(cells) + f" | {train_s:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_race(histories: dict[str, list[dict]], out: Path, base: Config) -> None:
+    t = base.train
+    title = (f"{base.preset}: {base.model.arch} width {base.model.width}, batch {t.batch_size}, "
+             f"{t.precision}, seed {t.seed}")
+    plot_race(histories, out / "race.png", title)
+    text = f"kNN top-1 (%) after each epoch; {title}\n\n" + race_table(histories)
+    atomic_write_bytes(out / "race.md", lambda f: f.write(text.encode()))

@@ -1,0 +1,47 @@
+"""Fig. 5: how far apart positives and negatives sit in the learned embedding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_model, resolve_checkpoint
+from .evaluate import extract_features
+from .plots import plot_similarity
+from .train import build_augment, load_splits, resolve_device
+
+
+@torch.no_grad()
+def similarity_samples(run: str, images: int, data: str | None, device: str | None,
+                       seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positives, negatives): cos(view1_i, view2_i) and cos(view1_i, view1_j), j != i, over test images."""
+    dev = resolve_device(device or "auto")
+    model, cfg, _ = load_model(resolve_checkpoint(run), dev)
+    if data is not None:
+        cfg.data.path = data
+    splits, _, _, test_set = load_splits(cfg)
+    aug, _ = build_augment(cfg, splits)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(test_set), generator=g)[:images]
+    x = test_set.images[idx]
+    kw = dict(batch_size=cfg.train.eval_batch_size, device=dev, precision=cfg.train.precision,
+              channels_last=cfg.train.channels_last)
+    v1 = extract_features(model, x, lambda b: aug(b, g), **kw)  # (n, D)
+    v2 = extract_features(model, x, lambda b: aug(b, g), **kw)
+    pos = (v1 * v2).sum(1)
+    shift = torch.randint(1, len(x), (1,), generator=g).item()  # pair i with (i + shift) mod n: always j != i
+    neg = (v1 * v1.roll(int(shift), 0)).sum(1)
+    return pos.cpu(), neg.cpu()
+
+
+def similarity_figure(runs: list[str], out: Path, images: int = 5000, data: str | None = None,
+                      device: str | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
+    series, stats = {}, {}
+    for run in runs:
+        name = Path(run).name
+        pos, neg = similarity_samples(run, images, data, device, seed)
+        series[name] = (pos.tolist(), neg.tolist())
+        stats[name] = {"pos_mean": float(pos.mean()), "neg_mean": float(neg.mean())}
+    plot_similarity(series, out, "test set: two views of one image (solid) vs different images (dashed)")
+    return stats
