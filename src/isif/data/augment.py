@@ -1,0 +1,293 @@
+"""Batched augmentation of uint8 images, on the device where training runs.
+
+One call transforms a whole batch, each image with its own random
+parameters, drawn from the same distributions as torchvision's per-image
+transforms of the paper:
+
+    RandomResizedCrop(size, scale=(0.2, 1.0), ratio=(3/4, 4/3))
+    ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4)
+    RandomGrayscale(p=0.2)
+    RandomHorizontalFlip()
+    Normalize(mean, std)
+
+Random parameters are drawn on the CPU from an explicit ``torch.Generator``
+(a few numbers per image), so a run is reproducible and resumable on any
+device; the pixel work then runs where the images are. Colour operations are
+applied in float32 on [0, 1] with a clamp after each, like torchvision's tensor
+path (the PIL path rounds to uint8 after each operation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """Per-image crop boxes, in pixels of the source image. All shapes (N,)."""
+
+    top: torch.Tensor
+    left: torch.Tensor
+    height: torch.Tensor
+    width: torch.Tensor
+
+
+def sample_crop_params(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+    attempts: int = 10,
+) -> CropParams:
+    """RandomResizedCrop's box sampler, vectorised over ``n`` images.
+
+    As torchvision: up to ``attempts`` tries of an area fraction uniform in
+    ``scale`` and a log-uniform aspect ratio; the first box that fits is taken,
+    at a uniform integer position; if none fits, a centre crop with the ratio
+    clamped into ``ratio``.
+    """
+    area = float(height * width)
+    u = torch.rand(n, attempts, generator=generator, dtype=torch.float64)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u)  # (n, attempts)
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    r = torch.exp(lo + (hi - lo) * torch.rand(n, attempts, generator=generator, dtype=torch.float64))
+    w = torch.round(torch.sqrt(target * r)).long()  # (n, attempts)
+    h = torch.round(torch.sqrt(target / r)).long()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.argmax(ok.int(), dim=1, keepdim=True)  # first fitting attempt
+    found = ok.any(dim=1)
+    w = torch.gather(w, 1, first).squeeze(1)
+    h = torch.gather(h, 1, first).squeeze(1)
+    # fallback: centre crop with the aspect ratio clamped into `ratio`
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fh, fw = height, int(round(height * max(ratio)))
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+    uy, ux = torch.rand(2, n, generator=generator, dtype=torch.float64)
+    top = torch.floor(uy * (height - h + 1).double()).long()
+    left = torch.floor(ux * (width - w + 1).double()).long()
+    top = torch.where(found, top, (height - h) // 2)
+    left = torch.where(found, left, (width - w) // 2)
+    return CropParams(top, left, h, w)
+
+
+def resized_crop(
+    images: torch.Tensor, params: CropParams, size: int, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Crop each image to its box and resize it to ``size`` x ``size``, bilinearly.
+
+    Sampling positions follow ``F.interpolate(..., align_corners=False)`` on the
+    cropped box, clamped to the box's edge pixels, so the result equals
+    torchvision's ``resized_crop`` without antialiasing (which only matters
+    when shrinking). ``flip`` (N,) bool mirrors the chosen images.
+
+    Shape: images (N, C, H, W) float -> (N, C, size, size).
+    """
+    n, _, height, width = images.shape
+    dev = images.device
+    p = torch.arange(size, device=dev, dtype=torch.float32) + 0.5  # (S,) output pixel centres
+
+    def axis(start: torch.Tensor, extent: torch.Tensor, full: int) -> torch.Tensor:
+        start = start.to(dev, torch.float32)[:, None]
+        extent = extent.to(dev, torch.float32)[:, None]
+        src = start + p[None, :] * extent / size - 0.5  # (N, S) source pixel coordinates
+        src = torch.minimum(torch.maximum(src, start), start + extent - 1)
+        return (2 * src + 1) / full - 1  # normalised for grid_sample(align_corners=False)
+
+    ys = axis(params.top, params.height, height)  # (N, S)
+    xs = axis(params.left, params.width, width)  # (N, S)
+    if flip is not None:
+        xs = torch.where(flip.to(dev)[:, None], xs.flip(1), xs)
+    grid = torch.stack(
+        (xs[:, None, :].expand(n, size, size), ys[:, :, None].expand(n, size, size)), dim=-1
+    )  # (N, S, S, 2) as (x, y)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W) luma."""
+    r, g, b = x.unbind(1)
+    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor * a + (1 - factor) * b).clamp_(0, 1)
+
+
+def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    mean = rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1)
+    return _blend(x, mean, f.view(-1, 1, 1, 1))
+
+
+def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, rgb_to_gray(x), f.view(-1, 1, 1, 1))
+
+
+def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``f`` (in turns, |f| <= 0.5) through HSV.
+
+    RGB -> (H, S, V) with the max channel deciding the hue sector (ties: red,
+    then green, then blue); back through the closed form
+    c_n = V - V*S*clamp(min(k, 4 - k), 0, 1), k = (n + 6H) mod 6, n = 5, 3, 1,
+    where V*S is the chroma max - min.
+    """
+    r, g, b = x.unbind(1)  # (N, H, W) each
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    h6 = torch.where(
+        maxc == r, torch.remainder((g - b) / safe, 6.0), torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
+    )
+    h6 = torch.where(chroma > 0, h6, torch.zeros_like(h6))
+    h6 = torch.remainder(h6 + 6.0 * f.view(-1, 1, 1), 6.0)  # (N, H, W) rotated hue, in sixths
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        out.append(maxc - chroma * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+    return torch.stack(out, 1)
+
+
+_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+@dataclass(frozen=True)
+class JitterParams:
+    factors: torch.Tensor  # (N, 4): brightness, contrast, saturation, hue
+    order: torch.Tensor  # (N, 4): a permutation of 0..3 per image
+
+
+def sample_jitter_params(
+    n: int, strength: tuple[float, float, float, float], generator: torch.Generator | None = None
+) -> JitterParams:
+    """ColorJitter's parameters: factors uniform in [max(0, 1-s), 1+s] (hue: [-s, s]); a random order."""
+    b, c, s, h = strength
+    lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
+    hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
+    u = torch.rand(n, 4, generator=generator)
+    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)
+    return JitterParams(lo + (hi - lo) * u, order)
+
+
+def color_jitter(x: torch.Tensor, params: JitterParams, active: tuple[bool, ...] = (True,) * 4) -> torch.Tensor:
+    """Apply the four jitter operations in each image's own order. ``x`` is float (N, 3, H, W) in [0, 1]."""
+    factors = params.factors.to(x.device)
+    order = params.order.to(x.device)
+    for pos in range(4):
+        for op in range(4):
+            if not active[op]:
+                continue
+            sel = torch.nonzero(order[:, pos] == op).squeeze(1)
+            if sel.numel():
+                x[sel] = _JITTER_OPS[op](x[sel], factors[sel, op])
+    return x
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    crop: CropParams | None
+    jitter: JitterParams | None
+    gray: torch.Tensor  # (N,) bool
+    flip: torch.Tensor  # (N,) bool
+
+
+class BatchAugment:
+    """The paper's training augmentation for a batch of uint8 images.
+
+    Args:
+        size: output side in pixels.
+        mean, std: per-channel normalisation.
+        crop_scale: RandomResizedCrop's area range; ``None`` disables the crop
+            (the whole image is resized to ``size``).
+        jitter: ColorJitter strengths (brightness, contrast, saturation, hue);
+            ``None`` or all zero disables it.
+        grayscale_p: probability of RandomGrayscale.
+        flip: RandomHorizontalFlip with probability 1/2.
+
+    Call: ``aug(images_uint8, generator) -> float32 (N, 3, size, size)``.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        crop_scale: tuple[float, float] | None = (0.2, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        jitter: tuple[float, float, float, float] | None = (0.4, 0.4, 0.4, 0.4),
+        grayscale_p: float = 0.2,
+        flip: bool = True,
+    ) -> None:
+        self.size = size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.crop_scale = crop_scale
+        self.crop_ratio = crop_ratio
+        self.jitter = tuple(jitter) if jitter is not None and any(j > 0 for j in jitter) else None
+        self.grayscale_p = grayscale_p
+        self.flip = flip
+
+    def sample(self, n: int, height: int, width: int, generator: torch.Generator | None) -> AugmentParams:
+        crop = None
+        if self.crop_scale is not None:
+            crop = sample_crop_params(n, height, width, self.crop_scale, self.crop_ratio, generator)
+        jit = sample_jitter_params(n, self.jitter, generator) if self.jitter is not None else None
+        gray = torch.rand(n, generator=generator) < self.grayscale_p
+        flip = torch.rand(n, generator=generator) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+        return AugmentParams(crop, jit, gray, flip)
+
+    def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        n, _, height, width = images.shape
+        x = images.float().div_(255)
+        crop = params.crop
+        if crop is None:
+            full = torch.zeros(n, dtype=torch.long)
+            crop = CropParams(full, full, full + height, full + width)
+        x = resized_crop(x, crop, self.size, params.flip)
+        if params.jitter is not None:
+            active = tuple(j > 0 for j in self.jitter)  # type: ignore[union-attr]
+            x = color_jitter(x, params.jitter, active)
+        gray = params.gray.to(x.device)
+        if bool(gray.any()):
+            sel = torch.nonzero(gray).squeeze(1)
+            x[sel] = rgb_to_gray(x[sel]).expand(-1, 3, -1, -1)
+        return normalize(x, self.mean, self.std)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        params = self.sample(images.shape[0], images.shape[2], images.shape[3], generator)
+        return self.apply(images, params)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x - mean.to(x.device)) / std.to(x.device)
+
+
+class PlainTransform:
+    """The test transform for in-memory images: resize to ``size`` if needed, then normalise."""
+
+    def __init__(self, size: int, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        self.size = size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = images.float().div_(255)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return normalize(x, self.mean, self.std)
