@@ -151,3 +151,20 @@ def test_linear_eval_and_similarity_plot_from_a_run(capsys, tmp_path, image_tree
     assert (tmp_path / "sim.png").stat().st_size > 1000 and "positives mean" in out
     code, _, err = _cli(capsys, "plot", "similarity", str(tmp_path / "missing"))
     assert code == 2 and "does not exist" in err
+
+
+def test_stl10_105k_style_training_uses_labelled_bank(tmp_path):
+    from isif.train import train
+
+    folder, _ = write_stl10(tmp_path, n_train=6, n_test=4, n_unl=10)
+    cfg = preset("stl10-105k")
+    cfg.data.path = str(folder)
+    cfg.model.width = 0.03125
+    cfg.train.batch_size = 4
+    cfg.train.epochs = 1
+    cfg.train.knn_k = 3
+    hist = train(cfg, tmp_path / "run", progress=False)
+    assert hist[-1]["knn_top1"] is not None
+    cfg.train.knn_k = 7  # larger than the 6 labelled images, though there are 16 training images
+    with pytest.raises(UserError, match="larger than the kNN bank"):
+        train(cfg, tmp_path / "run2", progress=False)

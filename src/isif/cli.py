@@ -203,22 +203,22 @@ def cmd_plot(args) -> int:
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     esub = p.add_subparsers(dest="protocol", required=True, parser_class=_Parser)
-    k = esub.add_parser("knn", help="weighted kNN top-1 on the test split")
-    k.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder (uses checkpoints/last.pt)")
-    k.add_argument("--data", help="dataset path, if it moved since training")
-    k.add_argument("--device", default=None)
+    k = _checkpoint_flags(esub.add_parser("knn", help="weighted kNN top-1 on the test split"))
     k.add_argument("--k", type=int, default=None, help="neighbours (default: the run's, 200)")
     k.add_argument("--sigma", type=float, default=None, help="vote temperature (default: the run's, 0.1)")
-    k.add_argument("--json", action="store_true", help="print one JSON object")
-    lin = esub.add_parser("linear", help="linear probe on frozen features")
-    lin.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder (uses checkpoints/last.pt)")
-    lin.add_argument("--data", help="dataset path, if it moved since training")
-    lin.add_argument("--device", default=None)
+    lin = _checkpoint_flags(esub.add_parser("linear", help="linear probe on frozen features"))
     lin.add_argument("--features", choices=("backbone", "embedding"), default="backbone",
                      help="pooled backbone features (default) or the 128-d embedding")
     lin.add_argument("--epochs", type=int, default=100, help="probe epochs (default 100)")
     lin.add_argument("--lr", type=float, default=0.1, help="probe learning rate, cosine schedule (default 0.1)")
-    lin.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _checkpoint_flags(p):
+    p.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder (uses checkpoints/last.pt)")
+    p.add_argument("--data", help="dataset path, if it moved since training")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
 
 
 def _load_for_eval(args):

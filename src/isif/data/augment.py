@@ -153,7 +153,9 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     chroma = maxc - torch.minimum(torch.minimum(r, g), b)
     safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
     h6 = torch.where(
-        maxc == r, torch.remainder((g - b) / safe, 6.0), torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
+        maxc == r,
+        torch.remainder((g - b) / safe, 6.0),
+        torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
     )
     h6 = torch.where(chroma > 0, h6, torch.zeros_like(h6))
     h6 = torch.remainder(h6 + 6.0 * f.view(-1, 1, 1), 6.0)  # (N, H, W) rotated hue, in sixths
