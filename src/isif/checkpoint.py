@@ -25,7 +25,12 @@ VERSION = 1
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``state`` to ``path`` through a temporary file, fsync and rename: never a torn file."""
     state = {"format": FORMAT, "version": VERSION, **state}
-    atomic_write_bytes(Path(path), lambda f: torch.save(state, f))
+    try:
+        atomic_write_bytes(Path(path), lambda f: torch.save(state, f), fault_site="checkpoint-write")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        kept = f"the previous checkpoint {path} is intact" if Path(path).is_file() else "no checkpoint was kept"
+        raise CheckpointWriteError(f"could not write checkpoint {path} ({_reason(e)}); {kept}; "
+                                   "free some disk space, then continue with --resume") from None
     try:  # make the rename itself durable
         fd = os.open(Path(path).parent, os.O_RDONLY)
         try:
@@ -34,6 +39,15 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written; the previous one is untouched."""
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return text[:160]
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

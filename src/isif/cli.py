@@ -28,6 +28,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (or --out) from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check flags, data, device and folder, print the resolved config, and stop")
     _config_flags(p)
 
 
@@ -141,10 +143,14 @@ def cmd_train(args) -> int:
     cfg.validate()
     t = cfg.train
     device = resolve_device(t.device)
-    if not args.quiet:
+    if not args.quiet and not args.dry_run:
         print(f"isif: {'resuming' if resuming else 'training'} {cfg.method.name} ({cfg.preset}) -> {out}; "
               f"batch {t.batch_size} instances ({2 * t.batch_size} images/step), {t.epochs} epochs, "
               f"{t.precision}, device {device}", file=sys.stderr)
+    if args.dry_run:
+        train(cfg, out, resume=resuming, overwrite=args.overwrite, dry_run=True)
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
     history = train(cfg, out, resume=resuming, overwrite=args.overwrite, progress=not args.quiet)
     evals = [r for r in history if r.get("knn_top1") is not None]
     if evals:
@@ -388,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointWriteError
     from .train import Interrupted, TrainingDiverged
 
     try:
@@ -401,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"isif: error: {e}", file=sys.stderr)
         return 3
+    except CheckpointWriteError as e:
+        print(f"isif: error: {e}", file=sys.stderr)
+        return 1
     except Interrupted as e:
         print(f"isif: interrupted: {e}", file=sys.stderr)
         return 130

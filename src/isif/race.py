@@ -44,8 +44,8 @@ def race(base: Config, names: list[str], out: Path, progress: bool = True) -> di
 
 
 def race_table(histories: dict[str, list[dict]]) -> str:
-    epochs = sorted({r["epoch"] for h in histories.values() for r in h if r["epoch"] > 0})
-    head = "| method | " + " | ".join(f"ep {e}" for e in epochs) + " | train time (s) |"
+    epochs = sorted({r["epoch"] for h in histories.values() for r in h if r["epoch"] > 0}) or [0]
+    head = "| method | " + " | ".join(f"ep {e}" if e else "kNN" for e in epochs) + " | train time (s) |"
     lines = [head, "|---|" + "---|" * (len(epochs) + 1)]
     for name, hist in histories.items():
         by_epoch = {r["epoch"]: r for r in hist}

@@ -37,6 +37,7 @@ from .data.augment import BatchAugment, PlainTransform
 from .data.sources import ArrayDataset, Splits, atomic_write_bytes, load_dataset
 from .errors import UserError
 from .evaluate import extract_features, knn_accuracy
+from .faults import fault_point
 from .models import build_model
 from .objectives import build_objective
 from .plots import plot_curve
@@ -130,6 +131,7 @@ def evaluate_knn(model: nn.Module, train_set: ArrayDataset, test_set: ArrayDatas
     t = cfg.train
     kw = dict(batch_size=t.eval_batch_size, device=device, precision=t.precision, channels_last=t.channels_last)
     bank = extract_features(model, train_set.images, plain, **kw)
+    fault_point("eval")
     query = extract_features(model, test_set.images, plain, **kw)
     return knn_accuracy(query, test_set.labels, bank, train_set.labels, len(train_set.classes), t.knn_k, t.knn_sigma)
 
@@ -190,17 +192,10 @@ def train_step(parts: Parts, x: torch.Tensor, idx: torch.Tensor, gen: torch.Gene
     return loss
 
 
-def _append_line(path: Path, row: dict) -> None:
-    line = json.dumps(row) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)  # one write of a whole line
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_metrics(path: Path, history: list[dict]) -> None:
+    """Rewrite metrics.jsonl whole and atomically: a reader never sees a half line."""
     text = "".join(json.dumps(r) + "\n" for r in history).encode()
-    atomic_write_bytes(path, lambda f: f.write(text))
+    atomic_write_bytes(path, lambda f: f.write(text), fault_site="metrics-write")
 
 
 class _SigintFlag:
@@ -227,32 +222,44 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> RunDir:
+def check_run_dir(out: Path, resume: bool, overwrite: bool) -> RunDir:
+    """Refuse to resume nothing or to overwrite a run by accident; changes nothing on disk."""
     run = RunDir(out)
     if resume:
         if not run.last.is_file():
             raise UserError(f"nothing to resume in {out}: no checkpoints/last.pt; start without --resume")
-        return run
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to start again")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out} already exists; pass --resume to continue it or --overwrite to start again")
+    return run
+
+
+def create_run_dir(run: RunDir, resume: bool) -> None:
+    """For a new run, replace whatever was at the folder (checked by ``check_run_dir``) with an empty run."""
+    out = run.root
+    if not resume and out.exists():
         if out.is_dir():
             shutil.rmtree(out)
         else:
             out.unlink()
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
-    return run
+    try:
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        for stale in run.root.glob("**/.*.tmp"):  # temporary files of a killed process
+            stale.unlink()
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {out} ({e.strerror}); pass --out to a writable place") from None
 
 
 def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, stop_after_steps: int | None = None) -> list[dict]:
+          progress: bool = True, stop_after_steps: int | None = None, dry_run: bool = False) -> list[dict]:
     """Train ``cfg`` into the run folder ``out``; returns the metrics history.
 
-    ``stop_after_steps`` interrupts the run (as SIGINT would) after that many
-    optimiser steps in this call: for tests of mid-epoch resume.
+    Everything is checked (config, folder, device, data, objective) before the
+    folder is touched. ``dry_run`` stops there. ``stop_after_steps``
+    interrupts the run (as SIGINT would) after that many optimiser steps in
+    this call: for tests of mid-epoch resume.
     """
     cfg.validate()
-    run = prepare_run_dir(Path(out), resume, overwrite)
+    run = check_run_dir(Path(out), resume, overwrite)
     state = load_checkpoint(run.last) if resume else None
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
@@ -267,6 +274,9 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
     if t.knn_k > len(bank_set):
         raise UserError(f"--knn-k {t.knn_k} is larger than the kNN bank ({len(bank_set)} labelled images); lower it")
     parts = build_parts(cfg, splits, n, device)
+    if dry_run:
+        return []
+    create_run_dir(run, resume)
     model, objective, opt, scaler = parts.model, parts.objective, parts.opt, parts.scaler
     data_gen = torch.Generator().manual_seed(t.seed + 1)  # instance order
     aug_gen = torch.Generator().manual_seed(t.seed + 2)  # augmentation parameters
@@ -337,7 +347,8 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                         hook(EpochContext(epoch, lambda: extract_features(
                             model, images, plain, t.eval_batch_size, device, t.precision, t.channels_last), opt))
                 bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}",
-                           disable=not progress, mininterval=0.5 if tty else 30, leave=tty, file=sys.stderr)
+                           disable=not (progress and trains), mininterval=0.5 if tty else 30, leave=tty,
+                           file=sys.stderr)
                 acc = torch.zeros((), device=device, dtype=torch.float64)
                 first_bad = torch.full((), -1, device=device, dtype=torch.long)
                 acc_steps = 0
@@ -358,6 +369,7 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                     idx = perm[step * t.batch_size:(step + 1) * t.batch_size]  # (B,)
                     idx_dev = idx.to(device, non_blocking=True)
                     loss = train_step(parts, images[idx_dev], idx_dev, aug_gen)
+                    fault_point("step")
                     ld = loss.detach()
                     first_bad = torch.where(~torch.isfinite(ld) & (first_bad < 0), gstep, first_bad)
                     acc += ld
@@ -395,7 +407,8 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                 epoch_start_rng = next_epoch_rng
                 loss_sum, loss_steps = 0.0, 0
                 save_checkpoint(snapshot(epoch + 1, 0, epoch_start_rng), run.last)
-                _append_line(run.metrics, row)
+                fault_point("epoch-end")
+                _write_metrics(run.metrics, history)
                 gs = (epoch + 1) * steps_per_epoch
                 writer.add_scalar("train/loss", epoch_loss, gs)
                 writer.add_scalar("train/images_per_s", images_per_s, gs)
@@ -405,7 +418,9 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                 writer.flush()
                 plot_curve(history, run.curve, title=f"{cfg.preset}: {cfg.method.name}")
                 knn = f"  kNN {row['knn_top1']:.2f}%" if row["knn_top1"] is not None else ""
-                if progress:
+                if progress and not trains:
+                    print(f"untrained network:{knn}", file=sys.stderr, flush=True)
+                elif progress:
                     print(f"epoch {epoch_number}/{t.epochs}  loss {epoch_loss:.4f}{knn}  "
                           f"{images_per_s:.0f} img/s  {dt:.0f} s", file=sys.stderr, flush=True)
     finally:

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from ..faults import fault_point
 
 CACHE_VERSION = 1
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -109,8 +110,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "isif"
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write a file through ``write(fileobj)`` to a temporary name, fsync, then rename."""
+def atomic_write_bytes(path: Path, write, fault_site: str | None = None) -> None:
+    """Write a file through ``write(fileobj)`` to a temporary name, fsync, then rename.
+
+    A crash at any point leaves either the old file or the new one, never a
+    mix; a failed write (a full disk) removes the temporary file and raises.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -119,6 +124,8 @@ def atomic_write_bytes(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if fault_site:
+            fault_point(fault_site)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -137,7 +144,8 @@ def _umask() -> int:
 def _hash_files(paths: list[Path], root: Path | None = None) -> str:
     h = hashlib.sha256()
     for p in paths:
-        h.update(str(p.relative_to(root) if root else p.name).encode())
+        h.update(str(p.relative_to(root) if root else p.name).encode() + b"\0")
+        h.update(f"{p.stat().st_size}\0".encode())
         with open(p, "rb") as f:
             for chunk in iter(lambda f=f: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -251,11 +259,8 @@ def _dir_entries(root: Path) -> list[tuple[str, str, str]]:
 
 
 def _tree_fingerprint(root: Path, entries: list[tuple[str, str, str]]) -> str:
-    h = hashlib.sha256()
-    for _, _, k in entries:
-        st = os.stat(k)
-        h.update(f"{Path(k).relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+    """The cache key of an image tree: every file's relative path and bytes."""
+    return _hash_files([Path(k) for _, _, k in entries], root)
 
 
 def _find_batches(p: Path) -> Path | None:
