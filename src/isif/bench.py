@@ -7,7 +7,10 @@ On the same model, batch, precision and device:
 - ``limit``: forward + backward of the network alone on a ready batch of the
   same images (no data handling, no augmentation, no objective, no update);
 - ``augment``: making the views alone;
-- ``objective``: the loss's forward + backward on ready embeddings.
+- ``objective``: the loss's forward + backward on ready embeddings;
+- ``eval``: forward throughput in eval mode and the kNN search for 10,000
+  queries against 50,000 bank entries (CIFAR-10's sizes), from which the time
+  of one kNN evaluation is projected.
 
 Timings interleave the measured pieces round by round and report medians, so
 a slow moment of the machine hits every piece alike.
@@ -23,6 +26,7 @@ import torch
 
 from .config import Config
 from .data.sources import ArrayDataset, Splits
+from .evaluate import extract_features, knn_predict
 from .precision import autocast
 from .train import build_parts, make_views, resolve_device, train_step
 
@@ -32,7 +36,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, size: int = 32, pool: int = 4096) -> dict:
+def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, size: int = 32, pool: int = 4096,
+              eval_query: int = 10_000, eval_bank: int = 50_000) -> dict:
     cfg.validate()
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
@@ -83,6 +88,21 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, size: int = 32, poo
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    # evaluation: forward throughput in eval mode, and the kNN search at CIFAR-10's sizes
+    feats_t0 = time.perf_counter()
+    extract_features(parts.model, images, parts.plain, cfg.train.eval_batch_size, device, prec,
+                     cfg.train.channels_last)
+    _sync(device)
+    eval_ips = images.shape[0] / (time.perf_counter() - feats_t0)
+    gq = torch.Generator().manual_seed(2)
+    bank = torch.nn.functional.normalize(torch.randn(eval_bank, cfg.model.dim, generator=gq), dim=1).to(device)
+    query = torch.nn.functional.normalize(torch.randn(eval_query, cfg.model.dim, generator=gq), dim=1).to(device)
+    labels = torch.randint(0, 10, (eval_bank,), generator=gq).to(device)
+    _sync(device)
+    knn_t0 = time.perf_counter()
+    knn_predict(query, bank, labels, 10, cfg.train.knn_k, cfg.train.knn_sigma)
+    _sync(device)
+    knn_s = time.perf_counter() - knn_t0
     n_img = ready.shape[0]
     out = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -101,6 +121,10 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, size: int = 32, poo
         "objective_ms": 1000 * med["objective"],
         "step_ms": 1000 * med["step"],
         "limit_ms": 1000 * med["limit"],
+        "eval_forward_images_per_s": eval_ips,
+        "knn_search_s": knn_s,
+        "knn_sizes": [eval_query, eval_bank],
+        "eval_projected_s": (eval_query + eval_bank) / eval_ips + knn_s,
     }
     if device.type == "cuda":
         out["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20

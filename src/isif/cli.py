@@ -66,6 +66,9 @@ def _config_flags(p) -> None:
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--precision", help="fp32, bf16 or fp16")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the network")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int, help="kNN evaluation every N epochs (always after the last)")
@@ -100,6 +103,8 @@ _OVERRIDES = {
     "warmup_epochs": ("optim", "warmup_epochs", False),
     "precision": ("train", "precision", False),
     "channels_last": ("train", "channels_last", True),
+    "compile": ("train", "compile", True),
+    "sync_bn": ("train", "sync_bn", False),
     "device": ("train", "device", True),
     "seed": ("train", "seed", False),
     "eval_every": ("train", "eval_every", True),
@@ -122,6 +127,7 @@ def _apply_overrides(cfg, args, resuming: bool) -> None:
 def cmd_train(args) -> int:
     from .checkpoint import load_checkpoint
     from .config import Config, preset
+    from .dist import check_batch, device_for, setup, teardown
     from .train import RunDir, resolve_device, train
 
     _set_threads(args.threads)
@@ -142,18 +148,26 @@ def cmd_train(args) -> int:
         raise UserError(f"--data {cfg.data.path}: no such file or folder")
     cfg.validate()
     t = cfg.train
-    device = resolve_device(t.device)
+    world = setup(t.device)
+    device = resolve_device(device_for(world, t.device))
+    if t.sync_bn and world.active and device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm has no CPU kernel; drop it on CPU")
+    check_batch(world, t.batch_size)
+    if world.active and not world.main:
+        args.quiet = True
     if not args.quiet and not args.dry_run:
+        share = f" = {t.batch_size // world.size} per process x {world.size} processes" if world.active else ""
         print(f"isif: {'resuming' if resuming else 'training'} {cfg.method.name} ({cfg.preset}) -> {out}; "
-              f"batch {t.batch_size} instances ({2 * t.batch_size} images/step), {t.epochs} epochs, "
+              f"batch {t.batch_size} instances{share} ({2 * t.batch_size} images/step), {t.epochs} epochs, "
               f"{t.precision}, device {device}", file=sys.stderr)
     if args.dry_run:
         train(cfg, out, resume=resuming, overwrite=args.overwrite, dry_run=True)
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     history = train(cfg, out, resume=resuming, overwrite=args.overwrite, progress=not args.quiet)
+    teardown(world)  # on success only: after a failure, torchrun ends the other processes
     evals = [r for r in history if r.get("knn_top1") is not None]
-    if evals:
+    if evals and world.main:
         last = evals[-1]
         print(f"kNN top-1 {last['knn_top1']:.2f}% after epoch {last['epoch']} "
               f"(k={t.knn_k}, sigma={t.knn_sigma}); run folder: {out}")
@@ -340,6 +354,10 @@ def cmd_bench(args) -> int:
     print(f"  backbone fwd+bwd     {res['limit_images_per_s']:9.0f} images/s  ({res['limit_ms']:.1f} ms)  <- limit")
     print(f"  augmentation         {res['augment_ms']:9.1f} ms/step")
     print(f"  objective fwd+bwd    {res['objective_ms']:9.1f} ms/step")
+    q, b = res["knn_sizes"]
+    print(f"  eval forward         {res['eval_forward_images_per_s']:9.0f} images/s")
+    print(f"  kNN search           {res['knn_search_s']:9.2f} s ({q} queries x {b} bank)")
+    print(f"  one kNN evaluation   {res['eval_projected_s']:9.1f} s (projected: embed {q + b} images + search)")
     mem = res.get("peak_memory_mib", res.get("peak_rss_mib"))
     print(f"  peak memory          {mem:9.0f} MiB ({'GPU allocated' if 'peak_memory_mib' in res else 'process RSS'})")
     print(f"  step / limit         {res['ratio_step_to_limit']:9.3f}")

@@ -75,6 +75,8 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     precision: str = "fp32"  # fp32 | bf16 | fp16
     channels_last: bool = False
+    compile: bool = False  # torch.compile the network
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch
     eval_every: int = 1  # kNN every N epochs (and always after the last)
     knn_k: int = 200
     knn_sigma: float = 0.1

@@ -35,6 +35,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
 from .data.augment import BatchAugment, PlainTransform
 from .data.sources import ArrayDataset, Splits, atomic_write_bytes, load_dataset
+from .dist import SINGLE, World, any_flag, barrier, check_batch, device_for, gather_rows, gather_views, setup, shard
 from .errors import UserError
 from .evaluate import extract_features, knn_accuracy
 from .faults import fault_point
@@ -125,14 +126,26 @@ def load_splits(cfg: Config) -> tuple[Splits, ArrayDataset, ArrayDataset, ArrayD
     return splits, train_set, bank, splits.test.subset(cfg.data.test_subset)
 
 
-def evaluate_knn(model: nn.Module, train_set: ArrayDataset, test_set: ArrayDataset, plain: PlainTransform,
-                 cfg: Config, device: torch.device) -> float:
-    """The paper's kNN: train features recomputed with the test transform, k=200, sigma=0.1 by default."""
+def sharded_features(model: nn.Module, images: torch.Tensor, plain: PlainTransform, cfg: Config,
+                     device: torch.device, world: World = SINGLE) -> torch.Tensor:
+    """Embeddings of ``images`` with the test transform; under torchrun each process embeds one shard."""
     t = cfg.train
     kw = dict(batch_size=t.eval_batch_size, device=device, precision=t.precision, channels_last=t.channels_last)
-    bank = extract_features(model, train_set.images, plain, **kw)
+    if not world.active:
+        return extract_features(model, images, plain, **kw)
+    start, stop, per = shard(images.shape[0], world)
+    feats = extract_features(model, images[start:stop], plain, **kw)
+    pad = torch.zeros(per - feats.shape[0], feats.shape[1], device=feats.device, dtype=feats.dtype)
+    return gather_rows(torch.cat([feats, pad]), world)[: images.shape[0]]
+
+
+def evaluate_knn(model: nn.Module, train_set: ArrayDataset, test_set: ArrayDataset, plain: PlainTransform,
+                 cfg: Config, device: torch.device, world: World = SINGLE) -> float:
+    """The paper's kNN: train features recomputed with the test transform, k=200, sigma=0.1 by default."""
+    t = cfg.train
+    bank = sharded_features(model, train_set.images, plain, cfg, device, world)
     fault_point("eval")
-    query = extract_features(model, test_set.images, plain, **kw)
+    query = sharded_features(model, test_set.images, plain, cfg, device, world)
     return knn_accuracy(query, test_set.labels, bank, train_set.labels, len(train_set.classes), t.knn_k, t.knn_sigma)
 
 
@@ -142,18 +155,23 @@ class Parts:
 
     cfg: Config
     device: torch.device
-    model: nn.Module
+    model: nn.Module  # the plain module: state_dict, evaluation
+    net: nn.Module  # what the step calls: the model, or its DistributedDataParallel wrapper
     objective: nn.Module
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     augment: BatchAugment
     plain: PlainTransform
     views: tuple[str, ...]
+    world: World = SINGLE
 
 
-def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.device) -> Parts:
+def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.device,
+                world: World = SINGLE) -> Parts:
     t = cfg.train
     model = build_model(cfg.model.arch, cfg.model.width, cfg.model.dim).to(device)
+    if t.sync_bn and world.active:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     mcfg = dataclasses.asdict(cfg.method)
@@ -168,22 +186,48 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     augment, plain = build_augment(cfg, splits)
     views = tuple(getattr(objective, "views", ("augment", "augment")))
-    return Parts(cfg, device, model, objective, opt, scaler, augment, plain, views)
+    net: nn.Module = model
+    if world.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        net = torch.compile(net)
+    return Parts(cfg, device, model, net, objective, opt, scaler, augment, plain, views, world)
 
 
 def make_views(parts: Parts, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> (V*B, 3, S, S) float: view v of instance i at row v*B + i."""
-    inp = torch.cat([parts.augment(x, gen) if v == "augment" else parts.plain(x) for v in parts.views])
+    """(b, 3, H, W) uint8 -> (V*b, 3, S, S) float: view v of local instance i at row v*b + i.
+
+    Augmentation parameters are drawn for the whole global batch (W*b images
+    per view, the same draws on every process) and each process applies its
+    own share, so the views do not depend on the number of processes.
+    """
+    w = parts.world
+    b = x.shape[0]
+    share = slice(w.rank * b, (w.rank + 1) * b)
+    out = []
+    for v in parts.views:
+        if v == "augment":
+            params = parts.augment.sample(b * w.size, x.shape[2], x.shape[3], gen)
+            out.append(parts.augment.apply(x, params.select(share) if w.active else params))
+        else:
+            out.append(parts.plain(x))
+    inp = torch.cat(out)
     if parts.cfg.train.channels_last:
         inp = inp.contiguous(memory_format=torch.channels_last)
     return inp
 
 
 def train_step(parts: Parts, x: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One optimisation step on a batch of uint8 images; returns the (undetached) loss."""
+    """One optimisation step on this process's share ``x`` of the global batch ``idx`` (all B indices).
+
+    Returns the (undetached) loss over the global batch.
+    """
     inp = make_views(parts, x, gen)
     with autocast(parts.device, parts.cfg.train.precision):
-        z = parts.model(inp)  # (V*B, D)
+        z = parts.net(inp)  # (V*b, D)
+    z = gather_views(z, len(parts.views), parts.world)  # (V*B, D), gradients kept
     loss = parts.objective(z, idx)
     parts.opt.zero_grad(set_to_none=True)
     parts.scaler.scale(loss).backward()
@@ -259,9 +303,11 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
     this call: for tests of mid-epoch resume.
     """
     cfg.validate()
-    run = check_run_dir(Path(out), resume, overwrite)
+    world = setup(cfg.train.device)
+    run = check_run_dir(Path(out), resume, overwrite) if world.main else RunDir(Path(out))
+    barrier(world)
     state = load_checkpoint(run.last) if resume else None
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(device_for(world, cfg.train.device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     t = cfg.train
@@ -271,17 +317,14 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
     n = len(train_set)
     if t.batch_size > n:
         raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({n} images)")
+    local_b = check_batch(world, t.batch_size)  # this process's share of the global batch
     if t.knn_k > len(bank_set):
         raise UserError(f"--knn-k {t.knn_k} is larger than the kNN bank ({len(bank_set)} labelled images); lower it")
-    parts = build_parts(cfg, splits, n, device)
-    if dry_run:
-        return []
-    create_run_dir(run, resume)
+    parts = build_parts(cfg, splits, n, device, world)
     model, objective, opt, scaler = parts.model, parts.objective, parts.opt, parts.scaler
     data_gen = torch.Generator().manual_seed(t.seed + 1)  # instance order
     aug_gen = torch.Generator().manual_seed(t.seed + 2)  # augmentation parameters
     plain = parts.plain
-    images = train_set.images.to(device)
     views = parts.views
 
     history: list[dict] = []
@@ -298,18 +341,28 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
         epoch_start_rng = rng["data_epoch_start"]
         aug_gen.set_state(rng["augment"])
         torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
         start_epoch, start_step = int(state["epoch"]), int(state["step"])
         loss_sum, loss_steps = float(state["epoch_loss_sum"]), int(state["epoch_loss_steps"])
         train_time = float(state["train_time_s"])
         history = list(state["history"])
-        _write_metrics(run.metrics, history)  # drop anything written after this checkpoint
-    atomic_write_bytes(run.config, lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
-
-    from torch.utils.tensorboard import SummaryWriter
-
+    if dry_run:
+        return []
     trains = getattr(objective, "trains", True)
     steps_per_epoch = n // t.batch_size if trains else 0
-    writer = SummaryWriter(str(run.tensorboard), purge_step=start_epoch * steps_per_epoch + start_step)
+    writer = None
+    if world.main:  # rank 0 alone writes the run folder
+        create_run_dir(run, resume)
+        if state is not None:
+            _write_metrics(run.metrics, history)  # drop anything written after this checkpoint
+        atomic_write_bytes(run.config, lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run.tensorboard), purge_step=start_epoch * steps_per_epoch + start_step)
+    progress = progress and world.main
+    images = train_set.images.to(device)
+    share = slice(world.rank * local_b, (world.rank + 1) * local_b)
     tqdm = _tqdm()
     tty = sys.stderr.isatty()
     steps_this_call = 0
@@ -331,6 +384,8 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
         }
         if scaler.is_enabled():
             s["scaler"] = scaler.state_dict()
+        if device.type == "cuda":
+            s["rng"]["cuda"] = torch.cuda.get_rng_state(device)
         return s
 
     try:
@@ -344,8 +399,8 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                     loss_sum, loss_steps = 0.0, 0
                     hook = getattr(objective, "on_epoch_start", None)
                     if hook is not None:
-                        hook(EpochContext(epoch, lambda: extract_features(
-                            model, images, plain, t.eval_batch_size, device, t.precision, t.channels_last), opt))
+                        hook(EpochContext(epoch, lambda: sharded_features(model, images, plain, cfg, device, world),
+                                          opt))
                 bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}",
                            disable=not (progress and trains), mininterval=0.5 if tty else 30, leave=tty,
                            file=sys.stderr)
@@ -355,20 +410,23 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                 t_epoch = time.perf_counter()
                 t_mark, seen_mark = t_epoch, 0
                 for step in range(first, steps_per_epoch):
-                    if sigint.set or (stop_after_steps is not None and steps_this_call >= stop_after_steps):
+                    stop = sigint.set or (stop_after_steps is not None and steps_this_call >= stop_after_steps)
+                    if any_flag(stop, world, device):  # every process stops at the same step
                         loss_sum += float(acc)
                         loss_steps += acc_steps
                         train_time += time.perf_counter() - t_epoch
-                        save_checkpoint(snapshot(epoch, step, epoch_start_rng), run.last)
+                        if world.main:
+                            save_checkpoint(snapshot(epoch, step, epoch_start_rng), run.last)
+                        barrier(world)
                         bar.close()
                         raise Interrupted(f"stopped at epoch {epoch + 1}, step {step}/{steps_per_epoch}; "
                                           f"continue with: isif train --resume {run.root}")
                     gstep = epoch * steps_per_epoch + step
                     for group in opt.param_groups:
                         group["lr"] = lr_at(cfg, epoch + step / steps_per_epoch)
-                    idx = perm[step * t.batch_size:(step + 1) * t.batch_size]  # (B,)
+                    idx = perm[step * t.batch_size:(step + 1) * t.batch_size]  # (B,) the global batch
                     idx_dev = idx.to(device, non_blocking=True)
-                    loss = train_step(parts, images[idx_dev], idx_dev, aug_gen)
+                    loss = train_step(parts, images[idx_dev[share]], idx_dev, aug_gen)
                     fault_point("step")
                     ld = loss.detach()
                     first_bad = torch.where(~torch.isfinite(ld) & (first_bad < 0), gstep, first_bad)
@@ -399,13 +457,15 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                                        "images_per_s": images_per_s, "train_s": train_time}
                 if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs or not trains:
                     t_eval = time.perf_counter()
-                    row["knn_top1"] = evaluate_knn(model, bank_set, test_set, plain, cfg, device)
+                    row["knn_top1"] = evaluate_knn(model, bank_set, test_set, plain, cfg, device, world)
                     row["eval_s"] = time.perf_counter() - t_eval
                 row["peak_memory_mib"] = _peak_memory_mib(device)
                 row["elapsed_s"] = train_time + sum(r.get("eval_s", 0.0) for r in history) + row.get("eval_s", 0.0)
                 history.append(row)
                 epoch_start_rng = next_epoch_rng
                 loss_sum, loss_steps = 0.0, 0
+                if not world.main:
+                    continue
                 save_checkpoint(snapshot(epoch + 1, 0, epoch_start_rng), run.last)
                 fault_point("epoch-end")
                 _write_metrics(run.metrics, history)
@@ -424,7 +484,9 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                     print(f"epoch {epoch_number}/{t.epochs}  loss {epoch_loss:.4f}{knn}  "
                           f"{images_per_s:.0f} img/s  {dt:.0f} s", file=sys.stderr, flush=True)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    barrier(world)
     return history
 
 

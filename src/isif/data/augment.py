@@ -37,6 +37,9 @@ class CropParams:
     height: torch.Tensor
     width: torch.Tensor
 
+    def select(self, sl: slice) -> CropParams:
+        return CropParams(self.top[sl], self.left[sl], self.height[sl], self.width[sl])
+
 
 def sample_crop_params(
     n: int,
@@ -174,6 +177,9 @@ class JitterParams:
     factors: torch.Tensor  # (N, 4): brightness, contrast, saturation, hue
     order: torch.Tensor  # (N, 4): a permutation of 0..3 per image
 
+    def select(self, sl: slice) -> JitterParams:
+        return JitterParams(self.factors[sl], self.order[sl])
+
 
 def sample_jitter_params(
     n: int, strength: tuple[float, float, float, float], generator: torch.Generator | None = None
@@ -207,6 +213,12 @@ class AugmentParams:
     jitter: JitterParams | None
     gray: torch.Tensor  # (N,) bool
     flip: torch.Tensor  # (N,) bool
+
+    def select(self, sl: slice) -> AugmentParams:
+        """The parameters of images ``sl`` of the batch (a process's share of a global batch)."""
+        return AugmentParams(self.crop.select(sl) if self.crop is not None else None,
+                             self.jitter.select(sl) if self.jitter is not None else None,
+                             self.gray[sl], self.flip[sl])
 
 
 class BatchAugment:

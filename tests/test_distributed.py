@@ -1,0 +1,146 @@
+"""DDP on CPU with gloo: 2 processes see exactly what 1 process with the whole batch sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from isif.dist import World, gather_rows, gather_views, shard
+from isif.objectives import build_objective
+
+B, V, IN, D = 8, 2, 6, 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(V * B, IN, generator=g, dtype=torch.float64), torch.arange(B) * 3 + 1
+
+
+def _objective(method):
+    torch.manual_seed(5)
+    return build_objective(method, num_instances=40, dim=D, nce_noise=8).double()
+
+
+def _net():
+    torch.manual_seed(3)
+    return torch.nn.Linear(IN, D).double()
+
+
+def _single(method):
+    x, idx = _inputs()
+    net, crit = _net(), _objective(method)
+    v = len(crit.views)
+    torch.manual_seed(11)
+    loss = crit(F.normalize(net(x[: v * B]), dim=1), idx)
+    loss.backward()
+    bank = crit.state_dict().get("bank.memory")
+    return loss.item(), [p.grad.clone() for p in net.parameters()], bank
+
+
+def _worker(rank, world_size, port, method, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    from isif.dist import setup
+
+    world = setup("cpu")
+    from torch.nn.parallel import DistributedDataParallel
+
+    x, idx = _inputs()
+    net, crit = _net(), _objective(method)
+    ddp = DistributedDataParallel(net)
+    v = len(crit.views)
+    b = B // world_size
+    local = torch.cat([x[k * B + rank * b: k * B + (rank + 1) * b] for k in range(v)])  # (V*b, IN)
+    z = gather_views(F.normalize(ddp(local), dim=1), v, world)  # (V*B, D)
+    torch.manual_seed(11)
+    loss = crit(z, idx)
+    loss.backward()
+    # sharded feature gathering, as kNN evaluation uses it
+    feats = torch.arange(7 * 3, dtype=torch.float64).view(7, 3)
+    start, stop, per = shard(7, world)
+    part = torch.cat([feats[start:stop], torch.zeros(per - (stop - start), 3, dtype=torch.float64)])
+    gathered = gather_rows(part, world)[:7]
+    if rank == 0:
+        torch.save({"loss": loss.item(), "grads": [p.grad.clone() for p in net.parameters()],
+                    "bank": crit.state_dict().get("bank.memory"), "z": z.detach(), "gathered": gathered}, out)
+    torch.distributed.barrier()  # nobody leaves while another process still uses the group
+    sys.stdout.flush()
+    os._exit(0)  # skip gloo's thread teardown at interpreter exit, which can abort the process
+
+
+@pytest.mark.parametrize("method", ["isif", "npsoftmax", "nce", "triplet-hard"])
+def test_two_processes_match_one_process_with_the_whole_batch(tmp_path, method):
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(_worker, args=(2, _free_port(), method, str(out)), nprocs=2, start_method="spawn")
+    got = torch.load(out, weights_only=True)
+    loss, grads, bank = _single(method)
+    assert abs(got["loss"] - loss) < 1e-6
+    for g1, g2 in zip(got["grads"], grads, strict=True):
+        assert torch.allclose(g1, g2, atol=1e-6, rtol=0)
+    if bank is not None:  # the memory bank was updated with every process's features
+        assert torch.allclose(got["bank"], bank, atol=1e-12)
+    x, _ = _inputs()
+    v = len(_objective(method).views)
+    assert torch.allclose(got["z"], F.normalize(_net()(x[: v * B]), dim=1), atol=1e-12)  # global row order
+    assert torch.equal(got["gathered"], torch.arange(21, dtype=torch.float64).view(7, 3))
+
+
+def test_single_process_fallbacks_do_nothing():
+    w = World()
+    z = torch.randn(6, 3)
+    assert gather_views(z, 2, w) is z and gather_rows(z, w) is z and shard(10, w) == (0, 10, 10)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_end_to_end(tmp_path, image_tree):
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(_free_port()), "-m", "isif", "train", "--preset", "cifar10-tiny", "--dataset", "folder", "--data",
+            str(image_tree), "--width", "0.03125", "--batch-size", "8", "--knn-k", "5", "--epochs", "2",
+            "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(base + ["--out", str(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "4 per process x 2 processes" in r.stderr
+    assert r.stdout.count("kNN top-1") == 1  # rank 0 alone reports
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["knn_top1"] is not None
+    # the same command again gives the same result: the processes agree on data order and augmentation
+    r2 = subprocess.run(base + ["--out", str(tmp_path / "b")], capture_output=True, text=True, env=env, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    rows2 = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in rows2]
+    # an odd global batch cannot be split
+    r3 = subprocess.run(base + ["--batch-size", "7", "--out", str(tmp_path / "c")], capture_output=True,
+                        text=True, env=env, timeout=600)
+    assert r3.returncode != 0 and "must be divisible by the 2 processes" in r3.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_full_protocol.sh"])
+def test_gpu_scripts_run_end_to_end_on_cpu_with_smoke(tmp_path, script):
+    from .conftest import CIFAR_ZIP
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    if not CIFAR_ZIP.is_file() and not (root / "data" / "cifar10-jpeg.zip").is_file():
+        pytest.skip(f"the shared CIFAR-10 copy is not at {CIFAR_ZIP}")
+    env = dict(os.environ, OUT=str(tmp_path))
+    r = subprocess.run(["bash", str(root / "benchmarks" / script), "--smoke"], capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    if script == "gpu_check.sh":
+        assert "step / limit" in r.stdout and "projected 200 epochs" in r.stdout
+    assert (tmp_path / ("gpu-check" if script == "gpu_check.sh" else "gpu-full") / "metrics.jsonl").is_file()
