@@ -4,16 +4,7 @@
 #   2. 2 epochs of that preset with kNN after each (the paper reports 60% after 2 epochs);
 #   3. the projected time of the whole 200-epoch protocol.
 # --smoke runs the same steps on a CPU with a tiny network and a slice of the data (for CI).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-SMOKE=0
-[[ "${1:-}" == "--smoke" ]] && SMOKE=1
-DATA=data/cifar10-jpeg.zip
-if [[ ! -f "$DATA" && -f ../shared/datasets/cifar10-jpeg.zip ]]; then
-  mkdir -p data && cp ../shared/datasets/cifar10-jpeg.zip "$DATA"   # data/ is ignored by git
-fi
-python -c "import isif" 2>/dev/null || python -m pip install -q -e .
-OUT=${OUT:-runs}
+source "$(dirname "$0")/_setup.sh" "$@"
 EXTRA=(--precision bf16 --channels-last)
 BENCH=(--steps 50)
 EPOCHS=2
@@ -22,7 +13,6 @@ if [[ $SMOKE == 1 ]]; then
   BENCH=(--steps 2 --device cpu --width 0.0625 --batch-size 32)
   EPOCHS=1
 fi
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 echo "== isif bench (cifar10, bf16, channels_last)"
 isif bench --preset cifar10 --precision bf16 --channels-last "${BENCH[@]}"
 echo "== $EPOCHS epochs of the cifar10 preset with kNN after each"

@@ -73,11 +73,5 @@ def image_tree(tmp_path) -> Path:
     return write_image_tree(tmp_path / "tree")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread_determinism():
-    # results must not depend on the thread count; keep tests light on 2 cores
-    yield
-
-
 def pytest_configure(config):
     os.environ.setdefault("MPLBACKEND", "Agg")
