@@ -52,7 +52,9 @@ def _config_flags(p) -> None:
     p.add_argument("--cache-dir", help="where decoded arrays are cached (default $ISIF_CACHE or ~/.cache/isif)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="instances per step (a step sees twice as many images)")
-    p.add_argument("--width", type=float, help="backbone channel multiplier")
+    p.add_argument("--width", type=float, help="backbone channel multiplier (resnet18_cifar)")
+    p.add_argument("--arch", help="resnet18_cifar, googlenet, resnet18 or resnet50")
+    p.add_argument("--weights", help="torchvision backbones: none, imagenet, or a state-dict path")
     p.add_argument("--method", help="training objective (see `isif methods`)")
     p.add_argument("--variant", help="isif objective: official (reference code) or paper (Eq. 7)")
     p.add_argument("--temperature", type=float)
@@ -94,6 +96,8 @@ _OVERRIDES = {
     "epochs": ("train", "epochs", True),
     "batch_size": ("train", "batch_size", False),
     "width": ("model", "width", False),
+    "arch": ("model", "arch", False),
+    "weights": ("model", "weights", False),
     "method": ("method", "name", False),
     "variant": ("method", "variant", False),
     "temperature": ("method", "temperature", False),

@@ -29,8 +29,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet18_cifar"
-    width: float = 1.0  # channel multiplier
+    width: float = 1.0  # channel multiplier (resnet18_cifar)
     dim: int = 128  # embedding size
+    weights: str | None = None  # torchvision backbones: None, "imagenet" or a state-dict path
 
 
 @dataclass

@@ -169,7 +169,10 @@ class Parts:
 def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.device,
                 world: World = SINGLE) -> Parts:
     t = cfg.train
-    model = build_model(cfg.model.arch, cfg.model.width, cfg.model.dim).to(device)
+    try:
+        model = build_model(cfg.model.arch, cfg.model.width, cfg.model.dim, cfg.model.weights).to(device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if t.sync_bn and world.active:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if t.channels_last:

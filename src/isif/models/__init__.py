@@ -8,7 +8,7 @@ from torch import nn
 
 from .resnet_cifar import CifarResNet, resnet18_cifar
 
-ARCHS = ("resnet18_cifar",)
+ARCHS = ("resnet18_cifar", "googlenet", "resnet18", "resnet50")
 
 
 class EmbeddingHead(nn.Module):
@@ -38,12 +38,21 @@ class EmbeddingNet(nn.Module):
         return self.head(self.backbone(x))  # (N, dim)
 
 
-def build_model(arch: str = "resnet18_cifar", width: float = 1.0, dim: int = 128) -> EmbeddingNet:
+def build_model(arch: str = "resnet18_cifar", width: float = 1.0, dim: int = 128,
+                weights: str | None = None) -> EmbeddingNet:
+    """Backbone + FC to ``dim`` + L2 norm. ``width`` applies to resnet18_cifar; ``weights`` to the
+    torchvision backbones (none, imagenet, or a state-dict path)."""
     if arch == "resnet18_cifar":
+        if weights not in (None, "none"):
+            raise ValueError("resnet18_cifar has no pretrained weights; use --weights none")
         backbone = resnet18_cifar(width)
-    else:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
-    return EmbeddingNet(backbone, backbone.out_dim, dim)
+        return EmbeddingNet(backbone, backbone.out_dim, dim)
+    if arch in ("googlenet", "resnet18", "resnet50"):
+        from .torchvision_nets import torchvision_backbone
+
+        net, out_dim = torchvision_backbone(arch, weights)
+        return EmbeddingNet(net, out_dim, dim)
+    raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
 
 
 __all__ = ["ARCHS", "CifarResNet", "EmbeddingHead", "EmbeddingNet", "build_model", "resnet18_cifar"]

@@ -1,0 +1,72 @@
+"""ImageNet backbones from torchvision, for the unseen-category protocol.
+
+GoogLeNet / Inception-V1 (the paper's network; the embedding FC sits on its
+1024-d pool5) and ResNet-18/50. ``weights``: ``None``/``"none"`` for random
+init, ``"imagenet"`` for torchvision's ImageNet weights (downloaded where there
+is internet), or the path of a local state dict of the torchvision model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+_WEIGHTS = {"googlenet": "GoogLeNet_Weights", "resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}
+
+
+def _imagenet_weights(arch: str):
+    import torchvision.models as tvm
+
+    return getattr(tvm, _WEIGHTS[arch]).IMAGENET1K_V1
+
+
+def torchvision_backbone(arch: str, weights: str | None = None) -> tuple[nn.Module, int]:
+    """(backbone returning pooled features (N, F), F)."""
+    import torchvision.models as tvm
+
+    pretrained = weights not in (None, "none")
+    if arch == "googlenet":
+        # the ported ImageNet weights expect torchvision's input re-normalisation
+        net = tvm.googlenet(weights=None, aux_logits=False, init_weights=not pretrained, transform_input=pretrained)
+        dim = 1024
+    elif arch in ("resnet18", "resnet50"):
+        net = getattr(tvm, arch)(weights=None)
+        dim = 512 if arch == "resnet18" else 2048
+    else:
+        raise ValueError(f"unknown torchvision architecture {arch!r}")
+    if weights == "imagenet":
+        try:
+            state = _imagenet_weights(arch).get_state_dict(progress=False)
+        except Exception as e:  # no internet, no cache
+            raise UserError(f"could not fetch torchvision's ImageNet weights for {arch} ({type(e).__name__}); "
+                            "pass --weights PATH to a local state dict, or --weights none") from None
+        _load(net, state, arch, "torchvision's ImageNet weights")
+    elif pretrained:
+        path = Path(str(weights)).expanduser()
+        if not path.is_file():
+            raise UserError(f"--weights {weights}: no such file; pass a state dict saved from torchvision's {arch}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"--weights {weights}: not a loadable state dict ({type(e).__name__})") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        _load(net, state, arch, str(path))
+    net.fc = nn.Identity()
+    return net, dim
+
+
+def _load(net: nn.Module, state: dict, arch: str, source: str) -> None:
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier is replaced
+    mine = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    missing = sorted(set(mine) - set(state))
+    bad = sorted(k for k in set(mine) & set(state) if tuple(mine[k].shape) != tuple(state[k].shape))
+    if missing or bad:
+        what = f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else f"shape mismatch at {bad[0]}"
+        raise UserError(f"{source} does not fit torchvision's {arch}: {what}; pass weights of that architecture")
+    net.load_state_dict(state, strict=False)
