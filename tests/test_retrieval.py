@@ -94,3 +94,20 @@ def test_nmi_matches_reference_and_closed_forms():
     x = F.normalize(torch.eye(5).repeat_interleave(20, 0) + 0.01 * torch.randn(100, 5, generator=g), dim=1)
     y = torch.arange(5).repeat_interleave(20)
     assert nmi(x, y, seed=0) == pytest.approx(100.0)
+
+
+def test_eval_retrieval_command_on_a_folder_run(tmp_path, image_tree, capsys):
+    import json
+
+    from isif.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "cifar10-tiny", "--dataset", "folder", "--data", str(image_tree), "--width",
+                 "0.03125", "--batch-size", "8", "--knn-k", "5", "--epochs", "1", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "retrieval", "--checkpoint", str(run), "--ks", "1,2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["images"] == 24 and res["classes"] == 4
+    assert 0 <= res["recall@1"] <= res["recall@2"] <= 100 and 0 <= res["nmi"] <= 100 and 0 <= res["map@r"] <= 100
+    assert main(["eval", "retrieval", "--checkpoint", str(run), "--ks", "a,b"]) == 2
+    assert "expected comma-separated integers" in capsys.readouterr().err

@@ -230,6 +230,10 @@ def _eval_parser(sub) -> None:
     k = _checkpoint_flags(esub.add_parser("knn", help="weighted kNN top-1 on the test split"))
     k.add_argument("--k", type=int, default=None, help="neighbours (default: the run's, 200)")
     k.add_argument("--sigma", type=float, default=None, help="vote temperature (default: the run's, 0.1)")
+    ret = _checkpoint_flags(esub.add_parser(
+        "retrieval", help="Recall@K, MAP@R and NMI on the test split's classes (unseen in training)"))
+    ret.add_argument("--ks", default="1,2,4,8", help="comma-separated K for Recall@K (SOP: 1,10,100)")
+    ret.add_argument("--seed", type=int, default=0, help="k-means seed for NMI")
     lin = _checkpoint_flags(esub.add_parser("linear", help="linear probe on frozen features"))
     lin.add_argument("--features", choices=("backbone", "embedding"), default="backbone",
                      help="pooled backbone features (default) or the 128-d embedding")
@@ -262,6 +266,8 @@ def _load_for_eval(args):
 def cmd_eval(args) -> int:
     if args.protocol == "linear":
         return cmd_eval_linear(args)
+    if args.protocol == "retrieval":
+        return cmd_eval_retrieval(args)
     from .train import build_augment, evaluate_knn
 
     path, model, cfg, state, device, (splits, _, bank_set, test_set) = _load_for_eval(args)
@@ -283,6 +289,35 @@ def cmd_eval(args) -> int:
     else:
         print(f"kNN top-1 {acc:.2f}% (k={res['k']}, sigma={res['sigma']}) on {len(test_set)} test images, "
               f"bank of {len(bank_set)}; checkpoint epoch {res['epoch']}")
+    return 0
+
+
+def cmd_eval_retrieval(args) -> int:
+    from .evaluate.retrieval import map_at_r, nmi, recall_at_k
+    from .train import build_augment, sharded_features
+
+    try:
+        ks = tuple(sorted({int(k) for k in args.ks.split(",") if k.strip()}))
+    except ValueError:
+        raise UserError(f"--ks {args.ks!r}: expected comma-separated integers such as 1,2,4,8") from None
+    if not ks or ks[0] < 1:
+        raise UserError(f"--ks {args.ks!r}: every K must be >= 1")
+    path, model, cfg, state, device, (splits, _, _, test_set) = _load_for_eval(args)
+    _, plain = build_augment(cfg, splits)
+    t0 = time.perf_counter()
+    feats = sharded_features(model, test_set.images, plain, cfg, device)
+    labels = test_set.labels.to(feats.device)
+    rec = recall_at_k(feats, labels, ks)
+    res = {"checkpoint": str(path), "epoch": state.get("epoch"), "images": len(test_set),
+           "classes": int(labels.unique().numel()), **{f"recall@{k}": v for k, v in rec.items()},
+           "map@r": map_at_r(feats, labels), "nmi": nmi(feats, labels, seed=args.seed),
+           "eval_s": time.perf_counter() - t0}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        rk = "  ".join(f"R@{k} {v:.2f}" for k, v in rec.items())
+        print(f"{rk}  MAP@R {res['map@r']:.2f}  NMI {res['nmi']:.2f}  on {res['images']} test images of "
+              f"{res['classes']} classes; checkpoint epoch {res['epoch']}")
     return 0
 
 
