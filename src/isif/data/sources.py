@@ -195,8 +195,9 @@ def _read_cifar_batches(folder: Path) -> dict[str, np.ndarray]:
 
 def _split_tree(entries: list[tuple[str, str, str]], read) -> dict[str, np.ndarray]:
     """entries: (split, class, key). ``read(key) -> bytes``. Classes sorted by name, as ImageFolder."""
-    classes = sorted({c for s, c, _ in entries if s == "train"})
-    if not classes:
+    # classes of both splits: for unseen-category sets the test classes differ from the training ones
+    classes = sorted({c for _, c, _ in entries})
+    if not any(s == "train" for s, _, _ in entries):
         raise UserError("found no train/<class>/ images; expected train/<class>/*.jpg and test/<class>/*.jpg")
     cidx = {c: i for i, c in enumerate(classes)}
     out: dict[str, np.ndarray] = {"classes": np.array(classes)}
