@@ -198,6 +198,30 @@ def cmd_race(args) -> int:
     return 0
 
 
+def _embed_parser(sub) -> None:
+    p = sub.add_parser("embed", help="embed a folder of images: features.npy and paths.txt")
+    p.add_argument("checkpoint", help="a .pt file or a run folder")
+    p.add_argument("folder", help="a folder of images (searched recursively)")
+    p.add_argument("--out", help="output folder (default FOLDER-embeddings beside the folder)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--strict", action="store_true", help="stop at the first broken file instead of skipping it")
+
+
+def cmd_embed(args) -> int:
+    from .embed import embed_folder
+    from .train import resolve_device
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = Path(args.out) if args.out else Path(str(Path(args.folder).resolve()) + "-embeddings")
+    res = embed_folder(args.checkpoint, args.folder, out, args.batch_size, str(resolve_device(args.device or "auto")),
+                       args.strict)
+    print(f"embedded {res['images']} images ({res['dim']}-d) into {res['out']}/features.npy and paths.txt"
+          + (f"; skipped {res['skipped']} unreadable" if res["skipped"] else ""))
+    return 0
+
+
 def _plot_parser(sub) -> None:
     p = sub.add_parser("plot", help="figures from trained runs")
     psub = p.add_subparsers(dest="figure", required=True, parser_class=_Parser)
@@ -443,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     _race_parser(sub)
     _eval_parser(sub)
     _bench_parser(sub)
+    _embed_parser(sub)
     _plot_parser(sub)
     pp = sub.add_parser("presets", help="list the named presets")
     pp.add_argument("-v", "--verbose", action="store_true", help="print each preset's full config")
@@ -456,9 +481,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        return {"train": cmd_train, "race": cmd_race, "eval": cmd_eval, "bench": cmd_bench, "plot": cmd_plot,
-                "presets": cmd_presets, "methods": cmd_methods}[
-            args.command](args)
+        commands = {"train": cmd_train, "race": cmd_race, "eval": cmd_eval, "bench": cmd_bench, "embed": cmd_embed,
+                    "plot": cmd_plot, "presets": cmd_presets, "methods": cmd_methods}
+        return commands[args.command](args)
     except UserError as e:
         print(f"isif: error: {e}", file=sys.stderr)
         return 2

@@ -384,6 +384,8 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
             "epoch_loss_steps": loss_steps,
             "train_time_s": train_time,
             "history": history,
+            "input": {"size": int(parts.plain.size), "mean": [float(v) for v in splits.mean],
+                      "std": [float(v) for v in splits.std]},
         }
         if scaler.is_enabled():
             s["scaler"] = scaler.state_dict()
