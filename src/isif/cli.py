@@ -47,7 +47,8 @@ def _race_parser(sub) -> None:
 def _config_flags(p) -> None:
     p.add_argument("--data", help="dataset path: cifar-10-batches-py folder, train/ test/ image folders, a .zip, "
                                   "or an stl10_binary folder")
-    p.add_argument("--dataset", help="dataset kind: cifar10, stl10 or folder")
+    p.add_argument("--dataset", help="dataset kind: cifar10, stl10, folder (in memory), or streamed from files: "
+                                     "cub200, cars196, sop, images")
     p.add_argument("--split", help="training split: train; stl10 also unlabeled, train+unlabeled")
     p.add_argument("--cache-dir", help="where decoded arrays are cached (default $ISIF_CACHE or ~/.cache/isif)")
     p.add_argument("--epochs", type=int)
@@ -75,6 +76,14 @@ def _config_flags(p) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int, help="kNN evaluation every N epochs (always after the last)")
     p.add_argument("--knn-k", type=int)
+    p.add_argument("--eval-protocol", help="knn, retrieval, or auto (retrieval when the test classes are unseen)")
+    p.add_argument("--size", type=int, help="network input side in pixels (default: the images' own size)")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
+                   help="streamed data sets: stop at the first unreadable image instead of skipping it")
+    p.add_argument("--workers", type=int, help="streamed data sets: DataLoader workers (default cores-1, max 8)")
+    p.add_argument("--nn-positive", type=float,
+                   help="probability that the positive is the image's nearest neighbour in the initial "
+                        "network's feature space (cub200 preset: 0.5)")
     p.add_argument("--train-subset", type=int, help="train on a stratified slice of N images")
     p.add_argument("--test-subset", type=int, help="evaluate on a stratified slice of N images")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -113,6 +122,11 @@ _OVERRIDES = {
     "seed": ("train", "seed", False),
     "eval_every": ("train", "eval_every", True),
     "knn_k": ("train", "knn_k", False),
+    "eval_protocol": ("train", "eval_protocol", True),
+    "size": ("data", "size", False),
+    "strict": ("data", "strict", True),
+    "workers": ("data", "workers", True),
+    "nn_positive": ("method", "nn_positive", False),
 }
 
 
@@ -170,11 +184,14 @@ def cmd_train(args) -> int:
         return 0
     history = train(cfg, out, resume=resuming, overwrite=args.overwrite, progress=not args.quiet)
     teardown(world)  # on success only: after a failure, torchrun ends the other processes
-    evals = [r for r in history if r.get("knn_top1") is not None]
+    from .train import eval_summary
+
+    evals = [r for r in history if eval_summary(r)]
     if evals and world.main:
         last = evals[-1]
-        print(f"kNN top-1 {last['knn_top1']:.2f}% after epoch {last['epoch']} "
-              f"(k={t.knn_k}, sigma={t.knn_sigma}); run folder: {out}")
+        what = (f"kNN top-1 {last['knn_top1']:.2f}% (k={t.knn_k}, sigma={t.knn_sigma})"
+                if last.get("knn_top1") is not None else f"unseen classes: {eval_summary(last)}")
+        print(f"{what} after epoch {last['epoch']}; run folder: {out}")
     return 0
 
 
@@ -219,6 +236,80 @@ def cmd_embed(args) -> int:
                        args.strict)
     print(f"embedded {res['images']} images ({res['dim']}-d) into {res['out']}/features.npy and paths.txt"
           + (f"; skipped {res['skipped']} unreadable" if res["skipped"] else ""))
+    return 0
+
+
+def _search_parser(sub) -> None:
+    p = sub.add_parser("search", help="nearest gallery images of query images; prints them and writes a PNG grid")
+    p.add_argument("checkpoint", help="a .pt file or a run folder")
+    p.add_argument("queries", nargs="+", metavar="QUERY", help="query images or folders of them")
+    p.add_argument("--gallery", required=True, help="a folder of images, or an `isif embed` output folder")
+    p.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
+    p.add_argument("--out", default="search.png", help="the grid PNG (default search.png)")
+    p.add_argument("--max-rows", type=int, default=8, help="queries drawn in the grid (default 8)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--strict", action="store_true", help="stop at the first broken image instead of skipping it")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_search(args) -> int:
+    from .embed import Embedder
+    from .search import grid, load_gallery, query_files, search
+    from .train import resolve_device
+
+    if args.k < 1 or args.batch_size < 1 or args.max_rows < 1:
+        raise UserError("--k, --batch-size and --max-rows must be >= 1")
+    if not Path(args.gallery).is_dir():
+        raise UserError(f"--gallery {args.gallery}: no such folder; pass a folder of images or an isif embed output")
+    files = query_files(args.queries)
+    embedder = Embedder(args.checkpoint, str(resolve_device(args.device or "auto")), args.batch_size)
+    gal = load_gallery(embedder, args.gallery, args.strict)
+    qz, qfiles, _ = embedder.files(files, args.strict)
+    if not qfiles:
+        raise UserError("none of the query images could be read")
+    where = {p: i for i, p in enumerate(gal.paths)}
+    exclude = [where.get(p.resolve()) for p in qfiles]
+    k = min(args.k, len(gal.paths) - (1 if any(e is not None for e in exclude) else 0))
+    if k < 1:
+        raise UserError("the gallery has no image besides the query")
+    scores, idx = search(qz, gal.features, k, exclude)
+    results, rows = [], []
+    for i, q in enumerate(qfiles):
+        neigh = [gal.paths[int(j)] for j in idx[i]]
+        qlabel = q.resolve().parent.name if gal.labels is not None else None
+        same = [None if gal.labels is None else gal.labels[int(j)] == qlabel for j in idx[i]]
+        results.append({"query": str(q), "neighbours": [
+            {"path": str(p), "cosine": float(sc), **({"same_label": s} if s is not None else {})}
+            for p, sc, s in zip(neigh, scores[i].tolist(), same, strict=True)]})
+        rows.append((q, neigh, same, scores[i].tolist()))
+    grid(rows[: args.max_rows], Path(args.out))
+    if args.json:
+        print(json.dumps({"results": results, "grid": args.out}))
+        return 0
+    for r in results:
+        print(r["query"])
+        for rank, n in enumerate(r["neighbours"], start=1):
+            mark = "" if "same_label" not in n else ("  same class" if n["same_label"] else "  other class")
+            print(f"  {rank:3d}  {n['cosine']:.4f}  {n['path']}{mark}")
+    print(f"grid of {min(len(rows), args.max_rows)} queries x {k} neighbours: {args.out}")
+    return 0
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export the embedding network to TorchScript or ONNX, checked to 1e-5")
+    p.add_argument("checkpoint", help="a .pt file or a run folder")
+    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
+    p.add_argument("--out", help="output file (default CHECKPOINT_NAME.torchscript.pt or .onnx beside it)")
+    p.add_argument("--atol", type=float, default=1e-5, help="largest allowed embedding difference (default 1e-5)")
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    res = export(args.checkpoint, args.format, Path(args.out) if args.out else None, args.atol)
+    print(f"exported {res['format']} to {res['out']} (input {res['input']}); max |difference| vs the checkpoint "
+          f"{res['max_abs_diff']:.2e} on {res['checked']} images; preprocessing in {res['spec']}")
     return 0
 
 
@@ -469,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(sub)
     _embed_parser(sub)
     _plot_parser(sub)
+    _search_parser(sub)
+    _export_parser(sub)
     pp = sub.add_parser("presets", help="list the named presets")
     pp.add_argument("-v", "--verbose", action="store_true", help="print each preset's full config")
     sub.add_parser("methods", help="list the training methods")
@@ -482,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         commands = {"train": cmd_train, "race": cmd_race, "eval": cmd_eval, "bench": cmd_bench, "embed": cmd_embed,
+                    "search": cmd_search, "export": cmd_export,
                     "plot": cmd_plot, "presets": cmd_presets, "methods": cmd_methods}
         return commands[args.command](args)
     except UserError as e:

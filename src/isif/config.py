@@ -24,6 +24,9 @@ class DataConfig:
     cache_dir: str | None = None  # None: $ISIF_CACHE or ~/.cache/isif
     train_subset: int | None = None  # a stratified slice of the training set (tests, quick looks)
     test_subset: int | None = None
+    size: int | None = None  # network input side; None: the images' own size (in-memory sources)
+    strict: bool = False  # streamed sources: stop at the first broken image instead of skipping it
+    workers: int | None = None  # streamed sources: DataLoader workers (None: cores - 1, at most 8)
 
 
 @dataclass
@@ -47,6 +50,8 @@ class MethodConfig:
     margin: float = 0.5  # triplet: margin on L2-normalised features
     clusters: int = 100  # deepcluster: k of k-means
     kmeans_iters: int = 20  # deepcluster
+    nn_positive: float = 0.0  # probability that the second view comes from the image's nearest neighbour
+    # in the initial network's feature space (the paper's CUB-200 setting: 0.5)
 
 
 @dataclass
@@ -55,6 +60,7 @@ class AugmentConfig:
     jitter: tuple[float, float, float, float] | None = (0.4, 0.4, 0.4, 0.4)  # None: no ColorJitter
     grayscale_p: float = 0.2
     flip: bool = True
+    crop_mode: str = "resized"  # "resized" (RandomResizedCrop) or "fixed" (RandomCrop of data.size, centre at test)
 
 
 @dataclass
@@ -78,7 +84,9 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the network
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch
-    eval_every: int = 1  # kNN every N epochs (and always after the last)
+    eval_every: int = 1  # evaluation every N epochs (and always after the last)
+    eval_protocol: str = "auto"  # "knn" (seen classes), "retrieval" (unseen classes), "auto": by the split
+    retrieval_ks: tuple[int, ...] = (1, 2, 4, 8)  # Recall@K during training (SOP: 1, 10, 100)
     knn_k: int = 200
     knn_sigma: float = 0.1
     eval_batch_size: int = 256
@@ -121,11 +129,17 @@ class Config:
         _check(m.nce_noise >= 1, f"--nce-noise must be >= 1, got {m.nce_noise}")
         _check(m.margin >= 0, f"--margin must be >= 0, got {m.margin}")
         _check(m.clusters >= 2, f"--clusters must be >= 2, got {m.clusters}")
+        _check(0 <= m.nn_positive <= 1, f"--nn-positive must be in [0, 1], got {m.nn_positive}")
         _check(m.kmeans_iters >= 1, f"k-means iterations must be >= 1, got {m.kmeans_iters}")
         _check(_pos(m.neg_weight) and m.neg_weight >= 1, f"--neg-weight must be >= 1, got {m.neg_weight}")
         _check(t.batch_size >= 2, f"--batch-size must be >= 2 (the objective contrasts instances), got {t.batch_size}")
         _check(t.epochs >= 1, f"--epochs must be >= 1, got {t.epochs}")
         _check(t.eval_every >= 1, f"--eval-every must be >= 1, got {t.eval_every}")
+        _check(t.eval_protocol in ("auto", "knn", "retrieval"),
+               f"--eval-protocol must be auto, knn or retrieval, got {t.eval_protocol!r}")
+        _check(len(t.retrieval_ks) >= 1 and all(int(k) >= 1 for k in t.retrieval_ks),
+               f"retrieval K values must be >= 1, got {t.retrieval_ks}")
+        _check(self.data.size is None or self.data.size >= 8, f"--size must be >= 8 pixels, got {self.data.size}")
         _check(t.knn_k >= 1, f"--knn-k must be >= 1, got {t.knn_k}")
         _check(_pos(t.knn_sigma), f"--knn-sigma must be > 0, got {t.knn_sigma}")
         _check(t.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {t.eval_batch_size}")
@@ -144,6 +158,8 @@ class Config:
         if a.jitter is not None:
             _check(len(a.jitter) == 4 and all(j >= 0 for j in a.jitter), "jitter needs 4 strengths >= 0")
             _check(a.jitter[3] <= 0.5, f"hue jitter must be <= 0.5, got {a.jitter[3]}")
+        _check(a.crop_mode in ("resized", "fixed"), f"crop mode must be resized or fixed, got {a.crop_mode!r}")
+        _check(self.data.workers is None or self.data.workers >= 0, f"--workers must be >= 0, got {self.data.workers}")
         _check(0 <= a.grayscale_p <= 1, f"grayscale probability must be in [0, 1], got {a.grayscale_p}")
         for name in ("train_subset", "test_subset"):
             v = getattr(self.data, name)
@@ -244,6 +260,51 @@ def _cifar10_race() -> Config:
     return c
 
 
+def _tiny_imagenet_cpu() -> Config:
+    """Unseen classes at CPU scale: cifar10-cpu's quarter-width ResNet-18 on tiny-imagenet-unseen (64x64,
+    100 training classes; Recall@K and NMI on 100 others). About 20 minutes on 2 CPU cores."""
+    c = _cifar10_cpu()
+    c.preset = "tiny-imagenet-cpu"
+    c.data.dataset = "folder"
+    c.train.epochs = 16
+    c.train.eval_every = 4
+    c.train.eval_protocol = "retrieval"
+    return c
+
+
+def _unseen(name: str, dataset: str, doc: str, arch: str = "googlenet", weights: str | None = "imagenet",
+            nn_positive: float = 0.0, ks: tuple[int, ...] = (1, 2, 4, 8)) -> typing.Callable[[], Config]:
+    """The unseen-category protocol (Tables 3-6): files streamed, resized to 256x256, a random 227 crop and
+    flip for training (no colour jitter or grayscale), the centre 227 crop at test; SGD 0.9, lr 0.001 held
+    constant, tau 0.1, batch 64; Recall@K and NMI on the held-out classes."""
+
+    def make() -> Config:
+        c = Config(preset=name)
+        c.data.dataset = dataset
+        c.data.size = 227
+        c.model.arch = arch
+        c.model.weights = weights
+        c.method.temperature = 0.1
+        c.method.nn_positive = nn_positive
+        c.augment.crop_mode = "fixed"
+        c.augment.crop_scale = None
+        c.augment.jitter = None
+        c.augment.grayscale_p = 0.0
+        c.augment.flip = True
+        c.optim.lr = 0.001
+        c.optim.milestones = ()
+        c.optim.factors = ()
+        c.train.batch_size = 64
+        c.train.epochs = 100
+        c.train.eval_every = 5
+        c.train.eval_protocol = "retrieval"
+        c.train.retrieval_ks = ks
+        return c
+
+    make.__doc__ = doc
+    return make
+
+
 def _ablation(name: str, doc: str, change: typing.Callable[[Config], None]) -> typing.Callable[[], Config]:
     def make() -> Config:
         c = Config(preset=name)
@@ -275,6 +336,18 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
     "cifar10-tiny": _cifar10_tiny,
     "cifar10-race": _cifar10_race,
     "stl10": _stl10,
+    "tiny-imagenet-cpu": _tiny_imagenet_cpu,
+    "cub200": _unseen("cub200", "cub200", "Table 3: ImageNet GoogLeNet on CUB-200 classes 1-100, Recall@1/2/4/8 "
+                      "and NMI on 101-200; the positive is the image's pretrained nearest neighbour with "
+                      "probability 1/2",
+                      nn_positive=0.5),
+    "cars196": _unseen("cars196", "cars196", "Table 4: ImageNet GoogLeNet on Cars196 classes 1-98, Recall@1/2/4/8 "
+                       "and NMI on 99-196"),
+    "sop": _unseen("sop", "sop", "Table 5: ImageNet GoogLeNet on SOP's 11,318 training classes, Recall@1/10/100 "
+                   "and NMI on the 11,316 others", ks=(1, 10, 100)),
+    "sop-resnet18-scratch": _unseen("sop-resnet18-scratch", "sop", "Table 6: torchvision ResNet-18 from random "
+                                    "initialisation on SOP, Recall@1/10/100 and NMI", arch="resnet18", weights=None,
+                                    ks=(1, 10, 100)),
     "stl10-105k": _stl10_105k,
     "cifar10-no-crop": _ablation("cifar10-no-crop", "Table 7: cifar10 without RandomResizedCrop (paper: 56.2)",
                                  _set("augment", crop_scale=None)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -16,19 +17,32 @@ from .errors import UserError
 from .precision import autocast
 
 
-def input_spec(state: dict, cfg) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
-    """(size, mean, std) the network was trained with: stored in the checkpoint, else from its data."""
+def input_spec(state: dict, cfg) -> dict:
+    """How the network saw test images: size, mean, std, and for the unseen-category protocol the square
+    side images were resized to before a centre crop. Stored in the checkpoint, else from its data."""
     spec = state.get("input")
     if spec:
-        return int(spec["size"]), tuple(spec["mean"]), tuple(spec["std"])
+        return {"size": int(spec["size"]), "mean": tuple(spec["mean"]), "std": tuple(spec["std"]),
+                "resize": int(spec["resize"]) if spec.get("center_crop") else None}
     from .train import load_splits
 
     splits = load_splits(cfg)[0]
-    return int(splits.train.images.shape[-1]), splits.mean, splits.std
+    return {"size": int(splits.train.images.shape[-1]), "mean": splits.mean, "std": splits.std, "resize": None}
 
 
-def prepare(arr: np.ndarray, size: int) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, size, size) float in [0, 1]: shorter side resized to ``size``, centre crop."""
+def prepare(arr: np.ndarray, size: int, resize: int | None = None) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, size, size) float in [0, 1], the test transform of training:
+
+    - ``resize`` given (the unseen-category protocol): resized to resize x resize, then the centre
+      size x size crop, as the streamed sources;
+    - otherwise the shorter side resized to ``size`` and the centre crop.
+    """
+    if resize is not None:
+        from .data.stream import load_file_array
+
+        x = load_file_array(arr, resize).float().div_(255)
+        top, left = int(round((resize - size) / 2.0)), int(round((resize - size) / 2.0))
+        return x[:, top:top + size, left:left + size]
     x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255)[None]  # (1, 3, H, W)
     h, w = x.shape[-2:]
     if (h, w) != (size, size):
@@ -40,50 +54,92 @@ def prepare(arr: np.ndarray, size: int) -> torch.Tensor:
     return x[0]
 
 
-@torch.no_grad()
-def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256, device: str = "cpu",
-                 strict: bool = False) -> dict:
+def list_images(folder: str) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{folder}: no such folder; pass a folder of images")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise UserError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTS))})")
-    model, cfg, state = load_model(resolve_checkpoint(checkpoint), device)
-    size, mean, std = input_spec(state, cfg)
-    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
-    std_t = torch.tensor(std).view(1, 3, 1, 1)
-    kept, skipped, feats, batch = [], [], [], []
+    return files
 
-    def flush() -> None:
-        x = normalize(torch.stack(batch), mean_t, std_t).to(device)
-        if cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(torch.device(device), cfg.train.precision):
-            feats.append(model(x).float().cpu())
-        batch.clear()
 
-    for f in files:
-        try:
-            arr = decode_rgb(f.read_bytes(), str(f))
-        except (BadImage, OSError) as e:
-            if strict:
-                raise UserError(f"{f}: unreadable image ({str(e).split(': ', 1)[-1][:80]}); drop --strict to skip "
-                                "broken files") from None
-            skipped.append(str(f))
-            continue
-        batch.append(prepare(arr, size))
-        kept.append(str(f.relative_to(root)))
-        if len(batch) == batch_size:
+class Embedder:
+    """A trained checkpoint applied to image files with its test transform."""
+
+    def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int = 256) -> None:
+        self.device = torch.device(device)
+        self.path = resolve_checkpoint(checkpoint)
+        self.model, self.cfg, self.state = load_model(self.path, self.device)
+        self.spec = input_spec(self.state, self.cfg)
+        self.batch_size = batch_size
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the checkpoint file: which weights produced a set of features."""
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    @torch.no_grad()
+    def files(self, files: list[Path], strict: bool = False) -> tuple[torch.Tensor, list[Path], list[str]]:
+        """(features (n, D) float32 on the CPU, the files embedded, the broken files skipped)."""
+        sp = self.spec
+        mean_t = torch.tensor(sp["mean"]).view(1, 3, 1, 1)
+        std_t = torch.tensor(sp["std"]).view(1, 3, 1, 1)
+        kept: list[Path] = []
+        skipped: list[str] = []
+        feats: list[torch.Tensor] = []
+        batch: list[torch.Tensor] = []
+
+        def flush() -> None:
+            x = normalize(torch.stack(batch), mean_t, std_t).to(self.device)
+            if self.cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.cfg.train.precision):
+                feats.append(self.model(x).float().cpu())
+            batch.clear()
+
+        for f in files:
+            try:
+                arr = decode_rgb(f.read_bytes(), str(f))
+            except (BadImage, OSError) as e:
+                if strict:
+                    raise UserError(f"{f}: unreadable image ({str(e).split(': ', 1)[-1][:80]}); drop --strict to "
+                                    "skip broken files") from None
+                skipped.append(str(f))
+                continue
+            batch.append(prepare(arr, sp["size"], sp["resize"]))
+            kept.append(f)
+            if len(batch) == self.batch_size:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
+        if skipped:
+            print(f"isif: skipped {len(skipped)} unreadable image(s), first: {'; '.join(skipped[:3])}",
+                  file=sys.stderr)
+        dim = self.cfg.model.dim
+        return (torch.cat(feats) if feats else torch.zeros(0, dim)), kept, skipped
+
+
+def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256, device: str = "cpu",
+                 strict: bool = False) -> dict:
+    root = Path(folder)
+    files = list_images(folder)
+    embedder = Embedder(checkpoint, device, batch_size)
+    z_t, kept, skipped = embedder.files(files, strict)
     if not kept:
         raise UserError(f"{folder}: none of the {len(files)} images could be read")
-    if skipped:
-        print(f"isif: skipped {len(skipped)} unreadable image(s), first: {'; '.join(skipped[:3])}", file=sys.stderr)
-    z = torch.cat(feats).numpy().astype(np.float32)  # (N, D)
+    z = z_t.numpy().astype(np.float32)  # (N, D)
+    names = [str(p.relative_to(root)) for p in kept]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "features.npy", lambda fh: np.save(fh, z))
-    atomic_write_bytes(out / "paths.txt", lambda fh: fh.write(("\n".join(kept) + "\n").encode()))
+    atomic_write_bytes(out / "paths.txt", lambda fh: fh.write(("\n".join(names) + "\n").encode()))
+    meta = {"root": str(root.resolve()), "checkpoint": str(embedder.path.resolve()),
+            "checkpoint_sha256": embedder.fingerprint, "images": len(kept), "dim": int(z.shape[1])}
+    atomic_write_bytes(out / "index.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
     return {"images": len(kept), "skipped": len(skipped), "dim": int(z.shape[1]), "out": str(out)}

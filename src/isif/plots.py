@@ -32,10 +32,13 @@ def plot_curve(history: list[dict], path: Path, title: str = "") -> None:
     ax1.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker="o")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss")
-    ev = [r for r in history if r.get("knn_top1") is not None]
-    ax2.plot([r["epoch"] for r in ev], [r["knn_top1"] for r in ev], marker="o", color="tab:green")
+    key, label = "knn_top1", "kNN top-1 (%)"
+    if not any(r.get("knn_top1") is not None for r in history) and any("recall@1" in r for r in history):
+        key, label = "recall@1", "Recall@1 on unseen classes (%)"
+    ev = [r for r in history if r.get(key) is not None]
+    ax2.plot([r["epoch"] for r in ev], [r[key] for r in ev], marker="o", color="tab:green")
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("kNN top-1 (%)")
+    ax2.set_ylabel(label)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     if title:
@@ -44,19 +47,20 @@ def plot_curve(history: list[dict], path: Path, title: str = "") -> None:
     _save(fig, path)
 
 
-def plot_race(histories: dict[str, list[dict]], path: Path, title: str = "") -> None:
-    """kNN top-1 against epoch, one line per method."""
+def plot_race(histories: dict[str, list[dict]], path: Path, title: str = "", key: str = "knn_top1",
+              label: str = "kNN top-1 (%)") -> None:
+    """A metric (kNN top-1 by default) against epoch, one line per method."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, hist in histories.items():
-        ev = [r for r in hist if r.get("knn_top1") is not None]
+        ev = [r for r in hist if r.get(key) is not None]
         if len(ev) == 1 and ev[0]["epoch"] == 0:  # an untrained network: a flat reference line
-            ax.axhline(ev[0]["knn_top1"], ls="--", color="grey", label=f"{name} ({ev[0]['knn_top1']:.1f})")
+            ax.axhline(ev[0][key], ls="--", color="grey", label=f"{name} ({ev[0][key]:.1f})")
             continue
-        ax.plot([r["epoch"] for r in ev], [r["knn_top1"] for r in ev], marker="o", label=name,
+        ax.plot([r["epoch"] for r in ev], [r[key] for r in ev], marker="o", label=name,
                 lw=2.5 if name == "isif" else 1.5)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("kNN top-1 (%)")
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:

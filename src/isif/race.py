@@ -43,29 +43,63 @@ def race(base: Config, names: list[str], out: Path, progress: bool = True) -> di
     return histories
 
 
+def race_metric(histories: dict[str, list[dict]]) -> tuple[str, str]:
+    """(metrics-row key, label) the race compares: kNN top-1, or Recall@1 when the test classes are unseen."""
+    rows = [r for h in histories.values() for r in h]
+    if any(r.get("knn_top1") is not None for r in rows) or not any("recall@1" in r for r in rows):
+        return "knn_top1", "kNN top-1 (%)"
+    return "recall@1", "Recall@1 on unseen classes (%)"
+
+
 def race_table(histories: dict[str, list[dict]]) -> str:
-    epochs = sorted({r["epoch"] for h in histories.values() for r in h if r["epoch"] > 0}) or [0]
-    head = "| method | " + " | ".join(f"ep {e}" if e else "kNN" for e in epochs) + " | train time (s) |"
+    key, _ = race_metric(histories)
+    short = "kNN" if key == "knn_top1" else "R@1"
+    epochs = sorted({r["epoch"] for h in histories.values() for r in h
+                     if r["epoch"] > 0 and r.get(key) is not None}) or [0]
+    head = "| method | " + " | ".join(f"ep {e}" if e else short for e in epochs) + " | train time (s) |"
     lines = [head, "|---|" + "---|" * (len(epochs) + 1)]
     for name, hist in histories.items():
         by_epoch = {r["epoch"]: r for r in hist}
         if set(by_epoch) == {0}:
-            knn = by_epoch[0]["knn_top1"]
+            knn = by_epoch[0][key]
             cells = [f"{knn:.2f}" for _ in epochs]
             lines.append(f"| {name} (untrained) | " + " | ".join(cells) + " | 0 |")
             continue
-        cells = [f"{by_epoch[e]['knn_top1']:.2f}" if e in by_epoch and by_epoch[e].get("knn_top1") is not None
+        cells = [f"{by_epoch[e][key]:.2f}" if e in by_epoch and by_epoch[e].get(key) is not None
                  else "–" for e in epochs]
         train_s = max(r.get("train_s", 0.0) for r in hist)
         best = "**" if name == "isif" else ""
         lines.append(f"| {best}{name}{best} | " + " | ".join(cells) + f" | {train_s:.0f} |")
+    if key == "recall@1":
+        lines += ["", final_retrieval_table(histories)]
     return "\n".join(lines) + "\n"
+
+
+def final_retrieval_table(histories: dict[str, list[dict]]) -> str:
+    """Every retrieval metric of each method's last evaluation."""
+    names = []
+    for h in histories.values():
+        for r in h:
+            names += [k for k in r if (k.startswith("recall@") or k in ("map@r", "nmi")) and k not in names]
+    label = {k: f"R@{k.split('@')[1]}" if k.startswith("recall@") else ("MAP@R" if k == "map@r" else "NMI")
+             for k in names}
+    lines = ["| method | epoch | " + " | ".join(label[k] for k in names) + " |", "|---|---|" + "---|" * len(names)]
+    for name, hist in histories.items():
+        ev = [r for r in hist if r.get("recall@1") is not None]
+        if not ev:
+            continue
+        last = ev[-1]
+        who = f"{name} (untrained)" if last["epoch"] == 0 else name
+        lines.append(f"| {who} | {last['epoch']} | " + " | ".join(
+            f"{last[k]:.2f}" if last.get(k) is not None else "–" for k in names) + " |")
+    return "\n".join(lines)
 
 
 def write_race(histories: dict[str, list[dict]], out: Path, base: Config) -> None:
     t = base.train
     title = (f"{base.preset}: {base.model.arch} width {base.model.width}, batch {t.batch_size}, "
              f"{t.precision}, seed {t.seed}")
-    plot_race(histories, out / "race.png", title)
-    text = f"kNN top-1 (%) after each epoch; {title}\n\n" + race_table(histories)
+    key, label = race_metric(histories)
+    plot_race(histories, out / "race.png", title, key=key, label=label)
+    text = f"{label} after each evaluated epoch; {title}\n\n" + race_table(histories)
     atomic_write_bytes(out / "race.md", lambda f: f.write(text.encode()))

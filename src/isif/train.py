@@ -111,16 +111,20 @@ def lr_at(cfg: Config, t: float) -> float:
 
 def build_augment(cfg: Config, splits: Splits) -> tuple[BatchAugment, PlainTransform]:
     a = cfg.augment
-    size = int(splits.train.images.shape[-1])
+    size = cfg.data.size or int(splits.train.images.shape[-1])
+    stored = int(splits.train.images.shape[-1])
+    if a.crop_mode == "fixed" and size > stored:
+        raise UserError(f"--size {size} is larger than the stored {stored}x{stored} images; a fixed crop needs "
+                        "a smaller size")
     aug = BatchAugment(size, splits.mean, splits.std, a.crop_scale, jitter=a.jitter,
-                       grayscale_p=a.grayscale_p, flip=a.flip)
-    return aug, PlainTransform(size, splits.mean, splits.std)
+                       grayscale_p=a.grayscale_p, flip=a.flip, crop_mode=a.crop_mode)
+    return aug, PlainTransform(size, splits.mean, splits.std, center_crop=a.crop_mode == "fixed")
 
 
 def load_splits(cfg: Config) -> tuple[Splits, ArrayDataset, ArrayDataset, ArrayDataset]:
     """(splits, training instances, kNN bank, test set), with the configured slices applied."""
     splits = load_dataset(cfg.data.dataset, cfg.data.path, Path(cfg.data.cache_dir) if cfg.data.cache_dir else None,
-                          cfg.data.split)
+                          cfg.data.split, strict=cfg.data.strict, workers=cfg.data.workers)
     train_set = splits.train.subset(cfg.data.train_subset)
     bank = train_set if splits.bank is None else splits.bank.subset(cfg.data.train_subset)
     return splits, train_set, bank, splits.test.subset(cfg.data.test_subset)
@@ -147,6 +151,50 @@ def evaluate_knn(model: nn.Module, train_set: ArrayDataset, test_set: ArrayDatas
     fault_point("eval")
     query = sharded_features(model, test_set.images, plain, cfg, device, world)
     return knn_accuracy(query, test_set.labels, bank, train_set.labels, len(train_set.classes), t.knn_k, t.knn_sigma)
+
+
+def eval_protocol(cfg: Config, bank_set: ArrayDataset, test_set: ArrayDataset) -> str:
+    """"knn" when the test classes were seen in training, "retrieval" when none of them was."""
+    p = cfg.train.eval_protocol
+    if p != "auto":
+        return p
+    seen = {bank_set.classes[int(c)] for c in torch.unique(bank_set.labels)}
+    tested = {test_set.classes[int(c)] for c in torch.unique(test_set.labels)}
+    return "retrieval" if not seen & tested else "knn"
+
+
+def evaluate_retrieval(model: nn.Module, test_set: ArrayDataset, plain: PlainTransform, cfg: Config,
+                       device: torch.device, world: World = SINGLE) -> dict[str, float]:
+    """Recall@K, MAP@R and NMI on the test split, every test image a query against all the others."""
+    from .evaluate.retrieval import map_at_r, nmi, recall_at_k
+
+    feats = sharded_features(model, test_set.images, plain, cfg, device, world)
+    fault_point("eval")
+    labels = test_set.labels.to(feats.device)
+    ks = tuple(int(k) for k in cfg.train.retrieval_ks)
+    out = {f"recall@{k}": v for k, v in recall_at_k(feats, labels, ks).items()}
+    multi = bool((torch.bincount(labels - labels.min()) > 1).any())
+    out["map@r"] = map_at_r(feats, labels) if multi else None  # undefined when every class has one image
+    out["nmi"] = nmi(feats, labels, seed=cfg.train.seed)
+    return out
+
+
+def evaluate(model: nn.Module, bank_set: ArrayDataset, test_set: ArrayDataset, plain: PlainTransform, cfg: Config,
+             device: torch.device, world: World = SINGLE) -> dict[str, float | None]:
+    """The run's evaluation, as metrics-row fields: kNN top-1, or the retrieval metrics on unseen classes."""
+    if eval_protocol(cfg, bank_set, test_set) == "retrieval":
+        return {"knn_top1": None, **evaluate_retrieval(model, test_set, plain, cfg, device, world)}
+    return {"knn_top1": evaluate_knn(model, bank_set, test_set, plain, cfg, device, world)}
+
+
+def eval_summary(row: dict) -> str:
+    """'kNN 62.83%' or 'R@1 31.20 R@2 ... NMI 40.1' for a metrics row; '' when it has no evaluation."""
+    if row.get("knn_top1") is not None:
+        return f"kNN {row['knn_top1']:.2f}%"
+    rec = [f"R@{k.split('@')[1]} {v:.2f}" for k, v in row.items() if k.startswith("recall@")]
+    if not rec:
+        return ""
+    return " ".join(rec) + f" NMI {row['nmi']:.2f}"
 
 
 @dataclasses.dataclass
@@ -199,35 +247,39 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
     return Parts(cfg, device, model, net, objective, opt, scaler, augment, plain, views, world)
 
 
-def make_views(parts: Parts, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def make_views(parts: Parts, x: torch.Tensor, gen: torch.Generator, second: torch.Tensor | None = None) -> torch.Tensor:
     """(b, 3, H, W) uint8 -> (V*b, 3, S, S) float: view v of local instance i at row v*b + i.
 
     Augmentation parameters are drawn for the whole global batch (W*b images
     per view, the same draws on every process) and each process applies its
     own share, so the views do not depend on the number of processes.
+    ``second``, when given, is the source of view 1 (the positive) instead of
+    ``x``: the nearest-neighbour positive of the CUB-200 setting.
     """
     w = parts.world
     b = x.shape[0]
     share = slice(w.rank * b, (w.rank + 1) * b)
     out = []
-    for v in parts.views:
+    for i, v in enumerate(parts.views):
+        src = second if (i == 1 and second is not None) else x
         if v == "augment":
-            params = parts.augment.sample(b * w.size, x.shape[2], x.shape[3], gen)
-            out.append(parts.augment.apply(x, params.select(share) if w.active else params))
+            params = parts.augment.sample(b * w.size, src.shape[2], src.shape[3], gen)
+            out.append(parts.augment.apply(src, params.select(share) if w.active else params))
         else:
-            out.append(parts.plain(x))
+            out.append(parts.plain(src))
     inp = torch.cat(out)
     if parts.cfg.train.channels_last:
         inp = inp.contiguous(memory_format=torch.channels_last)
     return inp
 
 
-def train_step(parts: Parts, x: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def train_step(parts: Parts, x: torch.Tensor, idx: torch.Tensor, gen: torch.Generator,
+               second: torch.Tensor | None = None) -> torch.Tensor:
     """One optimisation step on this process's share ``x`` of the global batch ``idx`` (all B indices).
 
     Returns the (undetached) loss over the global batch.
     """
-    inp = make_views(parts, x, gen)
+    inp = make_views(parts, x, gen, second)
     with autocast(parts.device, parts.cfg.train.precision):
         z = parts.net(inp)  # (V*b, D)
     z = gather_views(z, len(parts.views), parts.world)  # (V*B, D), gradients kept
@@ -237,6 +289,49 @@ def train_step(parts: Parts, x: torch.Tensor, idx: torch.Tensor, gen: torch.Gene
     parts.scaler.step(parts.opt)
     parts.scaler.update()
     return loss
+
+
+def epoch_batches(images, perm: torch.Tensor, second: torch.Tensor | None, first: int, steps: int, batch: int,
+                  share: slice, device: torch.device):
+    """Yield (x, x2 or None) for steps ``first`` .. ``steps - 1`` of an epoch: this process's share of each
+    global batch ``perm[s*B:(s+1)*B]`` (and of ``second``, the sources of the positives), on ``device``.
+
+    In-memory images are gathered on the device; streamed files are decoded
+    ahead by DataLoader workers, pinned when training on a GPU.
+    """
+    if not hasattr(images, "batches"):
+        for s in range(first, steps):
+            idx = perm[s * batch:(s + 1) * batch][share].to(device, non_blocking=True)
+            x2 = None
+            if second is not None:
+                x2 = images[second[s * batch:(s + 1) * batch][share].to(device, non_blocking=True)]
+            yield images[idx], x2
+        return
+    lists = []
+    for s in range(first, steps):
+        idx = perm[s * batch:(s + 1) * batch][share].tolist()
+        if second is not None:
+            idx += second[s * batch:(s + 1) * batch][share].tolist()
+        lists.append(idx)
+    for xb in images.batches(lists, pin=device.type == "cuda"):
+        xb = xb.to(device, non_blocking=True)
+        if second is None:
+            yield xb, None
+        else:
+            half = xb.shape[0] // 2
+            yield xb[:half], xb[half:]
+
+
+def positive_sources(neighbours: torch.Tensor | None, perm: torch.Tensor, p: float, seed: int,
+                     epoch: int) -> torch.Tensor | None:
+    """For the nearest-neighbour positive: per position of ``perm``, the image whose augmentation is the
+    positive: the instance itself, or with probability ``p`` its nearest neighbour. A function of
+    (seed, epoch) alone, so a resumed run draws the same."""
+    if neighbours is None or p <= 0:
+        return None
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 17)
+    swap = torch.rand(perm.shape[0], generator=g) < p
+    return torch.where(swap, neighbours[perm], perm)
 
 
 def _write_metrics(path: Path, history: list[dict]) -> None:
@@ -321,7 +416,7 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
     if t.batch_size > n:
         raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({n} images)")
     local_b = check_batch(world, t.batch_size)  # this process's share of the global batch
-    if t.knn_k > len(bank_set):
+    if t.knn_k > len(bank_set) and eval_protocol(cfg, bank_set, test_set) == "knn":
         raise UserError(f"--knn-k {t.knn_k} is larger than the kNN bank ({len(bank_set)} labelled images); lower it")
     parts = build_parts(cfg, splits, n, device, world)
     model, objective, opt, scaler = parts.model, parts.objective, parts.opt, parts.scaler
@@ -365,6 +460,15 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
         writer = SummaryWriter(str(run.tensorboard), purge_step=start_epoch * steps_per_epoch + start_step)
     progress = progress and world.main
     images = train_set.images.to(device)
+    neighbours = None
+    if cfg.method.nn_positive > 0:
+        if state is not None and "neighbours" in state:
+            neighbours = state["neighbours"].cpu()
+        else:  # nearest neighbours in the initial (e.g. ImageNet-pretrained) network's feature space
+            from .evaluate.retrieval import nearest_neighbour
+
+            neighbours = nearest_neighbour(sharded_features(model, images, plain, cfg, device, world)).cpu()
+            model.train()
     share = slice(world.rank * local_b, (world.rank + 1) * local_b)
     tqdm = _tqdm()
     tty = sys.stderr.isatty()
@@ -385,8 +489,11 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
             "train_time_s": train_time,
             "history": history,
             "input": {"size": int(parts.plain.size), "mean": [float(v) for v in splits.mean],
-                      "std": [float(v) for v in splits.std]},
+                      "std": [float(v) for v in splits.std], "resize": int(train_set.images.shape[-1]),
+                      "center_crop": bool(parts.plain.center_crop)},
         }
+        if neighbours is not None:
+            s["neighbours"] = neighbours
         if scaler.is_enabled():
             s["scaler"] = scaler.state_dict()
         if device.type == "cuda":
@@ -400,6 +507,8 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                 perm = torch.randperm(n, generator=data_gen)  # (N,)
                 next_epoch_rng = data_gen.get_state()
                 first = start_step if epoch == start_epoch else 0
+                second = positive_sources(neighbours, perm, cfg.method.nn_positive, t.seed, epoch)
+                batches = epoch_batches(images, perm, second, first, steps_per_epoch, t.batch_size, share, device)
                 if first == 0:
                     loss_sum, loss_steps = 0.0, 0
                     hook = getattr(objective, "on_epoch_start", None)
@@ -431,7 +540,8 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                         group["lr"] = lr_at(cfg, epoch + step / steps_per_epoch)
                     idx = perm[step * t.batch_size:(step + 1) * t.batch_size]  # (B,) the global batch
                     idx_dev = idx.to(device, non_blocking=True)
-                    loss = train_step(parts, images[idx_dev[share]], idx_dev, aug_gen)
+                    x, x2 = next(batches)
+                    loss = train_step(parts, x, idx_dev, aug_gen, x2)
                     fault_point("step")
                     ld = loss.detach()
                     first_bad = torch.where(~torch.isfinite(ld) & (first_bad < 0), gstep, first_bad)
@@ -462,7 +572,7 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                                        "images_per_s": images_per_s, "train_s": train_time}
                 if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs or not trains:
                     t_eval = time.perf_counter()
-                    row["knn_top1"] = evaluate_knn(model, bank_set, test_set, plain, cfg, device, world)
+                    row.update(evaluate(model, bank_set, test_set, plain, cfg, device, world))
                     row["eval_s"] = time.perf_counter() - t_eval
                 row["peak_memory_mib"] = _peak_memory_mib(device)
                 row["elapsed_s"] = train_time + sum(r.get("eval_s", 0.0) for r in history) + row.get("eval_s", 0.0)
@@ -478,11 +588,13 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                 writer.add_scalar("train/loss", epoch_loss, gs)
                 writer.add_scalar("train/images_per_s", images_per_s, gs)
                 writer.add_scalar("train/lr", row["lr"], gs)
-                if row["knn_top1"] is not None:
-                    writer.add_scalar("eval/knn_top1", row["knn_top1"], gs)
+                for key, value in row.items():
+                    metric = key == "knn_top1" or key.startswith("recall@") or key in ("nmi", "map@r")
+                    if value is not None and metric:
+                        writer.add_scalar(f"eval/{key.replace('@', '_at_')}", value, gs)
                 writer.flush()
                 plot_curve(history, run.curve, title=f"{cfg.preset}: {cfg.method.name}")
-                knn = f"  kNN {row['knn_top1']:.2f}%" if row["knn_top1"] is not None else ""
+                knn = f"  {eval_summary(row)}" if eval_summary(row) else ""
                 if progress and not trains:
                     print(f"untrained network:{knn}", file=sys.stderr, flush=True)
                 elif progress:

@@ -87,6 +87,18 @@ def sample_crop_params(
     return CropParams(top, left, h, w)
 
 
+def sample_fixed_crop_params(n: int, height: int, width: int, size: int,
+                             generator: torch.Generator | None = None) -> CropParams:
+    """RandomCrop(size)'s boxes: a size x size window at a uniform integer position, as torchvision."""
+    if size > height or size > width:
+        raise ValueError(f"crop {size} is larger than the {width}x{height} images")
+    uy, ux = torch.rand(2, n, generator=generator, dtype=torch.float64)
+    top = torch.floor(uy * (height - size + 1)).long()
+    left = torch.floor(ux * (width - size + 1)).long()
+    full = torch.full((n,), size, dtype=torch.long)
+    return CropParams(top, left, full, full)
+
+
 def resized_crop(
     images: torch.Tensor, params: CropParams, size: int, flip: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -229,6 +241,8 @@ class BatchAugment:
         mean, std: per-channel normalisation.
         crop_scale: RandomResizedCrop's area range; ``None`` disables the crop
             (the whole image is resized to ``size``).
+        crop_mode: "resized" (RandomResizedCrop, the CIFAR/STL protocol) or "fixed" (RandomCrop(size) out of
+            larger stored images: the unseen-category protocol's random 227 crop of a 256x256 image).
         jitter: ColorJitter strengths (brightness, contrast, saturation, hue);
             ``None`` or all zero disables it.
         grayscale_p: probability of RandomGrayscale.
@@ -247,8 +261,12 @@ class BatchAugment:
         jitter: tuple[float, float, float, float] | None = (0.4, 0.4, 0.4, 0.4),
         grayscale_p: float = 0.2,
         flip: bool = True,
+        crop_mode: str = "resized",
     ) -> None:
+        if crop_mode not in ("resized", "fixed"):
+            raise ValueError(f"crop_mode must be resized or fixed, got {crop_mode!r}")
         self.size = size
+        self.crop_mode = crop_mode
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.crop_scale = crop_scale
@@ -259,7 +277,9 @@ class BatchAugment:
 
     def sample(self, n: int, height: int, width: int, generator: torch.Generator | None) -> AugmentParams:
         crop = None
-        if self.crop_scale is not None:
+        if self.crop_mode == "fixed":
+            crop = sample_fixed_crop_params(n, height, width, self.size, generator)
+        elif self.crop_scale is not None:
             crop = sample_crop_params(n, height, width, self.crop_scale, self.crop_ratio, generator)
         jit = sample_jitter_params(n, self.jitter, generator) if self.jitter is not None else None
         gray = torch.rand(n, generator=generator) < self.grayscale_p
@@ -293,15 +313,22 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
 
 
 class PlainTransform:
-    """The test transform for in-memory images: resize to ``size`` if needed, then normalise."""
+    """The test transform: resize to ``size`` if needed (or, with ``center_crop``, take the centre
+    ``size`` x ``size`` window, as CenterCrop), then normalise."""
 
-    def __init__(self, size: int, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+    def __init__(self, size: int, mean: tuple[float, float, float], std: tuple[float, float, float],
+                 center_crop: bool = False) -> None:
         self.size = size
+        self.center_crop = center_crop
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = images.float().div_(255)
+        h, w = x.shape[-2:]
+        if self.center_crop and h >= self.size and w >= self.size:
+            top, left = int(round((h - self.size) / 2.0)), int(round((w - self.size) / 2.0))
+            x = x[..., top:top + self.size, left:left + self.size]
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         return normalize(x, self.mean, self.std)

@@ -57,12 +57,15 @@ class ArrayDataset:
         """The first ``n`` images of each class, interleaved by class (a stratified slice)."""
         if n is None or n >= len(self):
             return self
-        per_class = max(1, n // max(1, len(self.classes)))
-        keep = []
-        for c in range(len(self.classes)):
-            keep.append(torch.nonzero(self.labels == c).squeeze(1)[:per_class])
-        idx = torch.sort(torch.cat(keep)).values
+        idx = stratified_index(self.labels, len(self.classes), n)
         return ArrayDataset(self.images[idx].contiguous(), self.labels[idx].contiguous(), self.classes)
+
+
+def stratified_index(labels: torch.Tensor, num_classes: int, n: int) -> torch.Tensor:
+    """Sorted indices of the first ``n // num_classes`` items of each class."""
+    per_class = max(1, n // max(1, num_classes))
+    keep = [torch.nonzero(labels == c).squeeze(1)[:per_class] for c in range(num_classes)]
+    return torch.sort(torch.cat(keep)).values
 
 
 @dataclass
@@ -358,11 +361,27 @@ def _load_stl10(path, cache_dir=None, split="train"):
     return load_stl10(path, split)
 
 
-DATASETS = {"cifar10": load_cifar10, "folder": load_image_folder, "stl10": _load_stl10}
-SPLITS = {"cifar10": ("train",), "folder": ("train",), "stl10": ("train", "unlabeled", "train+unlabeled")}
+def _streaming(name: str):
+    def load(path, cache_dir=None, **kw):
+        from .stream import load_streaming
+
+        return load_streaming(name, path, cache_dir, **kw)
+
+    return load
 
 
-def load_dataset(name: str, path: str | None, cache_dir: Path | None = None, split: str = "train") -> Splits:
+# in memory: cifar10, folder (same-size images), stl10; streamed from files: cub200, cars196, sop, images
+DATASETS = {"cifar10": load_cifar10, "folder": load_image_folder, "stl10": _load_stl10,
+            "cub200": _streaming("cub200"), "cars196": _streaming("cars196"), "sop": _streaming("sop"),
+            "images": _streaming("images")}
+STREAMING = ("cub200", "cars196", "sop", "images")
+SPLITS = {"cifar10": ("train",), "folder": ("train",), "stl10": ("train", "unlabeled", "train+unlabeled"),
+          **{k: ("train",) for k in STREAMING}}
+
+
+def load_dataset(name: str, path: str | None, cache_dir: Path | None = None, split: str = "train", *,
+                 strict: bool = False, workers: int | None = None) -> Splits:
+    """The named source's training and test sets; ``strict`` / ``workers`` apply to streamed sources."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if split not in SPLITS[name]:
@@ -371,4 +390,6 @@ def load_dataset(name: str, path: str | None, cache_dir: Path | None = None, spl
         raise UserError("dataset 'folder' needs --data PATH")
     if name == "stl10":
         return _load_stl10(path, cache_dir, split)
+    if name in STREAMING:
+        return DATASETS[name](path, cache_dir, strict=strict, workers=workers)  # type: ignore[operator]
     return DATASETS[name](path, cache_dir)  # type: ignore[operator]

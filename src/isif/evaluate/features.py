@@ -23,6 +23,8 @@ def extract_features(
 ) -> torch.Tensor:
     """Embed uint8 images (N, 3, H, W) in eval mode; returns float32 (N, D) on ``device``.
 
+    ``images`` is a tensor, or streamed ``FileImages`` decoded by DataLoader workers.
+
     ``backbone_only`` returns the backbone's pooled features instead of the
     L2-normalised embedding (for the linear probe).
     """
@@ -31,9 +33,13 @@ def extract_features(
     model.eval()
     device = torch.device(device)
     feats = []
+    if hasattr(images, "sequential"):  # files decoded by DataLoader workers (isif.data.stream.FileImages)
+        batches = images.sequential(batch_size, pin=device.type == "cuda")
+    else:
+        batches = (images[s : s + batch_size] for s in range(0, images.shape[0], batch_size))
     try:
-        for start in range(0, images.shape[0], batch_size):
-            x = transform(images[start : start + batch_size].to(device, non_blocking=True))
+        for batch in batches:
+            x = transform(batch.to(device, non_blocking=True))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):

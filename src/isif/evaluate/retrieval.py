@@ -108,3 +108,18 @@ def normalized_mutual_information(a: torch.Tensor, b: torch.Tensor) -> float:
     if ha + hb == 0:
         return 1.0  # both labelings put everything in one group
     return max(0.0, mi / ((ha + hb) / 2)) if not math.isnan(mi) else 0.0
+
+
+def nearest_neighbour(features: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """(N,) index of each row's most similar other row (cosine; ties to the lower index)."""
+    n = features.shape[0]
+    if n < 2:
+        raise ValueError("a nearest neighbour needs at least 2 images")
+    out = torch.empty(n, dtype=torch.long, device=features.device)
+    f = features.float()
+    for s in range(0, n, chunk_size):
+        sim = f[s : s + chunk_size] @ f.t()  # (q, N)
+        rows = torch.arange(sim.shape[0], device=features.device)
+        sim[rows, rows + s] = float("-inf")
+        out[s : s + chunk_size] = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, 0]
+    return out

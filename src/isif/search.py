@@ -1,0 +1,124 @@
+"""Nearest-neighbour search over a gallery of one's own images, and the retrieval grid (the paper's Fig. 4).
+
+The gallery is a folder of images (embedded on the fly) or the output folder
+of ``isif embed`` (features.npy, paths.txt, index.json), which skips the
+embedding. Labels are taken from folder names when every gallery image lies in
+a class folder: a neighbour is then marked green when it shares the query's
+folder name, red otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+from .data.sources import IMAGE_EXTS, atomic_write_bytes
+from .embed import Embedder, list_images
+from .errors import UserError
+
+GREEN, RED, GREY, BLUE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (50, 110, 220)
+
+
+@dataclass
+class Gallery:
+    features: torch.Tensor  # (N, D) L2-normalised
+    paths: list[Path]  # absolute
+    labels: list[str] | None  # class-folder names, when every image lies in one
+
+
+def _labels(paths: list[Path], root: Path) -> list[str] | None:
+    rel = [p.relative_to(root) for p in paths]
+    if all(len(r.parts) >= 2 for r in rel):
+        return [r.parent.name for r in rel]
+    return None
+
+
+def load_gallery(embedder: Embedder, gallery: str, strict: bool = False) -> Gallery:
+    root = Path(gallery)
+    index = root / "index.json"
+    if (root / "features.npy").is_file() and (root / "paths.txt").is_file() and index.is_file():
+        meta = json.loads(index.read_text())
+        img_root = Path(meta["root"])
+        z = torch.from_numpy(np.load(root / "features.npy"))
+        paths = [img_root / line for line in (root / "paths.txt").read_text().splitlines() if line]
+        if z.shape != (len(paths), embedder.cfg.model.dim):
+            raise UserError(f"{root}: features.npy holds {tuple(z.shape)} for {len(paths)} paths; re-run isif embed")
+        if meta.get("checkpoint_sha256") and meta["checkpoint_sha256"] != embedder.fingerprint:
+            raise UserError(f"{root} was embedded with another checkpoint; re-run isif embed with this one, "
+                            "or pass the image folder as --gallery")
+        return Gallery(z, paths, _labels(paths, img_root))
+    files = list_images(gallery)
+    z, kept, _ = embedder.files(files, strict)
+    if not kept:
+        raise UserError(f"{gallery}: none of the {len(files)} gallery images could be read")
+    paths = [p.resolve() for p in kept]
+    return Gallery(z, paths, _labels(paths, root.resolve()))
+
+
+def query_files(queries: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for q in queries:
+        p = Path(q)
+        if p.is_dir():
+            files += list_images(q)
+        elif p.is_file():
+            if p.suffix.lower() not in IMAGE_EXTS:
+                raise UserError(f"{q}: not an image file ({', '.join(sorted(IMAGE_EXTS))})")
+            files.append(p)
+        else:
+            raise UserError(f"{q}: no such query image or folder")
+    return files
+
+
+def search(query: torch.Tensor, gallery: torch.Tensor, k: int,
+           exclude: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (q, k), indices (q, k)) of the k most similar gallery rows; ``exclude[i]`` (a query's own gallery
+    row, if it is in the gallery) is left out. Ties go to the lower gallery index."""
+    dt = torch.promote_types(torch.promote_types(query.dtype, gallery.dtype), torch.float32)
+    sim = query.to(dt) @ gallery.to(dt).t()  # (q, N), at least float32
+    for i, j in enumerate(exclude):
+        if j is not None:
+            sim[i, j] = float("-inf")
+    order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.gather(sim, 1, order), order
+
+
+def _tile(path: Path, size: int, color: tuple[int, int, int] | None, border: int) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.fit(im.convert("RGB"), (size, size))
+    except OSError:
+        im = Image.new("RGB", (size, size), (0, 0, 0))
+    if color is not None:
+        im = ImageOps.expand(im.crop((border, border, size - border, size - border)), border=border, fill=color)
+    return im
+
+
+def grid(rows: list[tuple[Path, list[Path], list[bool | None], list[float]]], path: Path, size: int = 112) -> None:
+    """One row per query: the query (blue frame), then its neighbours, framed green (same label), red
+    (different) or grey (unknown), with the cosine similarity under each."""
+    k = max(len(r[1]) for r in rows)
+    pad, text_h, border = 6, 14, 5
+    width = pad + (k + 1) * (size + pad)
+    height = pad + len(rows) * (size + text_h + pad)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (q, neigh, same, scores) in enumerate(rows):
+        y = pad + r * (size + text_h + pad)
+        canvas.paste(_tile(q, size, BLUE, border), (pad, y))
+        draw.text((pad, y + size + 1), "query", fill=(0, 0, 0))
+        for j, (p, s, sc) in enumerate(zip(neigh, same, scores, strict=True)):
+            x = pad + (j + 1) * (size + pad)
+            color = GREY if s is None else (GREEN if s else RED)
+            canvas.paste(_tile(p, size, color, border), (x, y))
+            draw.text((x, y + size + 1), f"{j + 1}: {sc:.3f}", fill=(0, 0, 0))
+
+    def write(f) -> None:
+        canvas.save(f, format="PNG")
+
+    atomic_write_bytes(Path(path), write)
