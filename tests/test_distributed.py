@@ -144,3 +144,30 @@ def test_gpu_scripts_run_end_to_end_on_cpu_with_smoke(tmp_path, script):
     if script == "gpu_check.sh":
         assert "step / limit" in r.stdout and "projected 200 epochs" in r.stdout
     assert (tmp_path / ("gpu-check" if script == "gpu_check.sh" else "gpu-full") / "metrics.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_stream_files(tmp_path):
+    """A streamed source under torchrun: each process decodes its share of every batch; the sharded pass over
+    the training files (the nearest-neighbour positives) equals one process's; rank 0 alone reports."""
+    from isif.checkpoint import load_checkpoint
+
+    from .test_stream import write_cub
+
+    root = write_cub(tmp_path / "CUB_200_2011", n_classes=200, per_class=1)
+    args = ["train", "--preset", "cub200", "--data", str(root), "--arch", "resnet18_cifar", "--weights", "none",
+            "--width", "0.0625", "--size", "32", "--batch-size", "16", "--epochs", "1", "--lr", "0.03",
+            "--workers", "1", "--device", "cpu", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "isif", *args, "--out", str(tmp_path / "one")], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_free_port()), "-m", "isif", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("unseen classes: R@1") == 1
+    a = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
+    assert torch.equal(a["neighbours"], b["neighbours"])
+    assert b["history"][-1]["recall@1"] is not None and b["history"][-1]["loss"] > 0

@@ -111,3 +111,18 @@ def test_eval_retrieval_command_on_a_folder_run(tmp_path, image_tree, capsys):
     assert 0 <= res["recall@1"] <= res["recall@2"] <= 100 and 0 <= res["nmi"] <= 100 and 0 <= res["map@r"] <= 100
     assert main(["eval", "retrieval", "--checkpoint", str(run), "--ks", "a,b"]) == 2
     assert "expected comma-separated integers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_k_ranking_equals_the_full_stable_sort(seed):
+    """The top-(k+1) shortcut gives exactly the stable sort's first k columns, ties included."""
+    from isif.evaluate.retrieval import ranked
+
+    g = torch.Generator().manual_seed(seed)
+    sim = torch.randint(-3, 4, (50, 40), generator=g).float()  # many exact ties, at every boundary
+    sim[:, 5] = float("-inf")
+    cont = torch.randn(50, 40, generator=g)  # no ties
+    for s in (sim, cont):
+        for k in (1, 2, 5, 17, 38, 39, 40):
+            want = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+            assert torch.equal(ranked(s, k), want), k

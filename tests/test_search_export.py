@@ -101,7 +101,10 @@ def test_export_gives_the_checkpoints_embeddings(tiny_run, tmp_path, fmt, capsys
     with torch.no_grad():
         want = model.float()(normalize(x, mean, std))
     if fmt == "torchscript":
-        with torch.no_grad():
+        import warnings
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
             got = torch.jit.load(str(out))(x)
     else:
         import onnxruntime as ort

@@ -193,3 +193,26 @@ def test_embed_uses_the_streamed_test_transform(tmp_path):
     z, kept, skipped = Embedder(str(tmp_path / "run")).files([Path(p) for p in splits.test.images.paths[:20]])
     assert not skipped and len(kept) == 20
     assert torch.allclose(z, ref, atol=1e-5)
+
+
+def test_images_folder_split_in_half_converts_odd_modes(tmp_path):
+    """`--dataset images` on one folder of class folders: the sorted first half trains, the second tests;
+    grey, RGBA, CMYK and 16-bit files are converted, not skipped."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "photos"
+    modes = {"a_grey": "L", "b_rgba": "RGBA", "c_cmyk": "CMYK", "d_16bit": "I;16"}
+    for cls, mode in modes.items():
+        d = root / cls
+        d.mkdir(parents=True)
+        for k in range(2):
+            if mode == "I;16":
+                im = Image.fromarray(rng.integers(0, 65535, (20, 30), dtype=np.uint16))
+                im.save(d / f"{k}.png")
+            else:
+                im = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).convert(mode)
+                im.save(d / f"{k}.{'jpg' if mode == 'CMYK' else 'png'}")
+    splits = load_streaming("images", root, workers=0)
+    assert splits.train.classes == ["a_grey", "b_rgba"] and splits.test.classes == ["c_cmyk", "d_16bit"]
+    assert len(splits.train) == 4 and len(splits.test) == 4
+    x = splits.test.images.take(range(4))
+    assert x.shape == (4, 3, 256, 256) and x.dtype == torch.uint8 and int(x[2:].max()) > 0

@@ -247,6 +247,7 @@ def _search_parser(sub) -> None:
     p.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
     p.add_argument("--out", default="search.png", help="the grid PNG (default search.png)")
     p.add_argument("--max-rows", type=int, default=8, help="queries drawn in the grid (default 8)")
+    p.add_argument("--tile", type=int, default=112, help="side of each image in the grid, in pixels (default 112)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None)
     p.add_argument("--strict", action="store_true", help="stop at the first broken image instead of skipping it")
@@ -260,6 +261,8 @@ def cmd_search(args) -> int:
 
     if args.k < 1 or args.batch_size < 1 or args.max_rows < 1:
         raise UserError("--k, --batch-size and --max-rows must be >= 1")
+    if args.tile < 32:
+        raise UserError(f"--tile must be >= 32 pixels, got {args.tile}")
     if not Path(args.gallery).is_dir():
         raise UserError(f"--gallery {args.gallery}: no such folder; pass a folder of images or an isif embed output")
     files = query_files(args.queries)
@@ -283,7 +286,7 @@ def cmd_search(args) -> int:
             {"path": str(p), "cosine": float(sc), **({"same_label": s} if s is not None else {})}
             for p, sc, s in zip(neigh, scores[i].tolist(), same, strict=True)]})
         rows.append((q, neigh, same, scores[i].tolist()))
-    grid(rows[: args.max_rows], Path(args.out))
+    grid(rows[: args.max_rows], Path(args.out), size=args.tile)
     if args.json:
         print(json.dumps({"results": results, "grid": args.out}))
         return 0
@@ -347,7 +350,8 @@ def _eval_parser(sub) -> None:
     k.add_argument("--sigma", type=float, default=None, help="vote temperature (default: the run's, 0.1)")
     ret = _checkpoint_flags(esub.add_parser(
         "retrieval", help="Recall@K, MAP@R and NMI on the test split's classes (unseen in training)"))
-    ret.add_argument("--ks", default="1,2,4,8", help="comma-separated K for Recall@K (SOP: 1,10,100)")
+    ret.add_argument("--ks", default=None, help="comma-separated K for Recall@K (default: the run's; 1,2,4,8, "
+                                                "or 1,10,100 for SOP)")
     ret.add_argument("--seed", type=int, default=0, help="k-means seed for NMI")
     lin = _checkpoint_flags(esub.add_parser("linear", help="linear probe on frozen features"))
     lin.add_argument("--features", choices=("backbone", "embedding"), default="backbone",
@@ -408,31 +412,31 @@ def cmd_eval(args) -> int:
 
 
 def cmd_eval_retrieval(args) -> int:
-    from .evaluate.retrieval import map_at_r, nmi, recall_at_k
-    from .train import build_augment, sharded_features
+    from .train import build_augment, evaluate_retrieval
 
-    try:
-        ks = tuple(sorted({int(k) for k in args.ks.split(",") if k.strip()}))
-    except ValueError:
-        raise UserError(f"--ks {args.ks!r}: expected comma-separated integers such as 1,2,4,8") from None
-    if not ks or ks[0] < 1:
-        raise UserError(f"--ks {args.ks!r}: every K must be >= 1")
+    ks: tuple[int, ...] | None = None
+    if args.ks is not None:
+        try:
+            ks = tuple(sorted({int(k) for k in args.ks.split(",") if k.strip()}))
+        except ValueError:
+            raise UserError(f"--ks {args.ks!r}: expected comma-separated integers such as 1,2,4,8") from None
+        if not ks or ks[0] < 1:
+            raise UserError(f"--ks {args.ks!r}: every K must be >= 1")
     path, model, cfg, state, device, (splits, _, _, test_set) = _load_for_eval(args)
+    cfg.train.retrieval_ks = ks or tuple(int(k) for k in cfg.train.retrieval_ks)
     _, plain = build_augment(cfg, splits)
     t0 = time.perf_counter()
-    feats = sharded_features(model, test_set.images, plain, cfg, device)
-    labels = test_set.labels.to(feats.device)
-    rec = recall_at_k(feats, labels, ks)
+    metrics = evaluate_retrieval(model, test_set, plain, cfg, device, seed=args.seed)
     res = {"checkpoint": str(path), "epoch": state.get("epoch"), "images": len(test_set),
-           "classes": int(labels.unique().numel()), **{f"recall@{k}": v for k, v in rec.items()},
-           "map@r": map_at_r(feats, labels), "nmi": nmi(feats, labels, seed=args.seed),
-           "eval_s": time.perf_counter() - t0}
+           "classes": int(test_set.labels.unique().numel()), **metrics, "eval_s": time.perf_counter() - t0}
     if args.json:
         print(json.dumps(res))
     else:
-        rk = "  ".join(f"R@{k} {v:.2f}" for k, v in rec.items())
-        print(f"{rk}  MAP@R {res['map@r']:.2f}  NMI {res['nmi']:.2f}  on {res['images']} test images of "
-              f"{res['classes']} classes; checkpoint epoch {res['epoch']}")
+        from .train import eval_summary
+
+        mapr = f"  MAP@R {res['map@r']:.2f}" if res["map@r"] is not None else ""
+        print(f"{eval_summary(res)}{mapr}  on {res['images']} test images of {res['classes']} classes; "
+              f"checkpoint epoch {res['epoch']}")
     return 0
 
 

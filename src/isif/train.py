@@ -164,7 +164,7 @@ def eval_protocol(cfg: Config, bank_set: ArrayDataset, test_set: ArrayDataset) -
 
 
 def evaluate_retrieval(model: nn.Module, test_set: ArrayDataset, plain: PlainTransform, cfg: Config,
-                       device: torch.device, world: World = SINGLE) -> dict[str, float]:
+                       device: torch.device, world: World = SINGLE, seed: int | None = None) -> dict[str, float]:
     """Recall@K, MAP@R and NMI on the test split, every test image a query against all the others."""
     from .evaluate.retrieval import map_at_r, nmi, recall_at_k
 
@@ -175,7 +175,7 @@ def evaluate_retrieval(model: nn.Module, test_set: ArrayDataset, plain: PlainTra
     out = {f"recall@{k}": v for k, v in recall_at_k(feats, labels, ks).items()}
     multi = bool((torch.bincount(labels - labels.min()) > 1).any())
     out["map@r"] = map_at_r(feats, labels) if multi else None  # undefined when every class has one image
-    out["nmi"] = nmi(feats, labels, seed=cfg.train.seed)
+    out["nmi"] = nmi(feats, labels, seed=cfg.train.seed if seed is None else seed)
     return out
 
 
