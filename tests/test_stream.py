@@ -216,3 +216,16 @@ def test_images_folder_split_in_half_converts_odd_modes(tmp_path):
     assert len(splits.train) == 4 and len(splits.test) == 4
     x = splits.test.images.take(range(4))
     assert x.shape == (4, 3, 256, 256) and x.dtype == torch.uint8 and int(x[2:].max()) > 0
+
+
+def test_train_cli_strict_and_bad_layout_end_in_one_line(tmp_path, capsys):
+    root = write_cub(tmp_path / "CUB_200_2011", n_classes=200, per_class=1, broken=True)
+    out = tmp_path / "run"
+    assert _train_cub(root, out, "--workers", "0", "--strict") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unreadable image" in err and "drop --strict" in err
+    assert not out.exists()  # nothing was created for a refused run
+    assert _train_cub(tmp_path, out, "--workers", "0") == 2
+    assert "expected the CUB-200-2011 layout" in capsys.readouterr().err
+    assert _train_cub(root, out, "--workers", "-1") == 2
+    assert "--workers must be >= 0" in capsys.readouterr().err

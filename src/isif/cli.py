@@ -537,7 +537,7 @@ def cmd_presets(args) -> int:
 
     for name, fn in PRESETS.items():
         doc = (fn.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:16s} {doc}")
+        print(f"{name:21s} {doc}")
         if args.verbose:
             print(json.dumps(fn().to_dict(), indent=2))
     return 0

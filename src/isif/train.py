@@ -410,6 +410,11 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
         torch.backends.cudnn.benchmark = True
     t = cfg.train
 
+    if cfg.model.weights not in (None, "none") and state is None:
+        try:  # fail on unreachable or unfitting weights before a long scan of the data
+            build_model(cfg.model.arch, cfg.model.width, cfg.model.dim, cfg.model.weights)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     torch.manual_seed(t.seed)
     splits, train_set, bank_set, test_set = load_splits(cfg)
     n = len(train_set)
