@@ -81,7 +81,9 @@ def test_scan_with_workers_matches_without(tmp_path):
     root = write_cub(tmp_path / "c", n_classes=4, per_class=3, broken=False)
     paths = sorted(str(p) for p in (root / "images").rglob("*.jpg"))
     (root / "images" / "001.Bird_1" / "Bird_1_0.jpg").write_bytes(b"GIF89a")
+    broken = [str(root / "images" / "001.Bird_1" / "Bird_1_0.jpg")]
     assert scan(paths, workers=2, cache_dir=tmp_path / "a") == scan(paths, workers=0, cache_dir=tmp_path / "b")
+    assert scan(paths, workers=2, cache_dir=tmp_path / "a") == broken
 
 
 def test_fixed_crop_equals_torchvision_crop_and_center_crop():

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model, resolve_checkpoint
 from .data.augment import normalize
-from .data.sources import IMAGE_EXTS, BadImage, atomic_write_bytes, decode_rgb
+from .data.sources import IMAGE_EXTS, BadImage, atomic_write_bytes, broken_image, decode_rgb, report_skipped
 from .errors import UserError
 from .precision import autocast
 
@@ -74,11 +75,9 @@ class Embedder:
         self.spec = input_spec(self.state, self.cfg)
         self.batch_size = batch_size
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of the checkpoint file: which weights produced a set of features."""
-        import hashlib
-
         h = hashlib.sha256()
         with open(self.path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -109,8 +108,7 @@ class Embedder:
                 arr = decode_rgb(f.read_bytes(), str(f))
             except (BadImage, OSError) as e:
                 if strict:
-                    raise UserError(f"{f}: unreadable image ({str(e).split(': ', 1)[-1][:80]}); drop --strict to "
-                                    "skip broken files") from None
+                    raise broken_image(f, str(e)) from None
                 skipped.append(str(f))
                 continue
             batch.append(prepare(arr, sp["size"], sp["resize"]))
@@ -119,9 +117,7 @@ class Embedder:
                 flush()
         if batch:
             flush()
-        if skipped:
-            print(f"isif: skipped {len(skipped)} unreadable image(s), first: {'; '.join(skipped[:3])}",
-                  file=sys.stderr)
+        report_skipped(skipped)
         dim = self.cfg.model.dim
         return (torch.cat(feats) if feats else torch.zeros(0, dim)), kept, skipped
 

@@ -24,6 +24,22 @@ def _save(fig, path: Path) -> None:
     _plt().close(fig)
 
 
+def is_eval_metric(key: str) -> bool:
+    """Is this metrics-row field an evaluation result (kNN top-1 or a retrieval metric)?"""
+    return key == "knn_top1" or is_retrieval_metric(key)
+
+
+def is_retrieval_metric(key: str) -> bool:
+    return key.startswith("recall@") or key in ("map@r", "nmi")
+
+
+def primary_metric(rows: list[dict]) -> tuple[str, str]:
+    """(metrics-row key, axis label) to plot: kNN top-1, or Recall@1 when only retrieval was evaluated."""
+    if any(r.get("knn_top1") is not None for r in rows) or not any("recall@1" in r for r in rows):
+        return "knn_top1", "kNN top-1 (%)"
+    return "recall@1", "Recall@1 on unseen classes (%)"
+
+
 def plot_curve(history: list[dict], path: Path, title: str = "") -> None:
     """Loss and kNN top-1 against epoch."""
     plt = _plt()
@@ -32,9 +48,7 @@ def plot_curve(history: list[dict], path: Path, title: str = "") -> None:
     ax1.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker="o")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss")
-    key, label = "knn_top1", "kNN top-1 (%)"
-    if not any(r.get("knn_top1") is not None for r in history) and any("recall@1" in r for r in history):
-        key, label = "recall@1", "Recall@1 on unseen classes (%)"
+    key, label = primary_metric(history)
     ev = [r for r in history if r.get(key) is not None]
     ax2.plot([r["epoch"] for r in ev], [r[key] for r in ev], marker="o", color="tab:green")
     ax2.set_xlabel("epoch")

@@ -10,7 +10,7 @@ from .config import Config
 from .data.sources import atomic_write_bytes
 from .errors import UserError
 from .objectives import methods as registered
-from .plots import plot_race
+from .plots import is_retrieval_metric, plot_race, primary_metric
 from .train import RunDir, train
 
 DEFAULT_METHODS = ("random", "isif", "npsoftmax", "nce", "exemplar", "triplet", "triplet-hard", "deepcluster")
@@ -45,10 +45,7 @@ def race(base: Config, names: list[str], out: Path, progress: bool = True) -> di
 
 def race_metric(histories: dict[str, list[dict]]) -> tuple[str, str]:
     """(metrics-row key, label) the race compares: kNN top-1, or Recall@1 when the test classes are unseen."""
-    rows = [r for h in histories.values() for r in h]
-    if any(r.get("knn_top1") is not None for r in rows) or not any("recall@1" in r for r in rows):
-        return "knn_top1", "kNN top-1 (%)"
-    return "recall@1", "Recall@1 on unseen classes (%)"
+    return primary_metric([r for h in histories.values() for r in h])
 
 
 def race_table(histories: dict[str, list[dict]]) -> str:
@@ -80,7 +77,7 @@ def final_retrieval_table(histories: dict[str, list[dict]]) -> str:
     names = []
     for h in histories.values():
         for r in h:
-            names += [k for k in r if (k.startswith("recall@") or k in ("map@r", "nmi")) and k not in names]
+            names += [k for k in r if is_retrieval_metric(k) and k not in names]
     label = {k: f"R@{k.split('@')[1]}" if k.startswith("recall@") else ("MAP@R" if k == "map@r" else "NMI")
              for k in names}
     lines = ["| method | epoch | " + " | ".join(label[k] for k in names) + " |", "|---|---|" + "---|" * len(names)]

@@ -41,7 +41,7 @@ from .evaluate import extract_features, knn_accuracy
 from .faults import fault_point
 from .models import build_model
 from .objectives import build_objective
-from .plots import plot_curve
+from .plots import is_eval_metric, plot_curve
 from .precision import autocast
 
 
@@ -214,13 +214,19 @@ class Parts:
     world: World = SINGLE
 
 
-def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.device,
-                world: World = SINGLE) -> Parts:
-    t = cfg.train
+def make_model(cfg: Config) -> nn.Module:
+    """The configured network (on the CPU); unknown architectures and unusable weights are UserErrors."""
     try:
-        model = build_model(cfg.model.arch, cfg.model.width, cfg.model.dim, cfg.model.weights).to(device)
+        return build_model(cfg.model.arch, cfg.model.width, cfg.model.dim, cfg.model.weights)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.device,
+                world: World = SINGLE, model: nn.Module | None = None) -> Parts:
+    """Everything a step needs; ``model`` is built from the config when not given."""
+    t = cfg.train
+    model = (model if model is not None else make_model(cfg)).to(device)
     if t.sync_bn and world.active:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if t.channels_last:
@@ -410,12 +416,8 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
         torch.backends.cudnn.benchmark = True
     t = cfg.train
 
-    if cfg.model.weights not in (None, "none") and state is None:
-        try:  # fail on unreachable or unfitting weights before a long scan of the data
-            build_model(cfg.model.arch, cfg.model.width, cfg.model.dim, cfg.model.weights)
-        except ValueError as e:
-            raise UserError(str(e)) from None
     torch.manual_seed(t.seed)
+    model = make_model(cfg)  # before the data: unreachable or unfitting weights fail before a long scan
     splits, train_set, bank_set, test_set = load_splits(cfg)
     n = len(train_set)
     if t.batch_size > n:
@@ -423,7 +425,7 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
     local_b = check_batch(world, t.batch_size)  # this process's share of the global batch
     if t.knn_k > len(bank_set) and eval_protocol(cfg, bank_set, test_set) == "knn":
         raise UserError(f"--knn-k {t.knn_k} is larger than the kNN bank ({len(bank_set)} labelled images); lower it")
-    parts = build_parts(cfg, splits, n, device, world)
+    parts = build_parts(cfg, splits, n, device, world, model)
     model, objective, opt, scaler = parts.model, parts.objective, parts.opt, parts.scaler
     data_gen = torch.Generator().manual_seed(t.seed + 1)  # instance order
     aug_gen = torch.Generator().manual_seed(t.seed + 2)  # augmentation parameters
@@ -594,8 +596,7 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                 writer.add_scalar("train/images_per_s", images_per_s, gs)
                 writer.add_scalar("train/lr", row["lr"], gs)
                 for key, value in row.items():
-                    metric = key == "knn_top1" or key.startswith("recall@") or key in ("nmi", "map@r")
-                    if value is not None and metric:
+                    if value is not None and is_eval_metric(key):
                         writer.add_scalar(f"eval/{key.replace('@', '_at_')}", value, gs)
                 writer.flush()
                 plot_curve(history, run.curve, title=f"{cfg.preset}: {cfg.method.name}")

@@ -17,6 +17,7 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -101,6 +102,19 @@ def decode_rgb(data: bytes, name: str = "") -> np.ndarray:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadImage(f"{name}: {e}") from None
+
+
+def broken_image(path, reason: str) -> UserError:
+    """The one-line refusal of ``--strict`` for an image that cannot be decoded."""
+    return UserError(f"{path}: unreadable image ({str(reason).split(': ', 1)[-1][:80]}); drop --strict to skip "
+                     "broken files")
+
+
+def report_skipped(items: list[str], what: str = "", kind: str = "unreadable") -> None:
+    """One stderr line: how many images were skipped, and the first few."""
+    if items:
+        where = f" in {what}" if what else ""
+        print(f"isif: skipped {len(items)} {kind} image(s){where}, first: {'; '.join(items[:3])}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -225,10 +239,7 @@ def _split_tree(entries: list[tuple[str, str, str]], read) -> dict[str, np.ndarr
                 )
             xs.append(arr)
             ys.append(cidx[c])
-        if bad:
-            import sys
-
-            print(f"isif: skipped {len(bad)} unreadable image(s), first: {'; '.join(bad[:3])}", file=sys.stderr)
+        report_skipped(bad)
         if not xs:
             raise UserError(f"no readable images under {split}/")
         out[f"{split}_x"] = np.ascontiguousarray(np.stack(xs).transpose(0, 3, 1, 2))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,16 @@ from PIL import Image
 
 from ..errors import UserError
 from .class_split import Listing, read_cars, read_class_folders, read_cub, read_sop
-from .sources import BadImage, Splits, atomic_write_bytes, decode_rgb, default_cache_dir, stratified_index
+from .sources import (
+    BadImage,
+    Splits,
+    atomic_write_bytes,
+    broken_image,
+    decode_rgb,
+    default_cache_dir,
+    report_skipped,
+    stratified_index,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -196,22 +204,17 @@ def scan(paths: list[str], strict: bool = False, workers: int | None = None, cac
                 if reason:
                     bad[i] = reason
                     if strict:
-                        raise UserError(f"{paths[i]}: unreadable image ({reason.split(': ', 1)[-1][:80]}); "
-                                        "drop --strict to skip broken files")
+                        raise broken_image(paths[i], reason)
                 i += 1
         try:
             atomic_write_bytes(cache, lambda f: f.write(json.dumps({str(k): v for k, v in bad.items()}).encode()))
         except OSError:
             pass  # the scan cache is an optimisation
-    if bad and strict:
-        i = min(bad)
-        raise UserError(f"{paths[i]}: unreadable image ({bad[i].split(': ', 1)[-1][:80]}); "
-                        "drop --strict to skip broken files")
-    if bad:
-        first = [paths[i] for i in sorted(bad)[:3]]
-        print(f"isif: skipped {len(bad)} unreadable image(s){' in ' + what if what else ''}, first: "
-              f"{'; '.join(first)}", file=sys.stderr)
-    return [paths[i] for i in sorted(bad)]
+    if bad and strict:  # from the cache
+        raise broken_image(paths[min(bad)], bad[min(bad)])
+    broken = [paths[i] for i in sorted(bad)]
+    report_skipped(broken, what)
+    return broken
 
 
 def _dataset(listing: Listing, store: int, strict: bool, workers: int | None, cache_dir: Path | None,
@@ -220,10 +223,9 @@ def _dataset(listing: Listing, store: int, strict: bool, workers: int | None, ca
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing and strict:
         raise UserError(f"{missing[0]}: listed by the annotations but missing; drop --strict to skip it")
-    bad = set(missing) | set(scan([p for p in paths if p not in set(missing)], strict, workers, cache_dir, what))
-    if missing:
-        print(f"isif: skipped {len(missing)} missing image(s) in {what}, first: {'; '.join(missing[:3])}",
-              file=sys.stderr)
+    absent = set(missing)
+    bad = absent | set(scan([p for p in paths if p not in absent], strict, workers, cache_dir, what))
+    report_skipped(missing, what, kind="missing")
     keep = [i for i, p in enumerate(paths) if p not in bad]
     if not keep:
         raise UserError(f"{what}: none of the {len(paths)} listed images could be read")
