@@ -68,6 +68,17 @@ def write_cifar_batches(root: Path, per_batch: int = 20, seed: int = 0) -> Path:
     return folder
 
 
+def use_method(cfg, name: str):
+    """Switch ``cfg`` to method ``name`` with settings small enough for the fixtures (NCE noise, clusters)."""
+    from isif.objectives import method_fields
+
+    cfg.set("method.name", name)
+    for key, value in (("nce_noise", 16), ("clusters", 4)):
+        if key in method_fields(name):
+            cfg.set(f"method.{key}", value)
+    return cfg
+
+
 @pytest.fixture
 def image_tree(tmp_path) -> Path:
     return write_image_tree(tmp_path / "tree")

@@ -7,7 +7,12 @@ import torch
 import torchvision
 
 from isif.errors import UserError
-from isif.models import build_model
+from isif.models import ModelConfig
+from isif.models import build_model as _build
+
+
+def build_model(arch, width=1.0, dim=128, weights=None):
+    return _build(ModelConfig(arch, width, dim, weights))
 
 
 @pytest.mark.parametrize("arch, size", [("googlenet", 227), ("resnet18", 64)])

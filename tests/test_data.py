@@ -9,10 +9,24 @@ import numpy as np
 import pytest
 import torch
 
-from isif.data.sources import BadImage, decode_rgb, load_cifar10, load_image_folder
+from isif.data import cifar
+from isif.data.decode import BadImage, decode_rgb
+from isif.data.types import Request
 from isif.errors import UserError
 
 from .conftest import CIFAR_ZIP, requires_cifar, write_cifar_batches, write_image_tree
+
+
+def _req(path, cache_dir=None) -> Request:
+    return Request(None if path is None else str(path), None if cache_dir is None else str(cache_dir))
+
+
+def load_cifar10(path, cache_dir=None):
+    return cifar.load_cifar10(_req(path, cache_dir))
+
+
+def load_image_folder(path, cache_dir=None):
+    return cifar.load_image_folder(_req(path, cache_dir))
 
 
 def test_reads_torchvision_batches_folder_and_its_parent(tmp_path):
@@ -85,7 +99,7 @@ def test_no_copy_and_no_internet_names_the_flag(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(UserError, match="--data PATH"):
-        load_cifar10(None, cache_dir=tmp_path / "c", download_root=tmp_path / "dl")
+        load_cifar10(None, cache_dir=tmp_path / "c")
 
 
 def test_decode_converts_modes_and_rejects_broken_bytes(tmp_path):

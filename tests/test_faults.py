@@ -243,7 +243,7 @@ def test_checkpoint_of_another_architecture_or_method_is_refused(tmp_path, image
     err = capsys.readouterr().err
     assert "do not fit resnet18_cifar width 0.25" in err and err.count("\n") == 1
     other = tiny_config(image_tree, epochs=2)
-    other.method.name = "nce"
+    other.set("method.name", "nce")
     with pytest.raises(UserError, match="method.name='isif' but the config asks for 'nce'"):
         train(other, tmp_path / "run", resume=True, progress=False)
     with pytest.raises(UserError, match="does not exist"):
@@ -285,7 +285,7 @@ def _encode(im: Image.Image, fmt: str) -> bytes:
 
 
 def test_folder_with_broken_and_odd_images_converts_or_skips_with_a_count(tmp_path, capsys):
-    from isif.data.sources import load_image_folder
+    from .test_data import load_image_folder
 
     rgb = Image.fromarray(np.full((32, 32, 3), 120, np.uint8))
     files = {
@@ -383,7 +383,7 @@ def test_fuzzed_command_lines_end_in_success_or_one_line_exit_2(tmp_path_factory
 
 
 def _load(args):
-    from isif.data.sources import load_image_folder
+    from .test_data import load_image_folder
 
     tree, cache = args
     s = load_image_folder(tree, cache_dir=cache)
@@ -418,3 +418,30 @@ def test_two_runs_at_once_in_different_folders(tmp_path, reference):
         assert p.wait(timeout=300) == 0, p.stderr.read()
     for i in range(2):
         assert_same_as_reference(tmp_path / f"run{i}", reference)
+
+
+@pytest.mark.faults
+def test_a_flipped_byte_inside_a_tensor_is_refused(tmp_path):
+    """torch's archive reader checks no CRC: the checkpoint's own checksum must catch a changed tensor byte."""
+    import zipfile
+
+    path = tmp_path / "ck.pt"
+    w = torch.arange(1000, dtype=torch.float32)
+    save_checkpoint({"model": {"w": w}, "history": [{"epoch": 1, "loss": 0.5}]}, path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], w)
+    with zipfile.ZipFile(path) as zf:  # torch stores tensor data uncompressed under <archive>/data/<key>
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        assert info.compress_type == zipfile.ZIP_STORED and info.file_size == 4000
+        header = info.header_offset
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = int.from_bytes(raw[header + 26:header + 28], "little"), int.from_bytes(
+        raw[header + 28:header + 30], "little")
+    start = header + 30 + name_len + extra_len  # first byte of the tensor's data
+    raw[start + 1234] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=f"checkpoint {path} is corrupted.*checksum") as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value)
+    # the untouched pickle still loads: without the checksum the change would have gone unseen
+    state = torch.load(path, weights_only=True)
+    assert not torch.equal(state["model"]["w"], w)

@@ -10,10 +10,15 @@ import pytest
 import torch
 
 from isif.cli import main
-from isif.config import PRESETS, preset
-from isif.data.sources import load_dataset
+from isif.data.registry import DataConfig
+from isif.data.registry import load_dataset as _load_dataset
 from isif.errors import UserError
 from isif.evaluate.linear import LinearRecipe, linear_probe
+from isif.presets import preset
+
+
+def load_dataset(name, path, split="train"):
+    return _load_dataset(DataConfig(dataset=name, path=path, split=split))
 
 
 def write_stl10(root: Path, n_train=6, n_test=4, n_unl=5, seed=0) -> Path:
@@ -60,9 +65,9 @@ def test_stl10_errors(tmp_path):
 
 
 def test_stl10_training_pools_the_whole_map(tmp_path):
-    from isif.models import build_model
+    from isif.models import ModelConfig, build_model
 
-    model = build_model("resnet18_cifar", width=0.0625)
+    model = build_model(ModelConfig("resnet18_cifar", width=0.0625))
     x = torch.zeros(2, 3, 96, 96)
     x[:, :, 80:, 80:] = 5.0  # a signal only in the bottom-right corner of the 12x12 map
     feats = model.backbone.layer4(model.backbone.layer3(model.backbone.layer2(model.backbone.layer1(
@@ -102,7 +107,7 @@ def test_ablation_presets_change_exactly_one_thing():
                            ("augment", "grayscale_p"): 0.0, ("augment", "flip"): False},
     }
     for name, changes in expected.items():
-        d = PRESETS[name]().validate().to_dict()
+        d = preset(name).validate().to_dict()
         diff = {(sec, k): v for sec in d if isinstance(d[sec], dict) for k, v in d[sec].items() if base[sec][k] != v}
         assert diff == changes, name
     assert preset("stl10-105k").data.split == "train+unlabeled" and preset("stl10").data.dataset == "stl10"
@@ -162,9 +167,9 @@ def test_stl10_105k_style_training_uses_labelled_bank(tmp_path):
     cfg.model.width = 0.03125
     cfg.train.batch_size = 4
     cfg.train.epochs = 1
-    cfg.train.knn_k = 3
+    cfg.eval.knn_k = 3
     hist = train(cfg, tmp_path / "run", progress=False)
     assert hist[-1]["knn_top1"] is not None
-    cfg.train.knn_k = 7  # larger than the 6 labelled images, though there are 16 training images
+    cfg.eval.knn_k = 7  # larger than the 6 labelled images, though there are 16 training images
     with pytest.raises(UserError, match="larger than the kNN bank"):
         train(cfg, tmp_path / "run2", progress=False)

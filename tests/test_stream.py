@@ -12,10 +12,16 @@ from PIL import Image
 
 from isif.cli import main
 from isif.data.augment import BatchAugment, PlainTransform, sample_fixed_crop_params
-from isif.data.stream import FileImages, load_file, load_streaming, scan
+from isif.data.registry import DataConfig, load_dataset
+from isif.data.stream import FileImages, load_file, scan
 from isif.errors import UserError
 from isif.evaluate.retrieval import nearest_neighbour
-from isif.train import epoch_batches, positive_sources
+from isif.sampler import epoch_batches, positive_sources
+
+
+def load_streaming(name, path, strict=False, workers=None):
+    return load_dataset(DataConfig(dataset=name, path=None if path is None else str(path), strict=strict,
+                                   workers=workers))
 
 
 def write_cub(root, n_classes: int = 200, per_class: int = 2, seed: int = 0, broken: bool = False):

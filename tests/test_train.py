@@ -8,9 +8,18 @@ import pytest
 import torch
 
 from isif.checkpoint import load_checkpoint
-from isif.config import Config, preset
+from isif.config import Config
 from isif.errors import UserError
-from isif.train import Interrupted, TrainingDiverged, lr_at, train
+from isif.objectives import methods
+from isif.optim import lr_at as _lr_at
+from isif.presets import preset
+from isif.train import Interrupted, TrainingDiverged, train
+
+from .conftest import use_method
+
+
+def lr_at(cfg, t):
+    return _lr_at(cfg.optim, cfg.train.epochs, t)
 
 
 def tiny_config(data, **train_kw) -> Config:
@@ -21,10 +30,10 @@ def tiny_config(data, **train_kw) -> Config:
     cfg.data.test_subset = None
     cfg.model.width = 0.03125
     cfg.train.batch_size = 8
-    cfg.train.knn_k = 5
+    cfg.eval.knn_k = 5
     cfg.train.epochs = 3
     for k, v in train_kw.items():
-        setattr(cfg.train, k, v)
+        setattr(cfg.eval if k == "knn_k" else cfg.train, k, v)
     return cfg
 
 
@@ -75,7 +84,7 @@ def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, image_tree, sto
 
 def test_paper_variant_trains_with_plain_anchor_view(tmp_path, image_tree):
     cfg = tiny_config(image_tree, epochs=1)
-    cfg.method.variant = "paper"
+    cfg.set("method.variant", "paper")
     hist = train(cfg, tmp_path / "run", progress=False)
     assert hist[-1]["knn_top1"] is not None
 
@@ -125,12 +134,9 @@ def test_batch_larger_than_data_and_k_larger_than_data(tmp_path, image_tree):
         train(cfg, tmp_path / "b", progress=False)
 
 
-@pytest.mark.parametrize("method", ["npsoftmax", "nce", "exemplar", "triplet", "triplet-hard", "deepcluster"])
+@pytest.mark.parametrize("method", [m for m, e in methods().items() if e.trains])
 def test_every_method_resumes_bit_identically(tmp_path, image_tree, method):
-    cfg = tiny_config(image_tree, epochs=2)
-    cfg.method.name = method
-    cfg.method.nce_noise = 16
-    cfg.method.clusters = 4
+    cfg = use_method(tiny_config(image_tree, epochs=2), method)
     full = train(cfg, tmp_path / "full", progress=False)
     with pytest.raises(Interrupted):
         train(cfg, tmp_path / "cut", progress=False, stop_after_steps=11)  # mid-epoch 2
@@ -145,14 +151,14 @@ def test_every_method_resumes_bit_identically(tmp_path, image_tree, method):
 
 def test_random_method_evaluates_once_without_training(tmp_path, image_tree):
     cfg = tiny_config(image_tree, epochs=3)
-    cfg.method.name = "random"
+    cfg.set("method.name", "random")
     hist = train(cfg, tmp_path / "r", progress=False)
     assert len(hist) == 1 and hist[0]["epoch"] == 0 and hist[0]["knn_top1"] is not None
 
 
 def test_bank_size_mismatch_on_resume_is_a_user_error(tmp_path, image_tree):
     cfg = tiny_config(image_tree, epochs=2)
-    cfg.method.name = "npsoftmax"
+    cfg.set("method.name", "npsoftmax")
     with pytest.raises(Interrupted):
         train(cfg, tmp_path / "r", progress=False, stop_after_steps=3)
     cfg.data.train_subset = 32

@@ -4,8 +4,10 @@ On the same model, batch, precision and device:
 
 - ``step``: the full training step: gather the uint8 batch, augment two views,
   forward, objective, backward, SGD update;
-- ``limit``: forward + backward of the network alone on a ready batch of the
-  same images (no data handling, no augmentation, no objective, no update);
+- ``limit``: the step's own forward + backward of the network (``step.forward_backward``: the same
+  network call, input layout, precision, gradient reset and autocast) on a ready batch of views, the
+  backward started from the objective's gradient of those embeddings, recorded once: no data handling,
+  no augmentation, no objective, no update. Both pieces run alike, so step / limit <= 1 up to noise;
 - ``augment``: making the views alone;
 - ``objective``: the loss's forward + backward on ready embeddings;
 - ``eval``: forward throughput in eval mode and the kNN search for 10,000
@@ -25,15 +27,12 @@ import time
 import torch
 
 from .config import Config
-from .data.sources import ArrayDataset, Splits
+from .data.types import ArrayDataset, Splits
+from .device import autocast, resolve_device
+from .device import sync as _sync
+from .dist import gather_views
 from .evaluate import extract_features, knn_predict
-from .precision import autocast
-from .train import build_parts, make_views, resolve_device, train_step
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .step import build_parts, forward_backward, make_views, train_step
 
 
 def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, size: int = 32, pool: int = 4096,
@@ -44,40 +43,54 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, size: int = 32, poo
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.train.seed)
-    b = cfg.train.batch_size
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (pool, 3, size, size), generator=g, dtype=torch.uint8)
     fake = ArrayDataset(images, torch.zeros(pool, dtype=torch.long), ["x"])
-    splits = Splits(fake, fake, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), "synthetic", "random uint8")
-    parts = build_parts(cfg, splits, pool, device)
-    images = images.to(device)
+    parts = build_parts(cfg, Splits(fake, fake, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)), pool, device)
+    med = _time_pieces(parts, images.to(device), g, steps, warmup)
+    eval_ips, knn_s = _eval_figures(parts, images.to(device), eval_query, eval_bank)
+    n_img = med.pop("images")
+    out = {
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(), "precision": cfg.train.precision,
+        "channels_last": cfg.train.channels_last, "arch": cfg.model.arch, "width": cfg.model.width,
+        "batch_instances": cfg.train.batch_size, "images_per_step": n_img, "steps_timed": steps,
+        "step_images_per_s": n_img / med["step"], "limit_images_per_s": n_img / med["limit"],
+        "ratio_step_to_limit": med["limit"] / med["step"],
+        "augment_ms": 1000 * med["augment"], "objective_ms": 1000 * med["objective"],
+        "step_ms": 1000 * med["step"], "limit_ms": 1000 * med["limit"],
+        "eval_forward_images_per_s": eval_ips, "knn_search_s": knn_s, "knn_sizes": [eval_query, eval_bank],
+        "eval_projected_s": (eval_query + eval_bank) / eval_ips + knn_s,
+    }
+    if device.type == "cuda":
+        out["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _time_pieces(parts, images: torch.Tensor, g: torch.Generator, steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each piece over ``steps`` interleaved rounds (after ``warmup``), and images per step."""
+    device, b, pool = parts.device, parts.cfg.train.batch_size, images.shape[0]
     aug_gen = torch.Generator().manual_seed(1)
-    prec = cfg.train.precision
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, pool, (b,), generator=g).to(device)
         return images[idx], idx
 
-    ready = make_views(parts, batch()[0], aug_gen)  # (2B, 3, S, S)
-    z_ready = torch.nn.functional.normalize(torch.randn(ready.shape[0], cfg.model.dim, device=device), dim=1)
-
-    def step() -> None:
-        x, idx = batch()
-        train_step(parts, x, idx, aug_gen)
-
-    def limit() -> None:
-        with autocast(device, prec):
-            z = parts.model(ready)
-        z.float().sum().backward()
-
-    def augment() -> None:
-        make_views(parts, batch()[0], aug_gen)
+    x0, idx0 = batch()
+    ready = make_views(parts, x0, aug_gen)  # (2B, 3, S, S), the step's layout and dtype
+    grad_ready = _objective_grad(parts, ready, idx0)  # (2B, D): where the step's backward starts
+    z_ready = torch.nn.functional.normalize(torch.randn(ready.shape[0], parts.cfg.model.dim, device=device), dim=1)
 
     def objective() -> None:
         z = z_ready.clone().requires_grad_(True)
         parts.objective(z, torch.arange(b, device=device)).backward()
 
-    pieces = {"step": step, "limit": limit, "augment": augment, "objective": objective}
+    pieces = {"step": lambda: train_step(parts, *batch(), aug_gen),
+              "limit": lambda: forward_backward(parts, ready, idx0, grad=grad_ready),
+              "augment": lambda: make_views(parts, batch()[0], aug_gen),
+              "objective": objective}
     times: dict[str, list[float]] = {k: [] for k in pieces}
     for i in range(warmup + steps):
         for name, fn in pieces.items():
@@ -87,47 +100,33 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, size: int = 32, poo
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    # evaluation: forward throughput in eval mode, and the kNN search at CIFAR-10's sizes
-    feats_t0 = time.perf_counter()
-    extract_features(parts.model, images, parts.plain, cfg.train.eval_batch_size, device, prec,
+    return {**{k: statistics.median(v) for k, v in times.items()}, "images": ready.shape[0]}
+
+
+def _eval_figures(parts, images: torch.Tensor, eval_query: int, eval_bank: int) -> tuple[float, float]:
+    """(forward images/s in eval mode, seconds of one kNN search at CIFAR-10's sizes)."""
+    cfg, device = parts.cfg, parts.device
+    t0 = time.perf_counter()
+    extract_features(parts.model, images, parts.plain, cfg.eval.batch_size, device, cfg.train.precision,
                      cfg.train.channels_last)
     _sync(device)
-    eval_ips = images.shape[0] / (time.perf_counter() - feats_t0)
+    eval_ips = images.shape[0] / (time.perf_counter() - t0)
     gq = torch.Generator().manual_seed(2)
     bank = torch.nn.functional.normalize(torch.randn(eval_bank, cfg.model.dim, generator=gq), dim=1).to(device)
     query = torch.nn.functional.normalize(torch.randn(eval_query, cfg.model.dim, generator=gq), dim=1).to(device)
     labels = torch.randint(0, 10, (eval_bank,), generator=gq).to(device)
     _sync(device)
-    knn_t0 = time.perf_counter()
-    knn_predict(query, bank, labels, 10, cfg.train.knn_k, cfg.train.knn_sigma)
+    t0 = time.perf_counter()
+    knn_predict(query, bank, labels, 10, cfg.eval.knn_k, cfg.eval.knn_sigma)
     _sync(device)
-    knn_s = time.perf_counter() - knn_t0
-    n_img = ready.shape[0]
-    out = {
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "threads": torch.get_num_threads(),
-        "precision": prec,
-        "channels_last": cfg.train.channels_last,
-        "arch": cfg.model.arch,
-        "width": cfg.model.width,
-        "batch_instances": b,
-        "images_per_step": n_img,
-        "steps_timed": steps,
-        "step_images_per_s": n_img / med["step"],
-        "limit_images_per_s": n_img / med["limit"],
-        "ratio_step_to_limit": med["limit"] / med["step"],
-        "augment_ms": 1000 * med["augment"],
-        "objective_ms": 1000 * med["objective"],
-        "step_ms": 1000 * med["step"],
-        "limit_ms": 1000 * med["limit"],
-        "eval_forward_images_per_s": eval_ips,
-        "knn_search_s": knn_s,
-        "knn_sizes": [eval_query, eval_bank],
-        "eval_projected_s": (eval_query + eval_bank) / eval_ips + knn_s,
-    }
-    if device.type == "cuda":
-        out["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
+    return eval_ips, time.perf_counter() - t0
+
+
+def _objective_grad(parts, inp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """d loss / d z of one real step's embeddings, to start the limit's backward from."""
+    with autocast(parts.device, parts.cfg.train.precision):
+        z = parts.net(inp)
+    loss = parts.objective(gather_views(z, len(parts.views), parts.world), idx)
+    (grad,) = torch.autograd.grad(loss, z)
+    parts.opt.zero_grad(set_to_none=True)
+    return grad.detach()

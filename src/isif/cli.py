@@ -1,24 +1,129 @@
-"""Command-line interface: ``isif train | eval knn | presets``.
+"""Command-line interface: ``isif train | race | eval | bench | embed | search | export | plot | presets | methods``.
 
-Every user mistake ends in one line on stderr, ``isif: error: ...``, and exit
-code 2. A run stopped by Ctrl-C saves a checkpoint and exits with 130; a run
-whose loss diverges exits with 3.
+The flags of every setting are generated from the settings dataclasses (``isif.settings``); this module
+parses, dispatches and prints. Every user mistake ends in one line on stderr, ``isif: error: ...``, and
+exit code 2. A run stopped by Ctrl-C saves a checkpoint and exits with 130; a run whose loss diverges exits
+with 3; a checkpoint that cannot be written, with 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+import typing
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
+
+_NONE = object()  # "none" given for an optional setting: distinct from "not given"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, no usage dump
         raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+# ----------------------------------------------------------------------------- flags from settings
+
+
+def _setting_fields(sections: tuple[str, ...]) -> dict[str, list[tuple[str, dataclasses.Field, Any]]]:
+    """flag -> [(section, field, type hint)], over the sections' dataclasses; ``method`` spans every method."""
+    from .config import Config
+    from .objectives import methods
+    from .settings import field_hints, flag_name
+
+    base = Config()
+    out: dict[str, list[tuple[str, dataclasses.Field, Any]]] = {}
+    for sec in sections:
+        classes = [m.settings for m in methods().values()] if sec == "method" else [type(base.section(sec))]
+        for cls in classes:
+            hints = field_hints(cls)
+            for f in dataclasses.fields(cls):
+                if f.metadata.get("cli", True):
+                    out.setdefault(flag_name(f), []).append((sec, f, hints[f.name]))
+    return out
+
+
+def _flag_type(hint: Any) -> dict[str, Any]:
+    from .settings import optional_inner
+
+    inner, optional = optional_inner(hint)
+    if inner is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(inner) is tuple:
+        elem = typing.get_args(inner)[0]
+        return {"type": _named(lambda v: _NONE if optional and v.lower() == "none" else tuple(
+            elem(x) for x in v.split(",") if x.strip()), elem.__name__ + " list"), "metavar": "A,B,..."}
+    if inner in (int, float):
+        return {"type": _named(lambda v: _NONE if optional and v.lower() == "none" else inner(v), inner.__name__)}
+    return {"type": str}
+
+
+def _named(fn, name: str):
+    fn.__name__ = name  # argparse names the type in "invalid int value"
+    return fn
+
+
+def add_setting_flags(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    """One flag per setting of the sections, dest "section.field"; for ``method``, also ``--method``."""
+    from .objectives import methods
+
+    groups = {sec: p.add_argument_group(f"{sec} settings") for sec in sections}
+    if "method" in sections:
+        groups["method"].add_argument("--method", dest="method.name", metavar="NAME",
+                                      help="training objective (see `isif methods`)")
+    for flag, owners in _setting_fields(sections).items():
+        sec, f, hint = owners[0]
+        helptext = f.metadata.get("help", "")
+        if sec == "method":
+            mine = [m for m, e in methods().items() if f.name in {x.name for x in dataclasses.fields(e.settings)}]
+            defaults = ", ".join(f"{m} {getattr(methods()[m].settings(), f.name)}" for m in mine)
+            helptext = f"{helptext} (default: {defaults})"
+        elif f.default is not dataclasses.MISSING and f.default is not None and not isinstance(f.default, bool):
+            helptext = f"{helptext} (default {f.default})" if helptext else None
+        kw = {"metavar": f.name.upper(), **_flag_type(hint)}
+        if "action" in kw:
+            kw.pop("metavar")
+        groups[sec].add_argument(flag, dest=f"{sec}.{f.name}", default=None, help=helptext, **kw)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """{"section.field": value} of the setting flags given; ``none`` becomes None."""
+    return {k: (None if v is _NONE else v) for k, v in vars(args).items() if "." in k and v is not None}
+
+
+def _apply_on_resume(cfg, overrides: dict[str, Any]) -> None:
+    """Apply flags to a resumed run's config: only settings marked resumable may change."""
+    from .presets import not_a_setting
+
+    fields = {f"{sec}.{f.name}": (flag, f) for flag, owners in _setting_fields(_ALL).items() for sec, f, _ in owners}
+    for path, value in overrides.items():
+        flag, f = fields.get(path, ("--method", None))
+        try:
+            current = cfg.get(path)
+        except AttributeError:
+            raise UserError(not_a_setting(path, cfg.method.name)) from None
+        if current != value and not (f is not None and f.metadata.get("resume")):
+            raise UserError(f"{flag} cannot change on --resume (the run has {path}={current!r}); start a new "
+                            "run instead")
+        cfg.set(path, value)
+
+
+_ALL = ("data", "model", "method", "augment", "optim", "sampler", "eval", "train")
+_BENCH = ("model", "method", "augment", "optim", "train")
+
+
+def _run_flags(p) -> None:
+    add_setting_flags(p, _ALL)
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# ----------------------------------------------------------------------------- train and race
 
 
 def _train_parser(sub) -> None:
@@ -30,123 +135,23 @@ def _train_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--dry-run", action="store_true",
                    help="check flags, data, device and folder, print the resolved config, and stop")
-    _config_flags(p)
+    _run_flags(p)
 
 
-def _race_parser(sub) -> None:
-    from .race import DEFAULT_METHODS
-
-    p = sub.add_parser("race", help="train every method under one budget; plot kNN against epoch (Fig. 3)")
-    p.add_argument("--preset", default="cifar10-race", help="the shared setting (default cifar10-race)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)})")
-    p.add_argument("--out", help="race folder (default runs/race-TIMESTAMP); rerunning reuses finished runs")
-    _config_flags(p)
-
-
-def _config_flags(p) -> None:
-    p.add_argument("--data", help="dataset path: cifar-10-batches-py folder, train/ test/ image folders, a .zip, "
-                                  "or an stl10_binary folder")
-    p.add_argument("--dataset", help="dataset kind: cifar10, stl10, folder (in memory), or streamed from files: "
-                                     "cub200, cars196, sop, images")
-    p.add_argument("--split", help="training split: train; stl10 also unlabeled, train+unlabeled")
-    p.add_argument("--cache-dir", help="where decoded arrays are cached (default $ISIF_CACHE or ~/.cache/isif)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="instances per step (a step sees twice as many images)")
-    p.add_argument("--width", type=float, help="backbone channel multiplier (resnet18_cifar)")
-    p.add_argument("--arch", help="resnet18_cifar, googlenet, resnet18 or resnet50")
-    p.add_argument("--weights", help="torchvision backbones: none, imagenet, or a state-dict path")
-    p.add_argument("--method", help="training objective (see `isif methods`)")
-    p.add_argument("--variant", help="isif objective: official (reference code) or paper (Eq. 7)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--neg-weight", type=float, help="the reference code's negM")
-    p.add_argument("--negatives", help="isif: all, hard or easy (Table 8 keeps half of them)")
-    p.add_argument("--clusters", type=int, help="deepcluster: k of k-means (10, 100, 1000)")
-    p.add_argument("--nce-noise", type=int, help="nce: noise samples per instance (default 4096)")
-    p.add_argument("--margin", type=float, help="triplet: margin (default 0.5)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--schedule", help="step or cosine")
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--precision", help="fp32, bf16 or fp16")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the network")
-    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="under torchrun on GPUs: BatchNorm statistics over the global batch")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-every", type=int, help="kNN evaluation every N epochs (always after the last)")
-    p.add_argument("--knn-k", type=int)
-    p.add_argument("--eval-protocol", help="knn, retrieval, or auto (retrieval when the test classes are unseen)")
-    p.add_argument("--size", type=int, help="network input side in pixels (default: the images' own size)")
-    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
-                   help="streamed data sets: stop at the first unreadable image instead of skipping it")
-    p.add_argument("--workers", type=int, help="streamed data sets: DataLoader workers (default cores-1, max 8)")
-    p.add_argument("--nn-positive", type=float,
-                   help="probability that the positive is the image's nearest neighbour in the initial "
-                        "network's feature space (cub200 preset: 0.5)")
-    p.add_argument("--train-subset", type=int, help="train on a stratified slice of N images")
-    p.add_argument("--test-subset", type=int, help="evaluate on a stratified slice of N images")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-# flag -> (section, field); the flags a resumed run may change are marked True
-_OVERRIDES = {
-    "data": ("data", "path", True),
-    "dataset": ("data", "dataset", False),
-    "split": ("data", "split", False),
-    "negatives": ("method", "negatives", False),
-    "clusters": ("method", "clusters", False),
-    "nce_noise": ("method", "nce_noise", False),
-    "margin": ("method", "margin", False),
-    "cache_dir": ("data", "cache_dir", True),
-    "train_subset": ("data", "train_subset", False),
-    "test_subset": ("data", "test_subset", False),
-    "epochs": ("train", "epochs", True),
-    "batch_size": ("train", "batch_size", False),
-    "width": ("model", "width", False),
-    "arch": ("model", "arch", False),
-    "weights": ("model", "weights", False),
-    "method": ("method", "name", False),
-    "variant": ("method", "variant", False),
-    "temperature": ("method", "temperature", False),
-    "neg_weight": ("method", "neg_weight", False),
-    "lr": ("optim", "lr", False),
-    "schedule": ("optim", "schedule", False),
-    "warmup_epochs": ("optim", "warmup_epochs", False),
-    "precision": ("train", "precision", False),
-    "channels_last": ("train", "channels_last", True),
-    "compile": ("train", "compile", True),
-    "sync_bn": ("train", "sync_bn", False),
-    "device": ("train", "device", True),
-    "seed": ("train", "seed", False),
-    "eval_every": ("train", "eval_every", True),
-    "knn_k": ("train", "knn_k", False),
-    "eval_protocol": ("train", "eval_protocol", True),
-    "size": ("data", "size", False),
-    "strict": ("data", "strict", True),
-    "workers": ("data", "workers", True),
-    "nn_positive": ("method", "nn_positive", False),
-}
-
-
-def _apply_overrides(cfg, args, resuming: bool) -> None:
-    for flag, (section, key, resumable) in _OVERRIDES.items():
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        sec = getattr(cfg, section)
-        if resuming and not resumable and getattr(sec, key) != value:
-            raise UserError(f"--{flag.replace('_', '-')} cannot change on --resume (the run has "
-                            f"{section}.{key}={getattr(sec, key)!r}); start a new run instead")
-        setattr(sec, key, value)
+def _check_data_path(cfg) -> None:
+    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
+        raise UserError(f"--data {cfg.data.path}: no such file or folder")
 
 
 def cmd_train(args) -> int:
     from .checkpoint import load_checkpoint
-    from .config import Config, preset
+    from .config import Config
+    from .device import resolve_device
     from .dist import check_batch, device_for, setup, teardown
-    from .train import RunDir, resolve_device, train
+    from .evaluate.protocol import summary
+    from .presets import resolve
+    from .runlog import RunDir
+    from .train import train
 
     _set_threads(args.threads)
     resuming = args.resume is not None
@@ -158,12 +163,11 @@ def cmd_train(args) -> int:
         if not run.last.is_file():
             raise UserError(f"nothing to resume in {out}: no checkpoints/last.pt; start without --resume")
         cfg = Config.from_dict(load_checkpoint(run.last)["config"])
+        _apply_on_resume(cfg, _overrides(args))
     else:
-        cfg = preset(args.preset)
+        cfg = resolve(args.preset, _overrides(args))
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _apply_overrides(cfg, args, resuming)
-    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
-        raise UserError(f"--data {cfg.data.path}: no such file or folder")
+    _check_data_path(cfg)
     cfg.validate()
     t = cfg.train
     world = setup(t.device)
@@ -184,35 +188,48 @@ def cmd_train(args) -> int:
         return 0
     history = train(cfg, out, resume=resuming, overwrite=args.overwrite, progress=not args.quiet)
     teardown(world)  # on success only: after a failure, torchrun ends the other processes
-    from .train import eval_summary
-
-    evals = [r for r in history if eval_summary(r)]
+    evals = [r for r in history if summary(r)]
     if evals and world.main:
         last = evals[-1]
-        what = (f"kNN top-1 {last['knn_top1']:.2f}% (k={t.knn_k}, sigma={t.knn_sigma})"
-                if last.get("knn_top1") is not None else f"unseen classes: {eval_summary(last)}")
+        what = (f"kNN top-1 {last['knn_top1']:.2f}% (k={cfg.eval.knn_k}, sigma={cfg.eval.knn_sigma})"
+                if last.get("knn_top1") is not None else f"unseen classes: {summary(last)}")
         print(f"{what} after epoch {last['epoch']}; run folder: {out}")
     return 0
 
 
-def cmd_race(args) -> int:
-    from .config import preset
-    from .race import race, race_table
+def _race_parser(sub) -> None:
+    from .race import DEFAULT_METHODS
 
-    if args.method is not None:
+    p = sub.add_parser("race", help="train every method under one budget; plot kNN against epoch (Fig. 3)")
+    p.add_argument("--preset", default="cifar10-race", help="the shared setting (default cifar10-race)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--out", help="race folder (default runs/race-TIMESTAMP); rerunning reuses finished runs")
+    _run_flags(p)
+
+
+def cmd_race(args) -> int:
+    from .presets import resolve
+    from .race import check_methods, race, race_table
+
+    over = _overrides(args)
+    if "method.name" in over:
         raise UserError("isif race takes --methods A,B,C, not --method")
     _set_threads(args.threads)
-    cfg = preset(args.preset)
-    _apply_overrides(cfg, args, resuming=False)
-    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
-        raise UserError(f"--data {cfg.data.path}: no such file or folder")
-    cfg.validate()
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    check_methods(names)
+    configs = {n: resolve(args.preset, {**over, "method.name": n}, strict_method=False) for n in names}
+    for cfg in configs.values():
+        _check_data_path(cfg)
+        cfg.validate()
     out = Path(args.out) if args.out else Path("runs") / f"race-{time.strftime('%Y%m%d-%H%M%S')}"
-    histories = race(cfg, names, out, progress=not args.quiet)
+    histories = race(configs, out, progress=not args.quiet)
     print(race_table(histories), end="")
     print(f"race folder: {out} (race.png, race.md)")
     return 0
+
+
+# ----------------------------------------------------------------------------- embed, search, export, plot
 
 
 def _embed_parser(sub) -> None:
@@ -226,8 +243,8 @@ def _embed_parser(sub) -> None:
 
 
 def cmd_embed(args) -> int:
+    from .device import resolve_device
     from .embed import embed_folder
-    from .train import resolve_device
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -255,9 +272,9 @@ def _search_parser(sub) -> None:
 
 
 def cmd_search(args) -> int:
+    from .device import resolve_device
     from .embed import Embedder
-    from .search import grid, load_gallery, query_files, search
-    from .train import resolve_device
+    from .search import grid, run_search
 
     if args.k < 1 or args.batch_size < 1 or args.max_rows < 1:
         raise UserError("--k, --batch-size and --max-rows must be >= 1")
@@ -265,37 +282,19 @@ def cmd_search(args) -> int:
         raise UserError(f"--tile must be >= 32 pixels, got {args.tile}")
     if not Path(args.gallery).is_dir():
         raise UserError(f"--gallery {args.gallery}: no such folder; pass a folder of images or an isif embed output")
-    files = query_files(args.queries)
     embedder = Embedder(args.checkpoint, str(resolve_device(args.device or "auto")), args.batch_size)
-    gal = load_gallery(embedder, args.gallery, args.strict)
-    qz, qfiles, _ = embedder.files(files, args.strict)
-    if not qfiles:
-        raise UserError("none of the query images could be read")
-    where = {p: i for i, p in enumerate(gal.paths)}
-    exclude = [where.get(p.resolve()) for p in qfiles]
-    k = min(args.k, len(gal.paths) - (1 if any(e is not None for e in exclude) else 0))
-    if k < 1:
-        raise UserError("the gallery has no image besides the query")
-    scores, idx = search(qz, gal.features, k, exclude)
-    results, rows = [], []
-    for i, q in enumerate(qfiles):
-        neigh = [gal.paths[int(j)] for j in idx[i]]
-        qlabel = q.resolve().parent.name if gal.labels is not None else None
-        same = [None if gal.labels is None else gal.labels[int(j)] == qlabel for j in idx[i]]
-        results.append({"query": str(q), "neighbours": [
-            {"path": str(p), "cosine": float(sc), **({"same_label": s} if s is not None else {})}
-            for p, sc, s in zip(neigh, scores[i].tolist(), same, strict=True)]})
-        rows.append((q, neigh, same, scores[i].tolist()))
+    res = run_search(embedder, args.queries, args.gallery, args.k, args.strict)
+    rows = res["rows"]
     grid(rows[: args.max_rows], Path(args.out), size=args.tile)
     if args.json:
-        print(json.dumps({"results": results, "grid": args.out}))
+        print(json.dumps({"results": res["results"], "grid": args.out}))
         return 0
-    for r in results:
+    for r in res["results"]:
         print(r["query"])
         for rank, n in enumerate(r["neighbours"], start=1):
             mark = "" if "same_label" not in n else ("  same class" if n["same_label"] else "  other class")
             print(f"  {rank:3d}  {n['cosine']:.4f}  {n['path']}{mark}")
-    print(f"grid of {min(len(rows), args.max_rows)} queries x {k} neighbours: {args.out}")
+    print(f"grid of {min(len(rows), args.max_rows)} queries x {res['k']} neighbours: {args.out}")
     return 0
 
 
@@ -342,6 +341,9 @@ def cmd_plot(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- eval
+
+
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     esub = p.add_subparsers(dest="protocol", required=True, parser_class=_Parser)
@@ -368,136 +370,62 @@ def _checkpoint_flags(p):
     return p
 
 
-def _load_for_eval(args):
-    """Model, config, checkpoint, device and data for the eval and plot commands."""
-    from .checkpoint import load_model, resolve_checkpoint
-    from .train import load_splits, resolve_device
-
-    path = resolve_checkpoint(args.checkpoint)
-    device = resolve_device(args.device or "auto")
-    model, cfg, state = load_model(path, device)
-    if args.data is not None:
-        cfg.data.path = args.data
-    cfg.train.device = str(device)
-    return path, model, cfg, state, device, load_splits(cfg)
-
-
 def cmd_eval(args) -> int:
-    if args.protocol == "linear":
-        return cmd_eval_linear(args)
-    if args.protocol == "retrieval":
-        return cmd_eval_retrieval(args)
-    from .train import build_augment, evaluate_knn
+    from .evaluate.linear import LinearRecipe
+    from .evaluate.protocol import summary
+    from .evaluate.report import Loaded, knn_result, linear_result, retrieval_result
 
-    path, model, cfg, state, device, (splits, _, bank_set, test_set) = _load_for_eval(args)
-    if args.k is not None:
-        cfg.train.knn_k = args.k
-    if args.sigma is not None:
-        cfg.train.knn_sigma = args.sigma
-    cfg.validate()
-    if cfg.train.knn_k > len(bank_set):
-        raise UserError(f"--k {cfg.train.knn_k} is larger than the training set ({len(bank_set)} images)")
-    _, plain = build_augment(cfg, splits)
-    t0 = time.perf_counter()
-    acc = evaluate_knn(model, bank_set, test_set, plain, cfg, device)
-    res = {"checkpoint": str(path), "epoch": state.get("epoch"), "knn_top1": acc, "k": cfg.train.knn_k,
-           "sigma": cfg.train.knn_sigma, "train_images": len(bank_set), "test_images": len(test_set),
-           "eval_s": time.perf_counter() - t0}
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(f"kNN top-1 {acc:.2f}% (k={res['k']}, sigma={res['sigma']}) on {len(test_set)} test images, "
-              f"bank of {len(bank_set)}; checkpoint epoch {res['epoch']}")
-    return 0
-
-
-def cmd_eval_retrieval(args) -> int:
-    from .train import build_augment, evaluate_retrieval
-
-    ks: tuple[int, ...] | None = None
-    if args.ks is not None:
-        try:
-            ks = tuple(sorted({int(k) for k in args.ks.split(",") if k.strip()}))
-        except ValueError:
-            raise UserError(f"--ks {args.ks!r}: expected comma-separated integers such as 1,2,4,8") from None
-        if not ks or ks[0] < 1:
-            raise UserError(f"--ks {args.ks!r}: every K must be >= 1")
-    path, model, cfg, state, device, (splits, _, _, test_set) = _load_for_eval(args)
-    cfg.train.retrieval_ks = ks or tuple(int(k) for k in cfg.train.retrieval_ks)
-    _, plain = build_augment(cfg, splits)
-    t0 = time.perf_counter()
-    metrics = evaluate_retrieval(model, test_set, plain, cfg, device, seed=args.seed)
-    res = {"checkpoint": str(path), "epoch": state.get("epoch"), "images": len(test_set),
-           "classes": int(test_set.labels.unique().numel()), **metrics, "eval_s": time.perf_counter() - t0}
-    if args.json:
-        print(json.dumps(res))
-    else:
-        from .train import eval_summary
-
-        mapr = f"  MAP@R {res['map@r']:.2f}" if res["map@r"] is not None else ""
-        print(f"{eval_summary(res)}{mapr}  on {res['images']} test images of {res['classes']} classes; "
-              f"checkpoint epoch {res['epoch']}")
-    return 0
-
-
-def cmd_eval_linear(args) -> int:
-    import torch
-
-    from .evaluate import extract_features
-    from .evaluate.linear import LinearRecipe, linear_probe
-    from .train import build_augment
-
-    if args.epochs < 1 or not args.lr > 0:
+    if args.protocol == "linear" and (args.epochs < 1 or not args.lr > 0):
         raise UserError("--epochs must be >= 1 and --lr > 0")
-    path, model, cfg, state, device, (splits, _, bank_set, test_set) = _load_for_eval(args)
-    _, plain = build_augment(cfg, splits)
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    t0 = time.perf_counter()
-    kw = dict(batch_size=cfg.train.eval_batch_size, device=device, precision=cfg.train.precision,
-              channels_last=cfg.train.channels_last, backbone_only=args.features == "backbone")
-    train_x = extract_features(model, bank_set.images, plain, **kw)
-    test_x = extract_features(model, test_set.images, plain, **kw)
-    recipe = LinearRecipe(epochs=args.epochs, lr=args.lr)
-    res = linear_probe(train_x, bank_set.labels.to(device), test_x, test_set.labels, len(bank_set.classes), recipe)
-    # as MoCo's sanity check: the probe never touched the network
-    after = model.state_dict()
-    unchanged = all(torch.equal(before[k], after[k]) for k in before)
-    if not unchanged:
-        raise RuntimeError("the network's weights changed during the linear probe")
-    out = {"checkpoint": str(path), "epoch": state.get("epoch"), "linear_top1": res["test_top1"],
-           "linear_train_top1": res["train_top1"], "features": args.features, "feature_dim": int(train_x.shape[1]),
-           "recipe": recipe.__dict__, "backbone_unchanged": unchanged, "eval_s": time.perf_counter() - t0}
-    if args.json:
-        print(json.dumps(out))
+    ks = _parse_ks(args.ks) if args.protocol == "retrieval" else None
+    ld = Loaded(args.checkpoint, args.data, args.device)
+    if args.protocol == "knn":
+        res = knn_result(ld, args.k, args.sigma)
+        text = (f"kNN top-1 {res['knn_top1']:.2f}% (k={res['k']}, sigma={res['sigma']}) on {res['test_images']} "
+                f"test images, bank of {res['train_images']}; checkpoint epoch {res['epoch']}")
+    elif args.protocol == "retrieval":
+        res = retrieval_result(ld, ks, args.seed)
+        mapr = f"  MAP@R {res['map@r']:.2f}" if res["map@r"] is not None else ""
+        text = (f"{summary(res)}{mapr}  on {res['images']} test images of {res['classes']} classes; "
+                f"checkpoint epoch {res['epoch']}")
     else:
-        print(f"linear probe top-1 {res['test_top1']:.2f}% (train {res['train_top1']:.2f}%) on {args.features} "
-              f"features ({train_x.shape[1]}-d); backbone weights unchanged: yes; checkpoint epoch {out['epoch']}")
+        res = linear_result(ld, LinearRecipe(epochs=args.epochs, lr=args.lr), args.features)
+        text = (f"linear probe top-1 {res['linear_top1']:.2f}% (train {res['linear_train_top1']:.2f}%) on "
+                f"{args.features} features ({res['feature_dim']}-d); backbone weights unchanged: yes; checkpoint "
+                f"epoch {res['epoch']}")
+    print(json.dumps(res) if args.json else text)
     return 0
+
+
+def _parse_ks(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        raise UserError(f"--ks {text!r}: expected comma-separated integers such as 1,2,4,8") from None
+    if not ks or ks[0] < 1:
+        raise UserError(f"--ks {text!r}: every K must be >= 1")
+    return ks
+
+
+# ----------------------------------------------------------------------------- bench, presets, methods
 
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="training-step throughput against the backbone's forward+backward limit")
     p.add_argument("--preset", default="cifar10-cpu")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--width", type=float)
-    p.add_argument("--precision")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--device")
     p.add_argument("--steps", type=int, default=20, help="timed steps per piece (after 3 warm-up steps)")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_setting_flags(p, _BENCH)
 
 
 def cmd_bench(args) -> int:
     from .bench import run_bench
-    from .config import preset
+    from .presets import resolve
 
-    cfg = preset(args.preset)
-    for flag, (section, key) in {"batch_size": ("train", "batch_size"), "width": ("model", "width"),
-                                 "precision": ("train", "precision"), "channels_last": ("train", "channels_last"),
-                                 "device": ("train", "device")}.items():
-        if getattr(args, flag) is not None:
-            setattr(getattr(cfg, section), key, getattr(args, flag))
+    cfg = resolve(args.preset, _overrides(args))
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     _set_threads(args.threads)
@@ -509,7 +437,7 @@ def cmd_bench(args) -> int:
           f"{res['precision']}{', channels_last' if res['channels_last'] else ''}, "
           f"batch {res['batch_instances']} instances = {res['images_per_step']} images/step")
     print(f"  training step        {res['step_images_per_s']:9.0f} images/s  ({res['step_ms']:.1f} ms)")
-    print(f"  backbone fwd+bwd     {res['limit_images_per_s']:9.0f} images/s  ({res['limit_ms']:.1f} ms)  <- limit")
+    print(f"  network fwd+bwd      {res['limit_images_per_s']:9.0f} images/s  ({res['limit_ms']:.1f} ms)  <- limit")
     print(f"  augmentation         {res['augment_ms']:9.1f} ms/step")
     print(f"  objective fwd+bwd    {res['objective_ms']:9.1f} ms/step")
     q, b = res["knn_sizes"]
@@ -533,13 +461,14 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_presets(args) -> int:
-    from .config import PRESETS
+    from .presets import PRESETS, resolve
 
-    for name, fn in PRESETS.items():
-        doc = (fn.__doc__ or "").strip().splitlines()[0]
+    for name, p in PRESETS.items():
+        doc = p.doc.split(";")[0] if len(p.doc) > 100 else p.doc
         print(f"{name:21s} {doc}")
         if args.verbose:
-            print(json.dumps(fn().to_dict(), indent=2))
+            print(f"  parent: {p.parent or '(defaults)'}; changes: {json.dumps(p.changes)}")
+            print(json.dumps(resolve(name).to_dict(), indent=2))
     return 0
 
 
@@ -558,16 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
                                               "Instance Feature (Ye et al., CVPR 2019).")
     parser.add_argument("--version", action="version", version=f"isif {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _train_parser(sub)
-    _race_parser(sub)
-    _eval_parser(sub)
-    _bench_parser(sub)
-    _embed_parser(sub)
-    _plot_parser(sub)
-    _search_parser(sub)
-    _export_parser(sub)
+    for add in (_train_parser, _race_parser, _eval_parser, _bench_parser, _embed_parser, _plot_parser,
+                _search_parser, _export_parser):
+        add(sub)
     pp = sub.add_parser("presets", help="list the named presets")
-    pp.add_argument("-v", "--verbose", action="store_true", help="print each preset's full config")
+    pp.add_argument("-v", "--verbose", action="store_true", help="print each preset's changes and full config")
     sub.add_parser("methods", help="list the training methods")
     return parser
 
@@ -576,11 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointWriteError
     from .train import Interrupted, TrainingDiverged
 
+    commands = {"train": cmd_train, "race": cmd_race, "eval": cmd_eval, "bench": cmd_bench, "embed": cmd_embed,
+                "search": cmd_search, "export": cmd_export, "plot": cmd_plot, "presets": cmd_presets,
+                "methods": cmd_methods}
     try:
         args = build_parser().parse_args(argv)
-        commands = {"train": cmd_train, "race": cmd_race, "eval": cmd_eval, "bench": cmd_bench, "embed": cmd_embed,
-                    "search": cmd_search, "export": cmd_export,
-                    "plot": cmd_plot, "presets": cmd_presets, "methods": cmd_methods}
         return commands[args.command](args)
     except UserError as e:
         print(f"isif: error: {e}", file=sys.stderr)

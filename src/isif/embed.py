@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from pathlib import Path
 
@@ -13,9 +12,10 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model, resolve_checkpoint
 from .data.augment import normalize
-from .data.sources import IMAGE_EXTS, BadImage, atomic_write_bytes, broken_image, decode_rgb, report_skipped
+from .data.decode import IMAGE_EXTS, BadImage, broken_image, decode_rgb, is_image_name, report_skipped
+from .device import autocast, param_dtype
 from .errors import UserError
-from .precision import autocast
+from .io import atomic_write_bytes, sha256_file
 
 
 def input_spec(state: dict, cfg) -> dict:
@@ -25,9 +25,9 @@ def input_spec(state: dict, cfg) -> dict:
     if spec:
         return {"size": int(spec["size"]), "mean": tuple(spec["mean"]), "std": tuple(spec["std"]),
                 "resize": int(spec["resize"]) if spec.get("center_crop") else None}
-    from .train import load_splits
+    from .data.registry import load_dataset
 
-    splits = load_splits(cfg)[0]
+    splits = load_dataset(cfg.data)
     return {"size": int(splits.train.images.shape[-1]), "mean": splits.mean, "std": splits.std, "resize": None}
 
 
@@ -59,7 +59,7 @@ def list_images(folder: str) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{folder}: no such folder; pass a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_name(p))
     if not files:
         raise UserError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTS))})")
     return files
@@ -78,11 +78,7 @@ class Embedder:
     @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of the checkpoint file: which weights produced a set of features."""
-        h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return sha256_file(self.path)
 
     @torch.no_grad()
     def files(self, files: list[Path], strict: bool = False) -> tuple[torch.Tensor, list[Path], list[str]]:
@@ -96,7 +92,7 @@ class Embedder:
         batch: list[torch.Tensor] = []
 
         def flush() -> None:
-            x = normalize(torch.stack(batch), mean_t, std_t).to(self.device)
+            x = normalize(torch.stack(batch), mean_t, std_t).to(self.device, param_dtype(self.cfg.train.precision))
             if self.cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.cfg.train.precision):

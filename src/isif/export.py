@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from .checkpoint import load_model, resolve_checkpoint
-from .data.sources import atomic_write_bytes
 from .embed import input_spec
 from .errors import UserError
+from .io import atomic_write_bytes
 
 
 class Exportable(nn.Module):

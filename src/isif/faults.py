@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 
-SITES = ("step", "checkpoint-write", "eval", "metrics-write", "epoch-end")
 _seen: dict[str, int] = {}
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data.sources import atomic_write_bytes
+from .io import atomic_write_bytes
 
 
 def _plt():

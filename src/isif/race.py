@@ -2,45 +2,50 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data.sources import atomic_write_bytes
 from .errors import UserError
+from .io import atomic_write_bytes
+from .objectives import get_method
 from .objectives import methods as registered
 from .plots import is_retrieval_metric, plot_race, primary_metric
-from .train import RunDir, train
+from .runlog import RunDir
+from .train import train
 
-DEFAULT_METHODS = ("random", "isif", "npsoftmax", "nce", "exemplar", "triplet", "triplet-hard", "deepcluster")
+DEFAULT_METHODS = tuple(registered())  # every registered method, in registry order
 
 
-def race(base: Config, names: list[str], out: Path, progress: bool = True) -> dict[str, list[dict]]:
-    """Train each method into ``out/<method>``; finished runs are reused, interrupted ones resumed.
+def race(configs: dict[str, Config], out: Path, progress: bool = True) -> dict[str, list[dict]]:
+    """Train each method's config into ``out/<method>``; finished runs are reused, interrupted ones resumed.
 
     Writes ``out/race.png`` and ``out/race.md`` after every method, so partial
     results survive an interruption.
     """
+    if not configs:
+        raise UserError("--methods needs at least one method")
+    out = Path(out)
+    histories: dict[str, list[dict]] = {}
+    for name, cfg in configs.items():
+        run = RunDir(out / name)
+        if run.last.is_file():
+            state = load_checkpoint(run.last)
+            epochs = cfg.train.epochs if get_method(name).trains else 1
+            done = state["epoch"] >= epochs and state["step"] == 0
+            histories[name] = state["history"] if done else train(cfg, run.root, resume=True, progress=progress)
+        else:
+            histories[name] = train(cfg, run.root, overwrite=True, progress=progress)
+        write_race(histories, out, next(iter(configs.values())))
+    return histories
+
+
+def check_methods(names: list[str]) -> None:
     unknown = [n for n in names if n not in registered()]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(registered()))}")
     if not names:
         raise UserError("--methods needs at least one method")
-    out = Path(out)
-    histories: dict[str, list[dict]] = {}
-    for name in names:
-        cfg = copy.deepcopy(base)
-        cfg.method.name = name
-        run = RunDir(out / name)
-        if run.last.is_file():
-            state = load_checkpoint(run.last)
-            done = state["epoch"] >= (cfg.train.epochs if name != "random" else 1) and state["step"] == 0
-            histories[name] = state["history"] if done else train(cfg, run.root, resume=True, progress=progress)
-        else:
-            histories[name] = train(cfg, run.root, overwrite=True, progress=progress)
-        write_race(histories, out, base)
-    return histories
 
 
 def race_metric(histories: dict[str, list[dict]]) -> tuple[str, str]:

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from .data.sources import IMAGE_EXTS, atomic_write_bytes
+from .data.decode import IMAGE_EXTS, is_image_name
 from .embed import Embedder, list_images
 from .errors import UserError
+from .io import atomic_write_bytes
 
 GREEN, RED, GREY, BLUE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (50, 110, 220)
 
@@ -67,7 +68,7 @@ def query_files(queries: list[str]) -> list[Path]:
         if p.is_dir():
             files += list_images(q)
         elif p.is_file():
-            if p.suffix.lower() not in IMAGE_EXTS:
+            if not is_image_name(p):
                 raise UserError(f"{q}: not an image file ({', '.join(sorted(IMAGE_EXTS))})")
             files.append(p)
         else:
@@ -122,3 +123,35 @@ def grid(rows: list[tuple[Path, list[Path], list[bool | None], list[float]]], pa
         canvas.save(f, format="PNG")
 
     atomic_write_bytes(Path(path), write)
+
+
+def run_search(embedder: Embedder, queries: list[str], gallery: str, k: int, strict: bool = False) -> dict:
+    """Embed the queries, search the gallery, and describe every hit.
+
+    Returns {"results": [{"query", "neighbours": [{"path", "cosine", "same_label"?}]}], "rows": grid rows, "k"}.
+    A query that is itself in the gallery never finds itself. ``same_label`` (class-folder galleries only) tells
+    whether a neighbour shares the query's folder name.
+    """
+    if not Path(gallery).is_dir():
+        raise UserError(f"--gallery {gallery}: no such folder; pass a folder of images or an isif embed output")
+    files = query_files(queries)
+    gal = load_gallery(embedder, gallery, strict)
+    qz, qfiles, _ = embedder.files(files, strict)
+    if not qfiles:
+        raise UserError("none of the query images could be read")
+    where = {p: i for i, p in enumerate(gal.paths)}
+    exclude = [where.get(p.resolve()) for p in qfiles]
+    k = min(k, len(gal.paths) - (1 if any(e is not None for e in exclude) else 0))
+    if k < 1:
+        raise UserError("the gallery has no image besides the query")
+    scores, idx = search(qz, gal.features, k, exclude)
+    results, rows = [], []
+    for i, q in enumerate(qfiles):
+        neigh = [gal.paths[int(j)] for j in idx[i]]
+        qlabel = q.resolve().parent.name if gal.labels is not None else None
+        same = [None if gal.labels is None else gal.labels[int(j)] == qlabel for j in idx[i]]
+        results.append({"query": str(q), "neighbours": [
+            {"path": str(p), "cosine": float(sc), **({"same_label": s} if s is not None else {})}
+            for p, sc, s in zip(neigh, scores[i].tolist(), same, strict=True)]})
+        rows.append((q, neigh, same, scores[i].tolist()))
+    return {"results": results, "rows": rows, "k": k}

@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_model, resolve_checkpoint
-from .evaluate import extract_features
+from .data.augment import build_transforms
+from .data.registry import load_sets
+from .device import resolve_device
+from .evaluate.protocol import Extractor
 from .plots import plot_similarity
-from .train import build_augment, load_splits, resolve_device
 
 
 @torch.no_grad()
@@ -20,15 +22,14 @@ def similarity_samples(run: str, images: int, data: str | None, device: str | No
     model, cfg, _ = load_model(resolve_checkpoint(run), dev)
     if data is not None:
         cfg.data.path = data
-    splits, _, _, test_set = load_splits(cfg)
-    aug, _ = build_augment(cfg, splits)
+    sets = load_sets(cfg.data)
+    aug, _ = build_transforms(cfg.augment, cfg.data.size, sets.splits)
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(test_set), generator=g)[:images]
-    x = test_set.images[idx]
-    kw = dict(batch_size=cfg.train.eval_batch_size, device=dev, precision=cfg.train.precision,
-              channels_last=cfg.train.channels_last)
-    v1 = extract_features(model, x, lambda b: aug(b, g), **kw)  # (n, D)
-    v2 = extract_features(model, x, lambda b: aug(b, g), **kw)
+    idx = torch.randperm(len(sets.test), generator=g)[:images]
+    x = sets.test.images[idx]
+    views = Extractor(lambda b: aug(b, g), dev, cfg.train.precision, cfg.train.channels_last, cfg.eval.batch_size)
+    v1 = views(model, x)  # (n, D)
+    v2 = views(model, x)
     pos = (v1 * v2).sum(1)
     shift = torch.randint(1, len(x), (1,), generator=g).item()  # pair i with (i + shift) mod n: always j != i
     neg = (v1 * v1.roll(int(shift), 0)).sum(1)

@@ -1,6 +1,8 @@
-"""Data sources and batched augmentation."""
+"""Data: sources (one module each, one line in ``registry.SOURCES``), their shared types, batched augmentation."""
 
-from .augment import BatchAugment, PlainTransform
-from .sources import ArrayDataset, Splits, load_cifar10, load_dataset
+from .augment import AugmentConfig, BatchAugment, PlainTransform, build_transforms
+from .registry import SOURCES, DataConfig, Source, load_dataset, load_sets
+from .types import ArrayDataset, LazyImages, Request, Sets, Splits
 
-__all__ = ["ArrayDataset", "BatchAugment", "PlainTransform", "Splits", "load_cifar10", "load_dataset"]
+__all__ = ["SOURCES", "ArrayDataset", "AugmentConfig", "BatchAugment", "DataConfig", "LazyImages", "PlainTransform",
+           "Request", "Sets", "Source", "Splits", "build_transforms", "load_dataset", "load_sets"]

@@ -25,6 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+from ..settings import PROBABILITY, one_of, setting
+from .types import Splits
+
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision
 
 
@@ -332,3 +336,38 @@ class PlainTransform:
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         return normalize(x, self.mean, self.std)
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale: tuple[float, float] | None = setting(
+        (0.2, 1.0), "RandomResizedCrop's area range MIN,MAX, or none (no crop)")
+    jitter: tuple[float, float, float, float] | None = setting(
+        (0.4, 0.4, 0.4, 0.4), "ColorJitter strengths B,C,S,H, or none")
+    grayscale_p: float = setting(0.2, "RandomGrayscale probability", check=PROBABILITY)
+    flip: bool = setting(True, "random horizontal flip")
+    crop_mode: str = setting("resized", "resized (RandomResizedCrop) or fixed (RandomCrop of --size, centre at test)",
+                             check=one_of("resized", "fixed"))
+
+    def check(self) -> None:
+        if self.crop_scale is not None:
+            lo, hi = self.crop_scale
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if self.jitter is not None:
+            if len(self.jitter) != 4 or not all(j >= 0 for j in self.jitter):
+                raise ValueError("--jitter needs 4 strengths >= 0")
+            if self.jitter[3] > 0.5:
+                raise ValueError(f"hue jitter must be <= 0.5, got {self.jitter[3]}")
+
+
+def build_transforms(cfg: AugmentConfig, size: int | None, splits: Splits) -> tuple[BatchAugment, PlainTransform]:
+    """(training augmentation, test transform) at ``size`` (default: the stored images' side)."""
+    stored = int(splits.train.images.shape[-1])
+    size = size or stored
+    if cfg.crop_mode == "fixed" and size > stored:
+        raise UserError(f"--size {size} is larger than the stored {stored}x{stored} images; a fixed crop needs "
+                        "a smaller size")
+    aug = BatchAugment(size, splits.mean, splits.std, cfg.crop_scale, jitter=cfg.jitter,
+                       grayscale_p=cfg.grayscale_p, flip=cfg.flip, crop_mode=cfg.crop_mode)
+    return aug, PlainTransform(size, splits.mean, splits.std, center_crop=cfg.crop_mode == "fixed")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .sources import IMAGE_EXTS
+from .decode import is_image_name
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Listing:
         return len(self.paths)
 
 
-def _listing(items: list[tuple[Path, str]], key=None) -> Listing:
+def listing(items: list[tuple[Path, str]], key=None) -> Listing:
     names = sorted({c for _, c in items}, key=key)
     index = {c: i for i, c in enumerate(names)}
     return Listing([p for p, _ in items], [index[c] for _, c in items], names)
@@ -54,7 +54,7 @@ def read_cub(root: str | Path) -> dict[str, Listing]:
     for image_id in sorted(paths, key=int):
         c = int(labels[image_id])
         split["train" if c <= 100 else "test"].append((root / "images" / paths[image_id].strip(), str(c)))
-    return {s: _listing(v, key=int) for s, v in split.items()}
+    return {s: listing(v, key=int) for s, v in split.items()}
 
 
 def read_cars(root: str | Path) -> dict[str, Listing]:
@@ -73,7 +73,7 @@ def read_cars(root: str | Path) -> dict[str, Listing]:
     for a in annos:
         c = int(a["class"])
         split["train" if c <= 98 else "test"].append((root / str(a["relative_im_path"]), str(c)))
-    return {s: _listing(v, key=int) for s, v in split.items()}
+    return {s: listing(v, key=int) for s, v in split.items()}
 
 
 def read_sop(root: str | Path) -> dict[str, Listing]:
@@ -88,7 +88,7 @@ def read_sop(root: str | Path) -> dict[str, Listing]:
             parts = line.split()
             if len(parts) == 4:
                 items.append((root / parts[3], parts[1]))
-        out[s] = _listing(items, key=int)
+        out[s] = listing(items, key=int)
     return out
 
 
@@ -97,7 +97,7 @@ def _class_dirs(d: Path) -> list[Path]:
 
 
 def _images(d: Path) -> list[Path]:
-    return sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    return sorted(p for p in d.rglob("*") if is_image_name(p))
 
 
 def read_class_folders(root: str | Path) -> dict[str, Listing]:
@@ -105,11 +105,11 @@ def read_class_folders(root: str | Path) -> dict[str, Listing]:
     if not root.is_dir():
         raise UserError(f"{root}: no such folder; expected train/<class>/ and test/<class>/, or <class>/ folders")
     if (root / "train").is_dir() and (root / "test").is_dir():
-        return {s: _listing([(p, c.name) for c in _class_dirs(root / s) for p in _images(c)])
+        return {s: listing([(p, c.name) for c in _class_dirs(root / s) for p in _images(c)])
                 for s in ("train", "test")}
     classes = _class_dirs(root)
     if len(classes) < 2:
         raise UserError(f"{root}: expected train/<class>/ and test/<class>/, or at least two <class>/ folders")
     half = len(classes) // 2
-    return {"train": _listing([(p, c.name) for c in classes[:half] for p in _images(c)]),
-            "test": _listing([(p, c.name) for c in classes[half:] for p in _images(c)])}
+    return {"train": listing([(p, c.name) for c in classes[:half] for p in _images(c)]),
+            "test": listing([(p, c.name) for c in classes[half:] for p in _images(c)])}

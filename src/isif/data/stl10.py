@@ -9,14 +9,14 @@ copied once, with no decode cache.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UserError
-from .sources import ArrayDataset, Splits, default_cache_dir
+from ..io import default_cache_dir
+from .types import ArrayDataset, Request, Splits
 
 STL10_MEAN = (0.4467, 0.4398, 0.4066)
 STL10_STD = (0.2603, 0.2566, 0.2713)
@@ -59,7 +59,8 @@ def _download(root: Path) -> Path:
     return found
 
 
-def load_stl10(path: str | os.PathLike | None, split: str = "train") -> Splits:
+def load_stl10(req: Request) -> Splits:
+    path, split = req.path, req.split
     if path is None:
         root = default_cache_dir() / "downloads"
         folder = _find(root) or _download(root)
@@ -78,13 +79,13 @@ def load_stl10(path: str | os.PathLike | None, split: str = "train") -> Splits:
     test_x = read_images(folder / "test_X.bin")
     test = ArrayDataset(test_x, read_labels(folder / "test_y.bin", len(test_x)), classes)
     if split == "train":
-        return Splits(train, test, STL10_MEAN, STL10_STD, "stl10", str(folder))
+        return Splits(train, test, STL10_MEAN, STL10_STD)
     unl_path = folder / "unlabeled_X.bin"
     if not unl_path.is_file():
         raise UserError(f"{folder}: split {split!r} needs unlabeled_X.bin")
     unl_x = read_images(unl_path)
     unl = ArrayDataset(unl_x, torch.full((len(unl_x),), -1, dtype=torch.long), classes)
     if split == "unlabeled":
-        return Splits(unl, test, STL10_MEAN, STL10_STD, "stl10", str(folder), bank=train)
+        return Splits(unl, test, STL10_MEAN, STL10_STD, bank=train)
     both = ArrayDataset(torch.cat([train.images, unl.images]), torch.cat([train.labels, unl.labels]), classes)
-    return Splits(both, test, STL10_MEAN, STL10_STD, "stl10", str(folder), bank=train)
+    return Splits(both, test, STL10_MEAN, STL10_STD, bank=train)

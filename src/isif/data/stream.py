@@ -18,8 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +26,10 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from .class_split import Listing, read_cars, read_class_folders, read_cub, read_sop
-from .sources import (
-    BadImage,
-    Splits,
-    atomic_write_bytes,
-    broken_image,
-    decode_rgb,
-    default_cache_dir,
-    report_skipped,
-    stratified_index,
-)
+from ..io import atomic_write_bytes, default_cache_dir
+from .class_split import Listing
+from .decode import BadImage, broken_image, decode_rgb, report_skipped
+from .types import ArrayDataset, Request, Splits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,14 +109,15 @@ class FileImages:
     def shape(self) -> tuple[int, int, int, int]:
         return (len(self.paths), 3, self.store, self.store)
 
-    def to(self, device) -> FileImages:  # files are decoded batch by batch; nothing to move
-        return self
-
     def __getitem__(self, key) -> FileImages | torch.Tensor:
         if isinstance(key, slice):
             return FileImages(self.paths[key], self.store, self.workers)
         idx = key.tolist() if isinstance(key, torch.Tensor) else list(key)
         return self.take(idx)
+
+    def select(self, idx: torch.Tensor) -> FileImages:
+        """Another lazy array of the given images."""
+        return FileImages([self.paths[int(i)] for i in idx], self.store, self.workers)
 
     def take(self, idx: Iterable[int]) -> torch.Tensor:
         """Decode the given images now, in this process: (n, 3, S, S) uint8."""
@@ -143,29 +136,6 @@ class FileImages:
     def sequential(self, batch_size: int, pin: bool = False) -> Iterator[torch.Tensor]:
         n = len(self.paths)
         return self.batches([list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)], pin)
-
-
-@dataclass
-class FileDataset:
-    """A labelled set of image files; the streaming counterpart of ``ArrayDataset``."""
-
-    images: FileImages
-    labels: torch.Tensor  # (N,) int64
-    classes: list[str]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def to(self, device) -> FileDataset:
-        return FileDataset(self.images, self.labels.to(device), self.classes)
-
-    def subset(self, n: int | None) -> FileDataset:
-        """The first ``n // classes`` images of each class (a stratified slice), in the original order."""
-        if n is None or n >= len(self):
-            return self
-        idx = stratified_index(self.labels, len(self.classes), n)
-        paths = [self.images.paths[int(i)] for i in idx]
-        return FileDataset(FileImages(paths, self.images.store, self.images.workers), self.labels[idx], self.classes)
 
 
 def _fingerprint(paths: list[str]) -> str:
@@ -218,7 +188,7 @@ def scan(paths: list[str], strict: bool = False, workers: int | None = None, cac
 
 
 def _dataset(listing: Listing, store: int, strict: bool, workers: int | None, cache_dir: Path | None,
-             what: str) -> FileDataset:
+             what: str) -> ArrayDataset:
     paths = [str(p) for p in listing.paths]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing and strict:
@@ -230,26 +200,24 @@ def _dataset(listing: Listing, store: int, strict: bool, workers: int | None, ca
     if not keep:
         raise UserError(f"{what}: none of the {len(paths)} listed images could be read")
     labels = torch.tensor([listing.labels[i] for i in keep], dtype=torch.long)
-    return FileDataset(FileImages([paths[i] for i in keep], store, workers), labels, list(listing.classes))
+    return ArrayDataset(FileImages([paths[i] for i in keep], store, workers), labels, list(listing.classes))
 
 
-READERS = {"cub200": read_cub, "cars196": read_cars, "sop": read_sop, "images": read_class_folders}
-NAMES = {"cub200": "CUB-200-2011", "cars196": "Cars196", "sop": "Stanford Online Products",
-         "images": "image folder"}
+def streamed(name: str, read: Callable[[Path], dict[str, Listing]], title: str, store: int = STORE_SIZE):
+    """The loader of a class-disjoint set whose ``read(root)`` lists its train and test files (see class_split)."""
 
+    def load(req: Request) -> Splits:
+        if req.path is None:
+            raise UserError(f"dataset {name} needs --data PATH to its folder ({title}; no download exists)")
+        root = Path(req.path).expanduser()
+        if not root.is_dir():
+            raise UserError(f"--data {req.path}: no such folder; dataset {name} reads the {title} folder")
+        listings = read(root)
+        for split in ("train", "test"):
+            if len(listings[split]) == 0:
+                raise UserError(f"{root}: no {split} images found in the {title} layout")
+        cache = Path(req.cache_dir) if req.cache_dir else None
+        sets = [_dataset(listings[s], store, req.strict, req.workers, cache, f"{name} {s}") for s in ("train", "test")]
+        return Splits(sets[0], sets[1], IMAGENET_MEAN, IMAGENET_STD)
 
-def load_streaming(name: str, path: str | os.PathLike | None, cache_dir: Path | None = None, *,
-                   strict: bool = False, workers: int | None = None, store: int = STORE_SIZE) -> Splits:
-    """Class-disjoint train/test sets of ``name`` (cub200, cars196, sop, images) streamed from files."""
-    if path is None:
-        raise UserError(f"dataset {name} needs --data PATH to its folder ({NAMES[name]}; no download exists)")
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise UserError(f"--data {path}: no such folder; dataset {name} reads the {NAMES[name]} folder")
-    listings = READERS[name](root)
-    for split in ("train", "test"):
-        if len(listings[split]) == 0:
-            raise UserError(f"{root}: no {split} images found in the {NAMES[name]} layout")
-    train = _dataset(listings["train"], store, strict, workers, cache_dir, f"{name} train")
-    test = _dataset(listings["test"], store, strict, workers, cache_dir, f"{name} test")
-    return Splits(train, test, IMAGENET_MEAN, IMAGENET_STD, name, str(root))  # type: ignore[arg-type]
+    return load

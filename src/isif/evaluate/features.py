@@ -1,4 +1,4 @@
-"""Feature extraction: a model applied to an in-memory set with the test transform."""
+"""Feature extraction: a model applied to an image set with the test transform, sharded under torchrun."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..precision import autocast
+from ..data.types import Images, LazyImages
+from ..device import autocast, param_dtype
+from ..dist import SINGLE, World, gather_rows, shard
 
 
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
-    images: torch.Tensor,
+    images: Images,
     transform: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int = 512,
     device: torch.device | str = "cpu",
@@ -21,10 +23,9 @@ def extract_features(
     channels_last: bool = False,
     backbone_only: bool = False,
 ) -> torch.Tensor:
-    """Embed uint8 images (N, 3, H, W) in eval mode; returns float32 (N, D) on ``device``.
+    """Embed uint8 images (N, 3, H, W) in eval mode; returns (N, D) on ``device``, float32 (float64 for fp64).
 
-    ``images`` is a tensor, or streamed ``FileImages`` decoded by DataLoader workers.
-
+    ``images`` is a tensor, or ``LazyImages`` (files decoded by DataLoader workers).
     ``backbone_only`` returns the backbone's pooled features instead of the
     L2-normalised embedding (for the linear probe).
     """
@@ -32,19 +33,32 @@ def extract_features(
     was_training = model.training
     model.eval()
     device = torch.device(device)
+    dtype = param_dtype(precision)
     feats = []
-    if hasattr(images, "sequential"):  # files decoded by DataLoader workers (isif.data.stream.FileImages)
+    if isinstance(images, LazyImages):
         batches = images.sequential(batch_size, pin=device.type == "cuda")
     else:
         batches = (images[s : s + batch_size] for s in range(0, images.shape[0], batch_size))
     try:
         for batch in batches:
-            x = transform(batch.to(device, non_blocking=True))
+            x = transform(batch.to(device, non_blocking=True)).to(dtype)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
                 z = net(x)
-            feats.append(z.float())
+            feats.append(z.to(dtype))
     finally:
         model.train(was_training)
     return torch.cat(feats)
+
+
+def sharded_features(model: nn.Module, images: Images, transform: Callable[[torch.Tensor], torch.Tensor],
+                     world: World = SINGLE, **kw) -> torch.Tensor:
+    """``extract_features`` of every image; under torchrun each process embeds one contiguous shard and all
+    processes receive the whole (N, D) result."""
+    if not world.active:
+        return extract_features(model, images, transform, **kw)
+    start, stop, per = shard(images.shape[0], world)
+    feats = extract_features(model, images[start:stop], transform, **kw)
+    pad = torch.zeros(per - feats.shape[0], feats.shape[1], device=feats.device, dtype=feats.dtype)
+    return gather_rows(torch.cat([feats, pad]), world)[: images.shape[0]]

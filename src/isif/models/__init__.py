@@ -1,20 +1,75 @@
-"""Backbones and the embedding head."""
+"""Backbones, their registry, and the embedding head.
+
+A backbone is one registry entry in ``BACKBONES``: its name, a builder
+``build(width, weights) -> nn.Module`` returning pooled features (N, F), and
+its output width F at ``width`` 1. ``build_model`` puts the head (FC to
+``dim``, L2 norm) on top.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..settings import POSITIVE, at_least, setting
 from .resnet_cifar import CifarResNet, resnet18_cifar
+from .torchvision_nets import torchvision_backbone
 
-ARCHS = ("resnet18_cifar", "googlenet", "resnet18", "resnet50")
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    build: Callable[[float, str | None], nn.Module]  # (width, weights) -> pooled features (N, out_dim)
+    out_dim: int  # feature width at width 1.0
+    summary: str
+    widthable: bool = False  # does --width scale it?
+    pretrained: bool = False  # does --weights imagenet|PATH apply?
+
+    def features(self, width: float) -> int:
+        return max(1, round(self.out_dim * width)) if self.widthable else self.out_dim
+
+
+def _cifar(width: float, weights: str | None) -> nn.Module:
+    return resnet18_cifar(width)
+
+
+def _torchvision(arch: str) -> Callable[[float, str | None], nn.Module]:
+    return lambda width, weights: torchvision_backbone(arch, weights, BACKBONES[arch].out_dim)
+
+
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (
+    Backbone("resnet18_cifar", _cifar, 512, "ResNet-18 with a CIFAR stem (3x3, no max-pool), any input size",
+             widthable=True),
+    Backbone("googlenet", _torchvision("googlenet"), 1024, "torchvision GoogLeNet / Inception-V1, pool5",
+             pretrained=True),
+    Backbone("resnet18", _torchvision("resnet18"), 512, "torchvision ResNet-18", pretrained=True),
+    Backbone("resnet50", _torchvision("resnet50"), 2048, "torchvision ResNet-50", pretrained=True),
+)}
+ARCHS = tuple(BACKBONES)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = setting("resnet18_cifar", "backbone: " + ", ".join(BACKBONES))
+    width: float = setting(1.0, "backbone channel multiplier (resnet18_cifar)", check=POSITIVE)
+    dim: int = setting(128, "embedding size", check=at_least(1))
+    weights: str | None = setting(None, "torchvision backbones: none, imagenet, or a state-dict path")
+    freeze_bn: bool = setting(False, "BatchNorm keeps its running statistics while training (eval mode): for "
+                                     "fine-tuning, and batch statistics that do not depend on the process count")
+
+    def check(self) -> None:
+        if self.arch not in BACKBONES:
+            raise ValueError(f"unknown --arch {self.arch!r}; known: {', '.join(BACKBONES)}")
 
 
 class EmbeddingHead(nn.Module):
     """Linear projection to ``dim`` followed by L2 normalisation.
 
-    Shape: (N, in_dim) -> (N, dim), every row of unit norm.
+    Shape: (N, in_dim) -> (N, dim), every row of unit norm, in at least float32.
     """
 
     def __init__(self, in_dim: int, dim: int = 128) -> None:
@@ -23,36 +78,46 @@ class EmbeddingHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         z = self.fc(h)
-        return F.normalize(z.float(), dim=1)  # normalise in float32 even under autocast
+        return F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)  # float32 even under autocast
 
 
 class EmbeddingNet(nn.Module):
-    """Backbone -> pooled features -> 128-d L2-normalised embedding."""
+    """Backbone -> pooled features -> 128-d L2-normalised embedding.
 
-    def __init__(self, backbone: nn.Module, out_dim: int, dim: int = 128) -> None:
+    With ``freeze_bn`` the BatchNorm layers stay in eval mode when the net is
+    put in training mode: they normalise with their running statistics and
+    never update them.
+    """
+
+    def __init__(self, backbone: nn.Module, out_dim: int, dim: int = 128, freeze_bn: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = EmbeddingHead(out_dim, dim)
+        self.freeze_bn = freeze_bn
+        self.train()
+
+    def train(self, mode: bool = True) -> EmbeddingNet:
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))  # (N, dim)
 
 
-def build_model(arch: str = "resnet18_cifar", width: float = 1.0, dim: int = 128,
-                weights: str | None = None) -> EmbeddingNet:
-    """Backbone + FC to ``dim`` + L2 norm. ``width`` applies to resnet18_cifar; ``weights`` to the
-    torchvision backbones (none, imagenet, or a state-dict path)."""
-    if arch == "resnet18_cifar":
-        if weights not in (None, "none"):
-            raise ValueError("resnet18_cifar has no pretrained weights; use --weights none")
-        backbone = resnet18_cifar(width)
-        return EmbeddingNet(backbone, backbone.out_dim, dim)
-    if arch in ("googlenet", "resnet18", "resnet50"):
-        from .torchvision_nets import torchvision_backbone
-
-        net, out_dim = torchvision_backbone(arch, weights)
-        return EmbeddingNet(net, out_dim, dim)
-    raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+def build_model(cfg: ModelConfig) -> EmbeddingNet:
+    """Backbone + FC to ``dim`` + L2 norm; ValueError for an unknown backbone or weights it cannot take."""
+    entry = BACKBONES.get(cfg.arch)
+    if entry is None:
+        raise ValueError(f"unknown architecture {cfg.arch!r}; known: {', '.join(BACKBONES)}")
+    if not entry.pretrained and cfg.weights not in (None, "none"):
+        raise ValueError(f"{cfg.arch} has no pretrained weights; use --weights none")
+    backbone = entry.build(cfg.width, cfg.weights)
+    return EmbeddingNet(backbone, entry.features(cfg.width), cfg.dim, cfg.freeze_bn)
 
 
-__all__ = ["ARCHS", "CifarResNet", "EmbeddingHead", "EmbeddingNet", "build_model", "resnet18_cifar"]
+__all__ = ["ARCHS", "BACKBONES", "Backbone", "CifarResNet", "EmbeddingHead", "EmbeddingNet", "ModelConfig",
+           "build_model", "resnet18_cifar"]

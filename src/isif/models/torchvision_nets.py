@@ -15,29 +15,27 @@ from torch import nn
 
 from ..errors import UserError
 
-_WEIGHTS = {"googlenet": "GoogLeNet_Weights", "resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}
-
 
 def _imagenet_weights(arch: str):
     import torchvision.models as tvm
 
-    return getattr(tvm, _WEIGHTS[arch]).IMAGENET1K_V1
+    return tvm.get_model_weights(arch).IMAGENET1K_V1
 
 
-def torchvision_backbone(arch: str, weights: str | None = None) -> tuple[nn.Module, int]:
-    """(backbone returning pooled features (N, F), F)."""
+def torchvision_backbone(arch: str, weights: str | None, out_dim: int) -> nn.Module:
+    """torchvision's ``arch`` with its classifier replaced by the identity: pooled features (N, out_dim).
+
+    ``out_dim`` is the registry's declared width, checked against the network's own classifier input."""
     import torchvision.models as tvm
 
     pretrained = weights not in (None, "none")
     if arch == "googlenet":
         # the ported ImageNet weights expect torchvision's input re-normalisation
         net = tvm.googlenet(weights=None, aux_logits=False, init_weights=not pretrained, transform_input=pretrained)
-        dim = 1024
-    elif arch in ("resnet18", "resnet50"):
-        net = getattr(tvm, arch)(weights=None)
-        dim = 512 if arch == "resnet18" else 2048
     else:
-        raise ValueError(f"unknown torchvision architecture {arch!r}")
+        net = getattr(tvm, arch)(weights=None)
+    if net.fc.in_features != out_dim:
+        raise ValueError(f"{arch}: the registry says {out_dim} features, the network has {net.fc.in_features}")
     if weights == "imagenet":
         try:
             state = _imagenet_weights(arch).get_state_dict(progress=False)
@@ -57,7 +55,7 @@ def torchvision_backbone(arch: str, weights: str | None = None) -> tuple[nn.Modu
             state = state["state_dict"]
         _load(net, state, arch, str(path))
     net.fc = nn.Identity()
-    return net, dim
+    return net
 
 
 def _load(net: nn.Module, state: dict, arch: str, source: str) -> None:

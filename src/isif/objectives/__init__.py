@@ -1,65 +1,65 @@
-"""Training objectives: ``loss = objective(z, instance_idx)``.
+"""Training objectives: ``loss = objective(z, instance_idx)``; one registry line per method below.
 
-Every method is built from the same keyword arguments (the method config,
-plus ``num_instances``, ``dim`` and ``seed``); each builder takes what it needs.
-``temperature=None`` means the method's own default.
+See ``contract.py`` for what a method is and what the loop feeds it.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
-from .deepcluster import DeepCluster, NoTraining
-from .exemplar import Exemplar
-from .instance_discrimination import NCE, MemoryBank, NPSoftmax
-from .isif import InvariantSpreading
-from .registry import Method, build_objective, methods, register
-from .triplet import Triplet
+from .contract import BuildContext, EpochContext, Method, Objective
+from .deepcluster import DeepCluster, DeepClusterSettings, NoSettings, NoTraining
+from .exemplar import Exemplar, ExemplarSettings
+from .instance_discrimination import NCE, MemoryBank, NCESettings, NPSoftmax, NPSoftmaxSettings
+from .isif import InvariantSpreading, IsifSettings
+from .registry import build_objective, get_method, method_fields, methods, register
+from .triplet import Triplet, TripletSettings
 
-
-def _tau(temperature: float | None, default: float) -> float:
-    return default if temperature is None else temperature
-
-
-@register("isif", "Invariant and Spreading Instance Feature: softmax over the batch's own features")
-def _isif(temperature=None, variant="official", neg_weight=1.0, negatives="all", neg_fraction=0.5, **_) -> nn.Module:
-    return InvariantSpreading(_tau(temperature, 0.1), variant, neg_weight, negatives, neg_fraction)
-
-
-@register("npsoftmax", "Instance Discrimination: non-parametric softmax over a memory bank (tau 0.07)")
-def _npsoftmax(num_instances, dim=128, temperature=None, memory_momentum=0.5, **_) -> nn.Module:
-    return NPSoftmax(num_instances, dim, _tau(temperature, 0.07), memory_momentum)
-
-
-@register("nce", "Instance Discrimination with noise-contrastive estimation, 4096 noise samples (tau 0.07)")
-def _nce(num_instances, dim=128, temperature=None, memory_momentum=0.5, nce_noise=4096, **_) -> nn.Module:
-    return NCE(num_instances, dim, _tau(temperature, 0.07), memory_momentum, min(nce_noise, num_instances))
-
-
-@register("exemplar", "Exemplar: parametric classification with one weight vector per instance")
-def _exemplar(num_instances, dim=128, temperature=None, **_) -> nn.Module:
-    return Exemplar(num_instances, dim, _tau(temperature, 0.1))
-
-
-@register("triplet", "Triplet: the other view as positive, a random in-batch negative, margin 0.5")
-def _triplet(margin=0.5, **_) -> nn.Module:
-    return Triplet(margin, "random")
+for _m in (
+    Method("random", "no training: the randomly initialised network, evaluated once", NoSettings,
+           lambda s, c: NoTraining(), trains=False),
+    Method("isif", "Invariant and Spreading Instance Feature: softmax over the batch's own features", IsifSettings,
+           lambda s, c: InvariantSpreading(s.temperature, s.variant, s.neg_weight, s.negatives, s.neg_fraction)),
+    Method("npsoftmax", "Instance Discrimination: non-parametric softmax over a memory bank (tau 0.07)",
+           NPSoftmaxSettings, lambda s, c: NPSoftmax(c.num_instances, c.dim, s.temperature, s.memory_momentum)),
+    Method("nce", "Instance Discrimination with noise-contrastive estimation, 4096 noise samples (tau 0.07)",
+           NCESettings, lambda s, c: NCE(c.num_instances, c.dim, s.temperature, s.memory_momentum,
+                                         min(s.nce_noise, c.num_instances))),
+    Method("exemplar", "Exemplar: parametric classification with one weight vector per instance", ExemplarSettings,
+           lambda s, c: Exemplar(c.num_instances, c.dim, s.temperature)),
+    Method("triplet", "Triplet: the other view as positive, a random in-batch negative, margin 0.5",
+           TripletSettings, lambda s, c: Triplet(s.margin, "random")),
+    Method("triplet-hard", "Triplet with the hardest in-batch negative, margin 0.5", TripletSettings,
+           lambda s, c: Triplet(s.margin, "hard")),
+    Method("deepcluster", "DeepCluster: k-means pseudo-labels every epoch, cross-entropy with a fresh head",
+           DeepClusterSettings, lambda s, c: DeepCluster(c.num_instances, c.dim, s.clusters, s.temperature,
+                                                         s.kmeans_iters, c.seed)),
+):
+    register(_m)
 
 
-@register("triplet-hard", "Triplet with the hardest in-batch negative, margin 0.5")
-def _triplet_hard(margin=0.5, **_) -> nn.Module:
-    return Triplet(margin, "hard")
+@dataclass
+class MethodConfig:
+    """The method's name and its own settings (a dataclass from its registry entry)."""
+
+    name: str = "isif"
+    settings: Any = dataclasses.field(default_factory=IsifSettings)
+
+    @classmethod
+    def of(cls, name: str) -> MethodConfig:
+        """Method ``name`` with its default settings."""
+        return cls(name, get_method(name).settings())
+
+    def check(self) -> None:
+        if self.name not in methods():
+            raise ValueError(f"unknown --method {self.name!r}; known: {', '.join(sorted(methods()))}")
+        if not isinstance(self.settings, get_method(self.name).settings):
+            raise ValueError(f"method {self.name} was given the settings of another method; switch methods with "
+                             f"Config.set('method.name', {self.name!r}) or MethodConfig.of({self.name!r})")
 
 
-@register("deepcluster", "DeepCluster: k-means pseudo-labels every epoch, cross-entropy with a fresh head")
-def _deepcluster(num_instances, dim=128, temperature=None, clusters=100, kmeans_iters=20, seed=0, **_) -> nn.Module:
-    return DeepCluster(num_instances, dim, clusters, _tau(temperature, 0.1), kmeans_iters, seed)
-
-
-@register("random", "no training: the randomly initialised network, evaluated once")
-def _random(**_) -> nn.Module:
-    return NoTraining()
-
-
-__all__ = ["DeepCluster", "Exemplar", "InvariantSpreading", "MemoryBank", "Method", "NCE", "NPSoftmax",
-           "NoTraining", "Triplet", "build_objective", "methods", "register"]
+__all__ = ["NCE", "BuildContext", "DeepCluster", "EpochContext", "Exemplar", "InvariantSpreading", "MemoryBank",
+           "Method", "MethodConfig", "NPSoftmax", "NoTraining", "Objective", "Triplet", "build_objective",
+           "get_method", "method_fields", "methods", "register"]

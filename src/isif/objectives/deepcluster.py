@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..evaluate.kmeans import kmeans
+from ..settings import POSITIVE, at_least, check_fields, setting
+from .contract import EpochContext
+
+
+@dataclass
+class DeepClusterSettings:
+    temperature: float = setting(0.1, "temperature on the classifier's logits", check=POSITIVE)
+    clusters: int = setting(100, "k of k-means (the paper: 10, 100, 1000)", check=at_least(2))
+    kmeans_iters: int = setting(20, "k-means iterations per epoch", check=at_least(1))
+
+
+@dataclass
+class NoSettings:
+    """The untrained network has no settings."""
 
 
 class DeepCluster(nn.Module):
@@ -27,13 +43,14 @@ class DeepCluster(nn.Module):
     def __init__(self, num_instances: int, dim: int = 128, clusters: int = 100, temperature: float = 0.1,
                  iters: int = 20, seed: int = 0) -> None:
         super().__init__()
+        check_fields(DeepClusterSettings(temperature, clusters, iters), flags=False)
         if not 2 <= clusters <= num_instances:
             raise ValueError(f"clusters must be in [2, {num_instances}], got {clusters}")
         self.clusters, self.temperature, self.iters, self.seed = clusters, temperature, iters, seed
         self.head = nn.Linear(dim, clusters)
         self.register_buffer("pseudo_labels", torch.zeros(num_instances, dtype=torch.long))
 
-    def on_epoch_start(self, ctx) -> None:
+    def on_epoch_start(self, ctx: EpochContext) -> None:
         feats = ctx.features()  # (N, D)
         labels, _ = kmeans(feats, self.clusters, self.iters, seed=self.seed + ctx.epoch)
         self.pseudo_labels.copy_(labels.to(self.pseudo_labels.device))
@@ -49,10 +66,12 @@ class DeepCluster(nn.Module):
 
 
 class NoTraining(nn.Module):
-    """The untrained network: the loop evaluates it once and takes no step."""
+    """The untrained network: the run evaluates it once and takes no step."""
 
     views: tuple[str, ...] = ()
-    trains = False
+
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        """Never called: the method does not train."""
 
     def forward(self, z: torch.Tensor, instance_idx: torch.Tensor | None = None) -> torch.Tensor:
         raise RuntimeError("the 'random' method takes no training step")

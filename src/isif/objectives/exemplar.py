@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..settings import POSITIVE, check_fields, setting
+
+
+@dataclass
+class ExemplarSettings:
+    temperature: float = setting(0.1, "temperature on the logits", check=POSITIVE)
 
 
 class Exemplar(nn.Module):
@@ -24,10 +32,12 @@ class Exemplar(nn.Module):
 
     def __init__(self, num_instances: int, dim: int = 128, temperature: float = 0.1) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_fields(ExemplarSettings(temperature), flags=False)
         self.temperature = temperature
         self.weight = nn.Parameter(torch.randn(num_instances, dim) / math.sqrt(dim))
+
+    def on_epoch_start(self, ctx) -> None:
+        """Nothing to do per epoch."""
 
     def forward(self, z: torch.Tensor, instance_idx: torch.Tensor | None = None) -> torch.Tensor:
         if instance_idx is None:

@@ -11,10 +11,26 @@ every checkpoint.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..settings import MOMENTUM, POSITIVE, at_least, check_fields, setting
+
+
+@dataclass
+class NPSoftmaxSettings:
+    temperature: float = setting(0.07, "softmax temperature tau", check=POSITIVE)
+    memory_momentum: float = setting(0.5, "memory-bank update momentum", check=MOMENTUM)
+
+
+@dataclass
+class NCESettings:
+    temperature: float = setting(0.07, "softmax temperature tau", check=POSITIVE)
+    memory_momentum: float = setting(0.5, "memory-bank update momentum", check=MOMENTUM)
+    nce_noise: int = setting(4096, "noise samples per instance (at most the training-set size)", check=at_least(1))
 
 
 class MemoryBank(nn.Module):
@@ -24,8 +40,6 @@ class MemoryBank(nn.Module):
         super().__init__()
         if num_instances < 1:
             raise ValueError(f"a memory bank needs num_instances >= 1, got {num_instances}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"memory momentum must be in [0, 1), got {momentum}")
         stdv = 1.0 / math.sqrt(dim / 3)
         self.momentum = momentum
         self.register_buffer("memory", torch.rand(num_instances, dim).mul_(2 * stdv).add_(-stdv))
@@ -60,10 +74,12 @@ class NPSoftmax(nn.Module):
 
     def __init__(self, num_instances: int, dim: int = 128, temperature: float = 0.07, momentum: float = 0.5) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_fields(NPSoftmaxSettings(temperature, momentum), flags=False)
         self.temperature = temperature
         self.bank = MemoryBank(num_instances, dim, momentum)
+
+    def on_epoch_start(self, ctx) -> None:
+        """Nothing to do per epoch: the bank is updated every step."""
 
     def forward(self, z: torch.Tensor, instance_idx: torch.Tensor | None = None) -> torch.Tensor:
         idx = _check(z, instance_idx, self.bank)
@@ -97,14 +113,14 @@ class NCE(nn.Module):
     def __init__(self, num_instances: int, dim: int = 128, temperature: float = 0.07, momentum: float = 0.5,
                  noise: int = 4096) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if noise < 1:
-            raise ValueError(f"NCE needs at least 1 noise sample, got {noise}")
+        check_fields(NCESettings(temperature, momentum, noise), flags=False)
         self.temperature = temperature
         self.noise = noise
         self.bank = MemoryBank(num_instances, dim, momentum)
         self.register_buffer("log_z", torch.tensor(float("nan")))  # NaN until the first batch sets it
+
+    def on_epoch_start(self, ctx) -> None:
+        """Nothing to do per epoch: the bank is updated every step."""
 
     def forward(self, z: torch.Tensor, instance_idx: torch.Tensor | None = None) -> torch.Tensor:
         idx = _check(z, instance_idx, self.bank)

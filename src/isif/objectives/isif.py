@@ -8,9 +8,12 @@ and every other instance must not be (spreading).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..settings import FRACTION, POSITIVE, at_least, check_fields, one_of, setting
 
 VARIANTS = ("official", "paper")
 NEGATIVES = ("all", "hard", "easy")
@@ -45,6 +48,20 @@ def _check_batch(z: torch.Tensor) -> int:
     if b < 2:
         raise ValueError(f"the batch needs at least 2 instances (4 rows), got {z.shape[0]} rows")
     return b
+
+
+@dataclass
+class IsifSettings:
+    temperature: float = setting(0.1, "softmax temperature tau", check=POSITIVE)
+    variant: str = setting("official", "official (the reference code's BatchCriterion) or paper (Eq. 7)",
+                           check=one_of(*VARIANTS))
+    neg_weight: float = setting(1.0, "the reference code's negM: a factor >= 1 on the negatives", check=at_least(1))
+    negatives: str = setting("all", "all, or Table 8's hard / easy half of them", check=one_of(*NEGATIVES))
+    neg_fraction: float = setting(0.5, "share of negatives kept by --negatives hard / easy", check=FRACTION)
+
+    def check(self) -> None:
+        if self.negatives != "all" and self.variant != "official":
+            raise ValueError("--negatives hard/easy needs --variant official")
 
 
 class InvariantSpreading(nn.Module):
@@ -90,19 +107,8 @@ class InvariantSpreading(nn.Module):
     def __init__(self, temperature: float = 0.1, variant: str = "official", neg_weight: float = 1.0,
                  negatives: str = "all", neg_fraction: float = 0.5) -> None:
         super().__init__()
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-        if not (isinstance(neg_weight, (int, float)) and math.isfinite(neg_weight) and neg_weight >= 1):
-            # below 1 a negative's probability e_j / (negM * sum_neg + e_pos) can exceed 1: log(1 - p) is NaN
-            raise ValueError(f"neg_weight must be a finite number >= 1, got {neg_weight!r}")
-        if negatives not in NEGATIVES:
-            raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}; got {negatives!r}")
-        if negatives != "all" and variant != "official":
-            raise ValueError("hard/easy negative selection is defined for the official variant only")
-        if not 0 < neg_fraction <= 1:
-            raise ValueError(f"neg_fraction must be in (0, 1], got {neg_fraction!r}")
+        # below 1, neg_weight lets a negative's probability e_j / (negM * sum_neg + e_pos) exceed 1: log(1-p) NaN
+        check_fields(IsifSettings(temperature, variant, neg_weight, negatives, neg_fraction), flags=False)
         self.temperature = float(temperature)
         self.variant = variant
         self.neg_weight = float(neg_weight)
@@ -113,6 +119,9 @@ class InvariantSpreading(nn.Module):
     def views(self) -> tuple[str, str]:
         """What the training loop feeds as the two views: the paper's anchor is un-augmented."""
         return ("plain", "augment") if self.variant == "paper" else ("augment", "augment")
+
+    def on_epoch_start(self, ctx) -> None:
+        """Nothing to do per epoch: no bank, no clustering."""
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, variant={self.variant!r}, neg_weight={self.neg_weight}, "

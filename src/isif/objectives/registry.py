@@ -1,48 +1,56 @@
-"""One registry of training methods.
-
-Each entry builds the objective module from the method config. The module
-declares what the training loop must feed it:
-
-- ``views``: a tuple naming each view of an instance, ``"augment"`` for a
-  random augmentation or ``"plain"`` for the test transform. ``z`` then holds
-  ``len(views) * B`` rows, view v of instance i at row ``v * B + i``.
-- optional hooks, looked up with ``getattr``, so that methods with a memory
-  bank or a clustering step can join without a base class.
-"""
+"""One registry of training methods (see ``contract.py`` for what an entry is)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import dataclasses
+from typing import Any
 
 from torch import nn
 
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    summary: str
-    build: Callable[..., nn.Module]
-
+from ..settings import check_fields
+from .contract import BuildContext, Method, Objective
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, summary: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise KeyError(f"method {name!r} registered twice")
-        _REGISTRY[name] = Method(name, summary, fn)
-        return fn
-
-    return deco
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise KeyError(f"method {method.name!r} registered twice")
+    _REGISTRY[method.name] = method
+    return method
 
 
 def methods() -> dict[str, Method]:
     return dict(_REGISTRY)
 
 
-def build_objective(name: str, **kwargs) -> nn.Module:
+def get_method(name: str) -> Method:
     if name not in _REGISTRY:
         raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name].build(**kwargs)
+    return _REGISTRY[name]
+
+
+def method_fields(name: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(get_method(name).settings)}
+
+
+def build_objective(name: str, num_instances: int = 1, dim: int = 128, seed: int = 0, settings: Any = None,
+                    **overrides) -> nn.Module:
+    """The objective of method ``name``, from its settings (default: the method's defaults) with ``overrides``.
+
+    Raises KeyError for an unknown method, TypeError for a setting the method does not have, ValueError for a
+    bad value.
+    """
+    m = get_method(name)
+    s = settings if settings is not None else m.settings()
+    unknown = set(overrides) - method_fields(name)
+    if unknown:
+        raise TypeError(f"method {name} has no setting {', '.join(sorted(unknown))}; it has: "
+                        f"{', '.join(sorted(method_fields(name))) or 'none'}")
+    s = dataclasses.replace(s, **overrides)
+    check_fields(s, flags=False)
+    obj = m.build(s, BuildContext(num_instances, dim, seed))
+    if not isinstance(obj, Objective):
+        raise TypeError(f"method {name}: {type(obj).__name__} does not follow the objective contract (views, "
+                        "on_epoch_start)")
+    return obj

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from ..settings import NON_NEGATIVE, check_fields, setting
+
+
+@dataclass
+class TripletSettings:
+    margin: float = setting(0.5, "margin on L2-normalised features", check=NON_NEGATIVE)
 
 
 class Triplet(nn.Module):
@@ -23,10 +32,12 @@ class Triplet(nn.Module):
         super().__init__()
         if mining not in ("random", "hard"):
             raise ValueError(f"mining must be random or hard, got {mining!r}")
-        if not margin >= 0:
-            raise ValueError(f"margin must be >= 0, got {margin}")
+        check_fields(TripletSettings(margin), flags=False)
         self.margin = margin
         self.mining = mining
+
+    def on_epoch_start(self, ctx) -> None:
+        """Nothing to do per epoch."""
 
     def forward(self, z: torch.Tensor, instance_idx: torch.Tensor | None = None) -> torch.Tensor:
         if z.dim() != 2 or z.shape[0] % 2 or z.shape[0] < 4:

@@ -1,0 +1,65 @@
+"""``isif eval``: a checkpoint evaluated on its data, as one result dict per protocol."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..checkpoint import load_model, resolve_checkpoint
+from ..data.augment import build_transforms
+from ..data.registry import load_sets
+from ..data.types import Sets
+from ..device import resolve_device
+from ..errors import UserError
+from .linear import LinearRecipe
+from .protocol import Extractor, evaluate_knn, evaluate_linear, evaluate_retrieval
+
+
+class Loaded:
+    """A checkpoint's model, config and data, ready to evaluate."""
+
+    def __init__(self, checkpoint: str, data: str | None = None, device: str | None = None) -> None:
+        self.path: Path = resolve_checkpoint(checkpoint)
+        self.device = resolve_device(device or "auto")
+        self.model, self.cfg, self.state = load_model(self.path, self.device)
+        if data is not None:
+            self.cfg.data.path = data
+        self.cfg.train.device = str(self.device)
+        self.sets: Sets = load_sets(self.cfg.data)
+        _, plain = build_transforms(self.cfg.augment, self.cfg.data.size, self.sets.splits)
+        t = self.cfg.train
+        self.extractor = Extractor(plain, self.device, t.precision, t.channels_last, self.cfg.eval.batch_size)
+
+    def head(self) -> dict:
+        return {"checkpoint": str(self.path), "epoch": self.state.get("epoch")}
+
+
+def knn_result(ld: Loaded, k: int | None = None, sigma: float | None = None) -> dict:
+    ev = ld.cfg.eval
+    if k is not None:
+        ev.knn_k = k
+    if sigma is not None:
+        ev.knn_sigma = sigma
+    ld.cfg.validate()
+    if ev.knn_k > len(ld.sets.bank):
+        raise UserError(f"--k {ev.knn_k} is larger than the training set ({len(ld.sets.bank)} images)")
+    t0 = time.perf_counter()
+    acc = evaluate_knn(ld.model, ld.sets.bank, ld.sets.test, ld.extractor, ev.knn_k, ev.knn_sigma)
+    return {**ld.head(), "knn_top1": acc, "k": ev.knn_k, "sigma": ev.knn_sigma, "train_images": len(ld.sets.bank),
+            "test_images": len(ld.sets.test), "eval_s": time.perf_counter() - t0}
+
+
+def retrieval_result(ld: Loaded, ks: tuple[int, ...] | None = None, seed: int = 0) -> dict:
+    ks = ks or tuple(int(k) for k in ld.cfg.eval.retrieval_ks)
+    t0 = time.perf_counter()
+    metrics = evaluate_retrieval(ld.model, ld.sets.test, ld.extractor, ks, seed)
+    return {**ld.head(), "images": len(ld.sets.test), "classes": int(ld.sets.test.labels.unique().numel()),
+            **metrics, "eval_s": time.perf_counter() - t0}
+
+
+def linear_result(ld: Loaded, recipe: LinearRecipe, features: str = "backbone") -> dict:
+    t0 = time.perf_counter()
+    res = evaluate_linear(ld.model, ld.sets.bank, ld.sets.test, ld.extractor, recipe, backbone=features == "backbone")
+    return {**ld.head(), "linear_top1": res["test_top1"], "linear_train_top1": res["train_top1"],
+            "features": features, "feature_dim": res["feature_dim"], "recipe": recipe.__dict__,
+            "backbone_unchanged": True, "eval_s": time.perf_counter() - t0}

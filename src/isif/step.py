@@ -1,0 +1,156 @@
+"""One optimisation step, shared by the training loop and the benchmark.
+
+    views = make_views(parts, x, gen)        # (V*b, 3, S, S): this process's share, augmented
+    z = net(views)                           # (V*b, D) L2-normalised, under autocast
+    z = gather_views(z)                      # (V*B, D): the global batch, gradients kept
+    loss = objective(z, idx)                 # every method has this call
+    backward; SGD update
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import Config
+from .data.augment import BatchAugment, PlainTransform, build_transforms
+from .data.types import Splits
+from .device import autocast
+from .dist import SINGLE, World, gather_views
+from .errors import UserError
+from .evaluate.protocol import Extractor
+from .models import build_model
+from .objectives import build_objective, get_method
+from .optim import build_optimizer
+
+
+@dataclass
+class Parts:
+    """Everything one optimisation step needs."""
+
+    cfg: Config
+    device: torch.device
+    model: nn.Module  # the plain module: state_dict, evaluation
+    net: nn.Module  # what the step calls: the model, or its DistributedDataParallel wrapper
+    objective: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    augment: BatchAugment
+    plain: PlainTransform
+    views: tuple[str, ...]
+    aug_gen: torch.Generator  # augmentation parameters, drawn on the CPU
+    input_spec: dict  # how the network sees an image: size, mean, std, resize, center_crop
+    world: World = SINGLE
+
+    def extractor(self) -> Extractor:
+        t = self.cfg.train
+        return Extractor(self.plain, self.device, t.precision, t.channels_last, self.cfg.eval.batch_size, self.world)
+
+
+def make_model(cfg: Config) -> nn.Module:
+    """The configured network (on the CPU); unknown architectures and unusable weights are UserErrors."""
+    try:
+        return build_model(cfg.model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.device,
+                world: World = SINGLE, model: nn.Module | None = None) -> Parts:
+    """Everything a step needs; ``model`` is built from the config when not given."""
+    t = cfg.train
+    model = (model if model is not None else make_model(cfg)).to(device)
+    if t.precision == "fp64":
+        model = model.to(torch.float64)
+    if t.sync_bn and world.active:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    try:
+        objective = build_objective(cfg.method.name, num_instances, cfg.model.dim, t.seed,
+                                    settings=cfg.method.settings).to(device)
+    except ValueError as e:
+        raise UserError(f"method {cfg.method.name}: {e}") from None
+    if t.precision == "fp64":
+        objective = objective.to(torch.float64)
+    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
+    opt = build_optimizer(cfg.optim, params)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    augment, plain = build_transforms(cfg.augment, cfg.data.size, splits)
+    net: nn.Module = model
+    if world.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        net = torch.compile(net)
+    spec = {"size": int(plain.size), "mean": [float(v) for v in splits.mean], "std": [float(v) for v in splits.std],
+            "resize": int(splits.train.images.shape[-1]), "center_crop": bool(plain.center_crop)}
+    aug_gen = torch.Generator().manual_seed(t.seed + 2)
+    return Parts(cfg, device, model, net, objective, opt, scaler, augment, plain, tuple(objective.views), aug_gen,
+                 spec, world)
+
+
+def make_views(parts: Parts, x: torch.Tensor, gen: torch.Generator, second: torch.Tensor | None = None) -> torch.Tensor:
+    """(b, 3, H, W) uint8 -> (V*b, 3, S, S) float: view v of local instance i at row v*b + i.
+
+    Augmentation parameters are drawn for the whole global batch (W*b images
+    per view, the same draws on every process) and each process applies its
+    own share, so the views do not depend on the number of processes.
+    ``second``, when given, is the source of view 1 (the positive) instead of
+    ``x``: the nearest-neighbour positive of the CUB-200 setting.
+    """
+    w = parts.world
+    b = x.shape[0]
+    share = slice(w.rank * b, (w.rank + 1) * b)
+    out = []
+    for i, v in enumerate(parts.views):
+        src = second if (i == 1 and second is not None) else x
+        if v == "augment":
+            params = parts.augment.sample(b * w.size, src.shape[2], src.shape[3], gen)
+            out.append(parts.augment.apply(src, params.select(share) if w.active else params))
+        else:
+            out.append(parts.plain(src))
+    inp = torch.cat(out)
+    if parts.cfg.train.precision == "fp64":
+        inp = inp.to(torch.float64)
+    if parts.cfg.train.channels_last:
+        inp = inp.contiguous(memory_format=torch.channels_last)
+    return inp
+
+
+def forward_backward(parts: Parts, inp: torch.Tensor, idx: torch.Tensor,
+                     grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward the views, gather, and backpropagate: from the objective's loss, or (``grad`` given, for the
+    benchmark's limit) from that fixed gradient of the embeddings, skipping the objective. Returns (loss or a
+    zero, z)."""
+    parts.opt.zero_grad(set_to_none=True)
+    with autocast(parts.device, parts.cfg.train.precision):
+        z = parts.net(inp)  # (V*b, D)
+    if grad is not None:
+        z.backward(grad)
+        return torch.zeros(()), z
+    z = gather_views(z, len(parts.views), parts.world)  # (V*B, D), gradients kept
+    loss = parts.objective(z, idx)
+    parts.scaler.scale(loss).backward()
+    return loss, z
+
+
+def train_step(parts: Parts, x: torch.Tensor, idx: torch.Tensor, gen: torch.Generator,
+               second: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimisation step on this process's share ``x`` of the global batch ``idx`` (all B indices).
+
+    Returns the (undetached) loss over the global batch.
+    """
+    inp = make_views(parts, x, gen, second)
+    loss, _ = forward_backward(parts, inp, idx)
+    parts.scaler.step(parts.opt)
+    parts.scaler.update()
+    return loss
+
+
+def method_trains(cfg: Config) -> bool:
+    return get_method(cfg.method.name).trains
+

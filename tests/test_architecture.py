@@ -1,0 +1,142 @@
+"""The shape of the code: imports run one way, functions fit on a screen, registries agree with their parts."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "isif"
+
+
+def _module_name(p: Path) -> str:
+    parts = list(p.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """isif module -> isif modules it imports (top-level and inside functions)."""
+    mods = {_module_name(p): p for p in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        package = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                    base = f"{base}.{node.module}" if node.module else base
+                else:
+                    base = node.module or ""
+                names = [f"{base}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for t in names:
+                while t not in mods and "." in t:
+                    t = t.rsplit(".", 1)[0]
+                if t in mods and t != m:
+                    graph[m].add(t)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = import_graph()
+    assert len(graph) > 40 and "isif.train" in graph["isif.cli"]
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_lower_layers_do_not_import_upper_ones():
+    graph = import_graph()
+    below = {"isif.io", "isif.errors", "isif.faults", "isif.settings", "isif.device", "isif.dist"}
+    for m in below:
+        assert not {t for t in graph[m] if t not in below}, m
+    for m, targets in graph.items():
+        parts = ("isif.data", "isif.models", "isif.objectives", "isif.evaluate")
+        if m.startswith(parts) and m != "isif.evaluate.report":
+            upper = {"isif.train", "isif.cli", "isif.config", "isif.presets", "isif.step", "isif.checkpoint"}
+            assert not targets & upper, (m, targets & upper)
+
+
+def test_every_function_fits_on_a_screen():
+    long = []
+    for p in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{p.relative_to(SRC)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []
+
+
+@pytest.mark.parametrize("name", ["resnet18_cifar", "googlenet", "resnet18", "resnet50"])
+def test_every_backbone_gives_its_declared_width(name):
+    from isif.models import BACKBONES, ModelConfig, build_model
+
+    entry = BACKBONES[name]
+    width = 0.25 if entry.widthable else 1.0
+    model = build_model(ModelConfig(name, width=width, dim=16)).eval()
+    with torch.no_grad():
+        h = model.backbone(torch.zeros(2, 3, 64, 64))
+    assert h.shape == (2, entry.features(width)) and model.head.fc.in_features == entry.features(width)
+
+
+def test_the_backbone_list_is_the_registry():
+    from isif.models import BACKBONES
+
+    assert sorted(BACKBONES) == sorted(test_every_backbone_gives_its_declared_width.pytestmark[0].args[1])
+
+
+def test_every_method_satisfies_the_contract():
+    from isif.objectives import Objective, build_objective, methods
+
+    for name, m in methods().items():
+        obj = build_objective(name, num_instances=256, dim=8)
+        assert isinstance(obj, Objective) and isinstance(obj, torch.nn.Module), name
+        assert m.summary and m.settings is not None
+
+
+def test_every_setting_has_one_flag_and_help():
+    from isif.cli import _ALL, _setting_fields
+
+    flags = _setting_fields(_ALL)
+    for flag, owners in flags.items():
+        assert flag.startswith("--") and owners[0][1].metadata.get("help"), flag
+        types = {str(h) for _, _, h in owners}
+        assert len(types) == 1, (flag, types)  # a flag shared by several methods means one thing
