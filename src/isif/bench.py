@@ -1,4 +1,4 @@
-"""Throughput of the training step against the backbone's own limit, in one process.
+"""Throughput of the training step against the network's own forward and backward (the limit), in one process.
 
 On the same model, batch, precision and device:
 

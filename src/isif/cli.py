@@ -413,7 +413,7 @@ def _parse_ks(text: str | None) -> tuple[int, ...] | None:
 
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="training-step throughput against the backbone's forward+backward limit")
+    p = sub.add_parser("bench", help="training-step throughput against the network's own forward+backward (the limit)")
     p.add_argument("--preset", default="cifar10-cpu")
     p.add_argument("--steps", type=int, default=20, help="timed steps per piece (after 3 warm-up steps)")
     p.add_argument("--threads", type=int)

@@ -126,14 +126,18 @@ def forward_backward(parts: Parts, inp: torch.Tensor, idx: torch.Tensor,
     """Forward the views, gather, and backpropagate: from the objective's loss, or (``grad`` given, for the
     benchmark's limit) from that fixed gradient of the embeddings, skipping the objective. Returns (loss or a
     zero, z)."""
-    parts.opt.zero_grad(set_to_none=True)
     with autocast(parts.device, parts.cfg.train.precision):
         z = parts.net(inp)  # (V*b, D)
     if grad is not None:
+        parts.opt.zero_grad(set_to_none=True)
         z.backward(grad)
         return torch.zeros(()), z
     z = gather_views(z, len(parts.views), parts.world)  # (V*B, D), gradients kept
     loss = parts.objective(z, idx)
+    # the previous step's gradients are freed only now, just before the backward pass that allocates the new
+    # ones: freed before the forward instead, the activations take that memory and the backward must map
+    # fresh pages (measured 8-10% slower per step at full width on the 2-core CPU)
+    parts.opt.zero_grad(set_to_none=True)
     parts.scaler.scale(loss).backward()
     return loss, z
 
