@@ -27,7 +27,7 @@ from .device import PRECISIONS
 from .errors import UserError
 from .evaluate.protocol import EvalConfig
 from .models import ModelConfig
-from .objectives import MethodConfig, method_fields
+from .objectives import MethodConfig, method_fields, methods
 from .optim import OptimConfig
 from .sampler import SamplerConfig
 from .settings import at_least, check_fields, field_hints, one_of, setting
@@ -74,7 +74,9 @@ class Config:
         """Set ``section.field``; ``method.name`` switches to that method with its default settings."""
         sec, key = path.split(".")
         if path == "method.name":
-            self.method = MethodConfig.of(value) if value in _known_methods() else MethodConfig(value, None)
+            if value not in methods():
+                raise UserError(f"unknown --method {value!r}; known: {', '.join(sorted(methods()))}")
+            self.method = MethodConfig.of(value)
             return
         target = self.section(sec)
         if key not in {f.name for f in dataclasses.fields(target)}:
@@ -103,8 +105,6 @@ class Config:
             values = dict(d.get(name, {}))
             if name == "method":
                 cfg.set("method.name", values.pop("name", "isif"))
-                if cfg.method.settings is None:
-                    raise UserError(f"unknown method {cfg.method.name!r} in the config")
             target = cfg.section(name)
             hints = field_hints(type(target))
             for key, value in values.items():
@@ -125,12 +125,6 @@ class Config:
         return self
 
 
-def _known_methods() -> set[str]:
-    from .objectives import methods
-
-    return set(methods())
-
-
 def _plain(x):
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
@@ -149,7 +143,7 @@ def _migrate_v1(d: dict) -> dict:
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     method, train = d.get("method", {}), d.get("train", {})
     name = method.get("name", "isif")
-    keep = method_fields(name) if name in _known_methods() else set()
+    keep = method_fields(name) if name in methods() else set()
     d["sampler"] = {"nn_positive": method.get("nn_positive", 0.0)}
     d["method"] = {"name": name, **{k: v for k, v in method.items() if k in keep and v is not None}}
     d["eval"] = {new: train.pop(old) for old, new in _EVAL_V1.items() if old in train}

@@ -111,7 +111,7 @@ def resolve(name: str, overrides: dict[str, Any] | None = None, strict_method: b
         try:
             cfg.set(key, value)
         except KeyError:
-            if key.startswith("method.") and cfg.method.settings is not None:
+            if key.startswith("method."):
                 if from_user and strict_method:
                     raise UserError(not_a_setting(key, cfg.method.name)) from None
                 continue
