@@ -143,30 +143,37 @@ def _check_data_path(cfg) -> None:
         raise UserError(f"--data {cfg.data.path}: no such file or folder")
 
 
-def cmd_train(args) -> int:
+def _train_config(args):
+    """(config, run folder): from the preset and flags, or from the run's checkpoint and the flags that may
+    change on --resume."""
     from .checkpoint import load_checkpoint
     from .config import Config
+    from .presets import resolve
+    from .runlog import RunDir
+
+    if args.resume is None:
+        cfg = resolve(args.preset, _overrides(args))
+        return cfg, Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.resume if isinstance(args.resume, str) else (args.out or ""))
+    if not str(out):
+        raise UserError("--resume needs the run folder: --resume RUN_DIR (or --out RUN_DIR --resume)")
+    run = RunDir(out)
+    if not run.last.is_file():
+        raise UserError(f"nothing to resume in {out}: no checkpoints/last.pt; start without --resume")
+    cfg = Config.from_dict(load_checkpoint(run.last)["config"])
+    _apply_on_resume(cfg, _overrides(args))
+    return cfg, out
+
+
+def cmd_train(args) -> int:
     from .device import resolve_device
     from .dist import check_batch, device_for, setup, teardown
     from .evaluate.protocol import summary
-    from .presets import resolve
-    from .runlog import RunDir
     from .train import train
 
     _set_threads(args.threads)
     resuming = args.resume is not None
-    if resuming:
-        out = Path(args.resume if isinstance(args.resume, str) else (args.out or ""))
-        if not str(out):
-            raise UserError("--resume needs the run folder: --resume RUN_DIR (or --out RUN_DIR --resume)")
-        run = RunDir(out)
-        if not run.last.is_file():
-            raise UserError(f"nothing to resume in {out}: no checkpoints/last.pt; start without --resume")
-        cfg = Config.from_dict(load_checkpoint(run.last)["config"])
-        _apply_on_resume(cfg, _overrides(args))
-    else:
-        cfg = resolve(args.preset, _overrides(args))
-        out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg, out = _train_config(args)
     _check_data_path(cfg)
     cfg.validate()
     t = cfg.train
