@@ -88,6 +88,7 @@ def add_setting_flags(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> 
         kw = {"metavar": f.name.upper(), **_flag_type(hint)}
         if "action" in kw:
             kw.pop("metavar")
+        helptext = helptext.replace("%", "%%") if helptext else helptext  # argparse formats help with %
         groups[sec].add_argument(flag, dest=f"{sec}.{f.name}", default=None, help=helptext, **kw)
 
 
@@ -128,7 +129,8 @@ def _run_flags(p) -> None:
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train an embedding", description="Train an embedding without labels.")
-    p.add_argument("--preset", default="cifar10-cpu", help="named setting (see `isif presets`); default cifar10-cpu")
+    p.add_argument("--preset", default=None, help="named setting (see `isif presets`); default images-cpu (images-gpu "
+                   "on a GPU) when --data holds unlabelled images, else cifar10-cpu")
     p.add_argument("--out", help="run folder (default runs/PRESET-TIMESTAMP)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (or --out) from its last checkpoint")
@@ -143,6 +145,16 @@ def _check_data_path(cfg) -> None:
         raise UserError(f"--data {cfg.data.path}: no such file or folder")
 
 
+def _default_preset(over: dict[str, Any]) -> str:
+    from .device import resolve_device
+    from .presets import default_preset
+
+    data = over.get("data.path")
+    if data is not None and not Path(data).expanduser().exists():
+        raise UserError(f"--data {data}: no such file or folder")
+    return default_preset(data, over.get("data.dataset"), resolve_device(over.get("train.device") or "auto").type)
+
+
 def _train_config(args):
     """(config, run folder): from the preset and flags, or from the run's checkpoint and the flags that may
     change on --resume."""
@@ -152,7 +164,8 @@ def _train_config(args):
     from .runlog import RunDir
 
     if args.resume is None:
-        cfg = resolve(args.preset, _overrides(args))
+        over = _overrides(args)
+        cfg = resolve(args.preset or _default_preset(over), over)
         return cfg, Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.resume if isinstance(args.resume, str) else (args.out or ""))
     if not str(out):
@@ -187,7 +200,8 @@ def cmd_train(args) -> int:
     if not args.quiet and not args.dry_run:
         share = f" = {t.batch_size // world.size} per process x {world.size} processes" if world.active else ""
         print(f"isif: {'resuming' if resuming else 'training'} {cfg.method.name} ({cfg.preset}) -> {out}; "
-              f"batch {t.batch_size} instances{share} ({2 * t.batch_size} images/step), {t.epochs} epochs, "
+              f"batch {t.batch_size} instances{share} ({2 * t.batch_size} images/step), "
+              f"{t.epochs if t.epochs is not None else 'budgeted'} epochs, "
               f"{t.precision}, device {device}", file=sys.stderr)
     if args.dry_run:
         train(cfg, out, resume=resuming, overwrite=args.overwrite, dry_run=True)
@@ -198,8 +212,12 @@ def cmd_train(args) -> int:
     evals = [r for r in history if summary(r)]
     if evals and world.main:
         last = evals[-1]
-        what = (f"kNN top-1 {last['knn_top1']:.2f}% (k={cfg.eval.knn_k}, sigma={cfg.eval.knn_sigma})"
-                if last.get("knn_top1") is not None else f"unseen classes: {summary(last)}")
+        if last.get("knn_top1") is not None:
+            what = f"kNN top-1 {last['knn_top1']:.2f}% (k={cfg.eval.knn_k}, sigma={cfg.eval.knn_sigma})"
+        elif last.get("recall@1") is not None:
+            what = f"unseen classes: {summary(last)}"
+        else:
+            what = f"held-out images (no labels): {summary(last)}"
         print(f"{what} after epoch {last['epoch']}; run folder: {out}")
     return 0
 

@@ -27,6 +27,10 @@ from .decode import BadImage, decode_rgb, is_image_name, report_skipped
 from .types import ArrayDataset, Request, Splits
 
 CACHE_VERSION = 1
+
+
+class MixedSizes(UserError):
+    """An in-memory source met images of different sizes."""
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
@@ -95,7 +99,7 @@ def _split_tree(entries: list[tuple[str, str, str]], read) -> dict[str, np.ndarr
             if shape is None:
                 shape = arr.shape
             elif arr.shape != shape:
-                raise UserError(
+                raise MixedSizes(
                     f"{k}: size {arr.shape[1]}x{arr.shape[0]} differs from {shape[1]}x{shape[0]}; "
                     "an in-memory source needs images of one size"
                 )
@@ -109,7 +113,7 @@ def _split_tree(entries: list[tuple[str, str, str]], read) -> dict[str, np.ndarr
     return out
 
 
-def _zip_entries(zf: zipfile.ZipFile) -> list[tuple[str, str, str]]:
+def zip_entries(zf: zipfile.ZipFile) -> list[tuple[str, str, str]]:
     entries = []
     for name in zf.namelist():
         if name.endswith("/") or not is_image_name(name):
@@ -140,7 +144,7 @@ def _tree_fingerprint(root: Path, entries: list[tuple[str, str, str]]) -> str:
     return hash_files([Path(k) for _, _, k in entries], root)
 
 
-def _find_batches(p: Path) -> Path | None:
+def find_batches(p: Path) -> Path | None:
     for cand in (p, p / "cifar-10-batches-py"):
         if (cand / "data_batch_1").is_file() and (cand / "test_batch").is_file():
             return cand
@@ -157,7 +161,7 @@ def _torchvision_download(root: Path) -> Path:
             f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}); "
             "pass --data PATH to a local copy (cifar-10-batches-py folder, train/test image folders, or a .zip)"
         ) from None
-    found = _find_batches(root)
+    found = find_batches(root)
     assert found is not None
     return found
 
@@ -167,7 +171,7 @@ def load_arrays(path: str | os.PathLike | None, name: str, cache_dir: Path | Non
     """Decode a train/test image source into arrays (cached). Returns (arrays, description)."""
     if path is None:
         root = download_root or default_cache_dir() / "downloads"
-        batches = _find_batches(root) or _torchvision_download(root)
+        batches = find_batches(root) or _torchvision_download(root)
         key = hash_files(sorted(batches.glob("*_batch*")))
         return _cached(key, name, cache_dir, lambda: _read_cifar_batches(batches)), str(batches)
     p = Path(path).expanduser()
@@ -180,10 +184,10 @@ def load_arrays(path: str | os.PathLike | None, name: str, cache_dir: Path | Non
 
         def build_zip() -> dict[str, np.ndarray]:
             with zipfile.ZipFile(p) as zf:
-                return _split_tree(_zip_entries(zf), zf.read)
+                return _split_tree(zip_entries(zf), zf.read)
 
         return _cached(key, name, cache_dir, build_zip), str(p)
-    batches = _find_batches(p)
+    batches = find_batches(p)
     if batches is not None:
         key = hash_files(sorted(batches.glob("*_batch*")))
         return _cached(key, name, cache_dir, lambda: _read_cifar_batches(batches)), str(batches)
@@ -201,7 +205,7 @@ def load_arrays(path: str | os.PathLike | None, name: str, cache_dir: Path | Non
     return _cached(key, name, cache_dir, lambda: _split_tree(entries, read_file)), str(p)
 
 
-def _to_dataset(arrays: dict[str, np.ndarray], split: str) -> ArrayDataset:
+def to_dataset(arrays: dict[str, np.ndarray], split: str) -> ArrayDataset:
     return ArrayDataset(
         torch.from_numpy(np.ascontiguousarray(arrays[f"{split}_x"])),
         torch.from_numpy(arrays[f"{split}_y"].astype(np.int64)),
@@ -211,7 +215,7 @@ def _to_dataset(arrays: dict[str, np.ndarray], split: str) -> ArrayDataset:
 
 def load_cifar10(req: Request) -> Splits:
     arrays, desc = load_arrays(req.path, "cifar10", _cache(req))
-    train, test = _to_dataset(arrays, "train"), _to_dataset(arrays, "test")
+    train, test = to_dataset(arrays, "train"), to_dataset(arrays, "test")
     if train.images.shape[1:] != (3, 32, 32):
         raise UserError(f"{desc}: CIFAR-10 images must be 32x32 RGB, got {tuple(train.images.shape[1:])}")
     return Splits(train, test, CIFAR10_MEAN, CIFAR10_STD)
@@ -223,7 +227,7 @@ def load_image_folder(req: Request) -> Splits:
     if req.path is None:
         raise UserError("dataset 'folder' needs --data PATH")
     arrays, _ = load_arrays(req.path, "folder", _cache(req))
-    train, test = _to_dataset(arrays, "train"), _to_dataset(arrays, "test")
+    train, test = to_dataset(arrays, "train"), to_dataset(arrays, "test")
     x = train.images.float() / 255
     mean = tuple(float(v) for v in x.mean(dim=(0, 2, 3)))
     std = tuple(float(v) for v in x.std(dim=(0, 2, 3)))

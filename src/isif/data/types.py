@@ -24,6 +24,10 @@ class LazyImages(Protocol):
 
     def __getitem__(self, key) -> LazyImages | torch.Tensor: ...
 
+    def select(self, idx: torch.Tensor) -> LazyImages:
+        """Another lazy array of the images at ``idx``."""
+        ...
+
     def batches(self, index_lists: list[list[int]], pin: bool = False) -> Iterator[torch.Tensor]:
         """Decode each list of indices as one batch, in order."""
         ...
@@ -52,11 +56,18 @@ class ArrayDataset:
         """The first ``n // classes`` images of each class, in the original order (a stratified slice)."""
         if n is None or n >= len(self):
             return self
-        idx = stratified_index(self.labels, len(self.classes), n)
-        images = self.images[idx]
-        if isinstance(images, torch.Tensor):
-            images = images.contiguous()
+        if not self.classes:  # unlabelled: the first n
+            return self.take(torch.arange(n))
+        return self.take(stratified_index(self.labels, len(self.classes), n))
+
+    def take(self, idx: torch.Tensor) -> ArrayDataset:
+        """The images at the (sorted) indices ``idx``; lazy images stay lazy."""
+        images = self.images.select(idx) if isinstance(self.images, LazyImages) else self.images[idx].contiguous()
         return ArrayDataset(images, self.labels[idx].contiguous(), self.classes)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
 
 
 def stratified_index(labels: torch.Tensor, num_classes: int, n: int) -> torch.Tensor:
@@ -68,11 +79,11 @@ def stratified_index(labels: torch.Tensor, num_classes: int, n: int) -> torch.Te
 
 @dataclass
 class Splits:
-    """What a source gives: the training instances, the test set, the normalisation, and the labelled kNN
-    bank when ``train`` holds unlabelled images (STL-10's unlabeled split)."""
+    """What a source gives: the training instances, the test set (``None`` for an unlabelled source), the
+    normalisation, and the labelled kNN bank when ``train`` holds unlabelled images (STL-10's unlabeled split)."""
 
     train: ArrayDataset
-    test: ArrayDataset
+    test: ArrayDataset | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     bank: ArrayDataset | None = None
@@ -80,12 +91,15 @@ class Splits:
 
 @dataclass
 class Sets:
-    """The configured slices of a source: training instances, the kNN bank and the test set."""
+    """The configured slices of a source: the training instances; the labelled bank and test set (``None``
+    without labels: an unlabelled source and no ``--eval-data``); the held-out unlabelled images of the
+    label-free metrics (``None`` without a holdout)."""
 
     splits: Splits
     train: ArrayDataset
-    bank: ArrayDataset
-    test: ArrayDataset
+    bank: ArrayDataset | None
+    test: ArrayDataset | None
+    holdout: ArrayDataset | None = None
 
 
 @dataclass(frozen=True)
@@ -97,3 +111,4 @@ class Request:
     split: str = "train"
     strict: bool = False  # streamed sources: refuse the first broken file instead of skipping it
     workers: int | None = None  # streamed sources: DataLoader workers
+    size: int | None = None  # the network's input side, when set (unlabelled images are stored at it)
