@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .evaluate.labelfree import LABEL_FREE
 from .io import atomic_write_bytes
 
 
@@ -25,8 +26,8 @@ def _save(fig, path: Path) -> None:
 
 
 def is_eval_metric(key: str) -> bool:
-    """Is this metrics-row field an evaluation result (kNN top-1 or a retrieval metric)?"""
-    return key == "knn_top1" or is_retrieval_metric(key)
+    """Is this metrics-row field an evaluation result (kNN top-1, a retrieval or a label-free metric)?"""
+    return key == "knn_top1" or is_retrieval_metric(key) or key in LABEL_FREE
 
 
 def is_retrieval_metric(key: str) -> bool:
@@ -40,20 +41,42 @@ def primary_metric(rows: list[dict]) -> tuple[str, str]:
     return "recall@1", "Recall@1 on unseen classes (%)"
 
 
-def plot_curve(history: list[dict], path: Path, title: str = "") -> None:
-    """Loss and kNN top-1 against epoch."""
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    rows = [r for r in history if r.get("loss") is not None]
-    ax1.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker="o")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("training loss")
-    key, label = primary_metric(history)
+def _series(ax, history: list[dict], key: str, label: str, color: str, **kw) -> None:
     ev = [r for r in history if r.get(key) is not None]
-    ax2.plot([r["epoch"] for r in ev], [r[key] for r in ev], marker="o", color="tab:green")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel(label)
-    for ax in (ax1, ax2):
+    ax.plot([r["epoch"] for r in ev], [r[key] for r in ev], marker="o", color=color, label=label, **kw)
+
+
+def plot_curve(history: list[dict], path: Path, title: str = "") -> None:
+    """Loss and the labelled metric (kNN top-1 or Recall@1) against epoch; with held-out images, also the
+    label-free metrics: view retrieval, effective rank, alignment and uniformity."""
+    plt = _plt()
+    key, label = primary_metric(history)
+    labelled = any(r.get(key) is not None for r in history)
+    free = any(r.get("view_top1") is not None for r in history)
+    n = 1 + labelled + 2 * free if free else 2
+    fig, axes = plt.subplots(1, n, figsize=(4.3 * n, 3.5))
+    rows = [r for r in history if r.get("loss") is not None]
+    axes[0].plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker="o")
+    axes[0].set_ylabel("training loss")
+    if labelled or not free:
+        _series(axes[1], history, key, label, "tab:green")
+        axes[1].set_ylabel(label)
+    if free:
+        ax = axes[-2]
+        _series(ax, history, "view_top1", "view top-1", "tab:blue")
+        _series(ax, history, "view_top5", "view top-5", "tab:blue", ls="--")
+        ax.set_ylabel("held-out view retrieval (%)")
+        rank = ax.twinx()
+        _series(rank, history, "rankme", "effective rank", "tab:purple")
+        rank.set_ylabel("effective rank (RankMe)", color="tab:purple")
+        ax.legend(fontsize=7, loc="lower right")
+        ax = axes[-1]
+        _series(ax, history, "alignment", "alignment", "tab:red")
+        _series(ax, history, "uniformity", "uniformity", "tab:orange")
+        ax.set_ylabel("alignment, uniformity (lower is better)")
+        ax.legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

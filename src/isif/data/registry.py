@@ -8,13 +8,17 @@ as one uint8 tensor.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import UserError
-from ..settings import at_least, setting
-from . import cifar, class_split, stl10, stream
-from .types import Request, Sets, Splits
+from ..settings import NON_NEGATIVE, at_least, setting
+from . import cifar, class_split, stl10, stream, unlabelled
+from .evaldata import load_eval_data
+from .types import ArrayDataset, Request, Sets, Splits
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,12 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
            "Stanford Online Products: Ebay_train.txt / Ebay_test.txt", streamed=True),
     Source("images", stream.streamed("images", class_split.read_class_folders, "image folder"),
            "any image folders: train/<class>/ and test/<class>/, or <class>/ folders split in half", streamed=True),
+    Source("unlabelled", unlabelled.load_unlabelled, "any folder (any depth) or .zip of images, no labels: "
+           "label-free metrics on a held-out slice, labelled evaluation with --eval-data", streamed=True),
 )}
+
+HOLDOUT_SEED = 20190615  # the held-out images depend on the image list only, not on the run's seed
+HOLDOUT_MAX = 5000
 
 
 @dataclass
@@ -60,6 +69,12 @@ class DataConfig:
                            resume=True)
     workers: int | None = setting(None, "streamed data sets: DataLoader workers (default cores-1, max 8)",
                                   check=at_least(0), resume=True)
+    holdout: float | None = setting(None, "images held out of training for the label-free metrics: a fraction "
+                                          "(<1) or a count; default 2% (at least 64, at most 5,000) for unlabelled "
+                                          "data, none for labelled data; 0 turns them off", check=NON_NEGATIVE)
+    eval_path: str | None = setting(None, "labelled images to evaluate on while training on unlabelled ones: "
+                                          "train/ and test/ class folders (kNN) or one tree of class folders "
+                                          "(Recall@K), a folder or a .zip", flag="--eval-data", resume=True)
 
     def check(self) -> None:
         if self.dataset not in SOURCES:
@@ -73,12 +88,59 @@ def load_dataset(cfg: DataConfig) -> Splits:
         raise UserError(f"unknown dataset {cfg.dataset!r}; known: {', '.join(SOURCES)}")
     if cfg.split not in src.splits:
         raise UserError(f"dataset {src.name} has no training split {cfg.split!r}; known: {', '.join(src.splits)}")
-    return src.load(Request(cfg.path, cfg.cache_dir, cfg.split, cfg.strict, cfg.workers))
+    return src.load(Request(cfg.path, cfg.cache_dir, cfg.split, cfg.strict, cfg.workers, cfg.size))
+
+
+def holdout_count(holdout: float | None, n: int, labelled: bool) -> int:
+    """How many of ``n`` training images to hold out (see ``DataConfig.holdout``)."""
+    if holdout is None:
+        return 0 if labelled else min(HOLDOUT_MAX, max(round(0.02 * n), min(64, n // 10)))
+    if holdout >= 1 and holdout != int(holdout):
+        raise UserError(f"--holdout {holdout}: a count must be a whole number (or a fraction below 1)")
+    count = int(holdout) if holdout >= 1 else round(holdout * n)
+    if count >= n:
+        raise UserError(f"--holdout {holdout:g} holds out {count} of the {n} training images and leaves none to "
+                        "train on; lower it")
+    return count
+
+
+def split_holdout(train: ArrayDataset, count: int) -> tuple[ArrayDataset, ArrayDataset | None]:
+    """(the images to train on, the held-out ones): a seeded choice that depends on the images alone."""
+    if count == 0:
+        return train, None
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    held, kept = torch.sort(perm[:count]).values, torch.sort(perm[count:]).values
+    return train.take(kept), train.take(held)
 
 
 def load_sets(cfg: DataConfig) -> Sets:
-    """The source's sets with the configured slices applied: training instances, kNN bank, test set."""
+    """The source's sets with the configured slices applied: training instances, kNN bank, test set, and the
+    held-out images; with ``eval_path``, bank and test come from there."""
     splits = load_dataset(cfg)
     train = splits.train.subset(cfg.train_subset)
+    labelled = splits.test is not None
+    train, holdout = split_holdout(train, holdout_count(cfg.holdout, len(train), labelled))
+    if cfg.eval_path is not None:
+        bank, test = load_eval_data(cfg.eval_path, int(train.images.shape[-1]), cfg.strict, cfg.workers,
+                                    cfg.cache_dir)
+        return Sets(splits, train, bank, test.subset(cfg.test_subset), holdout)
+    if splits.test is None:
+        return Sets(splits, train, None, None, holdout)
     bank = train if splits.bank is None else splits.bank.subset(cfg.train_subset)
-    return Sets(splits, train, bank, splits.test.subset(cfg.test_subset))
+    return Sets(splits, train, bank, splits.test.subset(cfg.test_subset), holdout)
+
+
+def labelled_layout(path: str) -> bool:
+    """Does ``path`` hold one of the labelled layouts (CIFAR batches, train/ and test/ class folders, CUB-200,
+    Cars196, SOP)? If not, ``isif train --data PATH`` treats it as unlabelled images."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        marks = ("images.txt", "cars_annos.mat", "Ebay_train.txt")
+        return (cifar.find_batches(p) is not None or any((p / m).exists() for m in marks)
+                or ((p / "train").is_dir() and (p / "test").is_dir()))
+    if p.is_file() and zipfile.is_zipfile(p):
+        with zipfile.ZipFile(p) as zf:
+            return bool(cifar.zip_entries(zf))
+    return False

@@ -7,18 +7,20 @@ metrics themselves are the pure functions of ``knn.py`` and ``retrieval.py``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..data.types import ArrayDataset
+from ..data.types import ArrayDataset, Sets
 from ..dist import SINGLE, World
 from ..faults import fault_point
 from ..settings import POSITIVE, at_least, one_of, setting
 from .features import extract_features, sharded_features
 from .knn import knn_accuracy
+from .labelfree import holdout_embeddings, label_free_metrics
 from .linear import LinearRecipe, linear_probe
 from .retrieval import map_at_r, nmi, recall_at_k
 
@@ -27,8 +29,9 @@ from .retrieval import map_at_r, nmi, recall_at_k
 class EvalConfig:
     every: int = setting(1, "evaluation every N epochs (always after the last)", check=at_least(1),
                          flag="--eval-every", resume=True)
-    protocol: str = setting("auto", "knn, retrieval, or auto (retrieval when the test classes are unseen)",
-                            check=one_of("auto", "knn", "retrieval"), flag="--eval-protocol", resume=True)
+    protocol: str = setting("auto", "knn, retrieval, auto (retrieval when the test classes are unseen), or none "
+                                    "(no evaluation at all, label-free metrics included)",
+                            check=one_of("auto", "knn", "retrieval", "none"), flag="--eval-protocol", resume=True)
     retrieval_ks: tuple[int, ...] = setting((1, 2, 4, 8), "K of Recall@K during training (SOP: 1,10,100)")
     knn_k: int = setting(200, "kNN neighbours", check=at_least(1))
     knn_sigma: float = setting(0.1, "kNN vote temperature sigma", check=POSITIVE)
@@ -59,10 +62,15 @@ class Extractor:
         return sharded_features(model, images, self.transform, self.world, **kw)
 
 
-def protocol_for(cfg: EvalConfig, bank: ArrayDataset, test: ArrayDataset) -> str:
-    """"knn" when the test classes were seen in training, "retrieval" when none of them was."""
+def protocol_for(cfg: EvalConfig, bank: ArrayDataset | None, test: ArrayDataset | None) -> str:
+    """"knn" when the test classes were seen in training, "retrieval" when none of them was (or there is no
+    bank), "none" without labelled test images or when evaluation is off."""
+    if test is None or cfg.protocol == "none":
+        return "none"
     if cfg.protocol != "auto":
         return cfg.protocol
+    if bank is None:
+        return "retrieval"
     seen = {bank.classes[int(c)] for c in torch.unique(bank.labels) if int(c) >= 0}
     tested = {test.classes[int(c)] for c in torch.unique(test.labels)}
     return "retrieval" if not seen & tested else "knn"
@@ -99,6 +107,22 @@ def evaluate(model: nn.Module, bank: ArrayDataset, test: ArrayDataset, ex: Extra
     return {"knn_top1": evaluate_knn(model, bank, test, ex, cfg.knn_k, cfg.knn_sigma)}
 
 
+def evaluate_sets(model: nn.Module, sets: Sets, ex: Extractor, augment: Callable, cfg: EvalConfig,
+                  seed: int = 0) -> dict[str, float | None]:
+    """A training run's evaluation: the labelled one (when there are labelled test images) and the label-free
+    metrics on the held-out images (when there are some); nothing with ``--eval-protocol none``."""
+    row: dict[str, float | None] = {}
+    if protocol_for(cfg, sets.bank, sets.test) != "none":
+        row.update(evaluate(model, sets.bank, sets.test, ex, cfg, seed))  # type: ignore[arg-type]
+    if sets.holdout is not None and cfg.protocol != "none":
+        t0 = time.perf_counter()
+        z = holdout_embeddings(model, sets.holdout.images, augment, ex.transform, ex.device, ex.precision,
+                               ex.channels_last, ex.batch_size)
+        row.update(label_free_metrics(*z))
+        row["holdout_s"] = time.perf_counter() - t0
+    return row
+
+
 def evaluate_linear(model: nn.Module, bank: ArrayDataset, test: ArrayDataset, ex: Extractor,
                     recipe: LinearRecipe, backbone: bool = True) -> dict[str, float]:
     """The linear probe on frozen features (pooled backbone features, or the embedding), checked as MoCo's
@@ -114,10 +138,15 @@ def evaluate_linear(model: nn.Module, bank: ArrayDataset, test: ArrayDataset, ex
 
 
 def summary(row: dict) -> str:
-    """'kNN 62.83%' or 'R@1 31.20 R@2 ... NMI 40.1' for a metrics row; '' when it has no evaluation."""
+    """'kNN 62.83%' or 'R@1 31.20 R@2 ... NMI 40.1', then the label-free 'views 71.2/90.3% rank 54.1', for a
+    metrics row; '' when it has no evaluation."""
+    out = []
     if row.get("knn_top1") is not None:
-        return f"kNN {row['knn_top1']:.2f}%"
-    rec = [f"R@{k.split('@')[1]} {v:.2f}" for k, v in row.items() if k.startswith("recall@")]
-    if not rec:
-        return ""
-    return " ".join(rec) + f" NMI {row['nmi']:.2f}"
+        out.append(f"kNN {row['knn_top1']:.2f}%")
+    rec = [f"R@{k.split('@')[1]} {v:.2f}" for k, v in row.items() if k.startswith("recall@") and v is not None]
+    if rec and row.get("knn_top1") is None:
+        out.append(" ".join(rec) + f" NMI {row['nmi']:.2f}")
+    if row.get("view_top1") is not None:
+        out.append(f"views top-1/5 {row['view_top1']:.1f}/{row['view_top5']:.1f}% rank {row['rankme']:.1f} "
+                   f"align {row['alignment']:.3f} unif {row['uniformity']:.2f}")
+    return "  ".join(out)
