@@ -30,7 +30,7 @@ OLD = FIX / "main-c7df253-tiny-mid-epoch.pt"
 
 def test_every_preset_of_the_previous_release_resolves_to_the_same_config():
     old = json.loads((FIX / "presets-main-c7df253.json").read_text())
-    assert set(old) == set(PRESETS)
+    assert set(old) <= set(PRESETS)  # presets added since are new; none of the old ones may go or change
     for name, d in old.items():
         assert Config.from_dict(d).to_dict() == preset(name).to_dict(), name
 

@@ -37,7 +37,10 @@ VERSION = 2
 
 @dataclass
 class TrainConfig:
-    epochs: int = setting(200, "training epochs", check=at_least(1), resume=True)
+    epochs: int | None = setting(200, "training epochs (none: from --budget and the number of images)",
+                                 check=at_least(1), resume=True)
+    budget: int | None = setting(None, "with --epochs none: the instances to train on in all; epochs = budget / "
+                                       "images, between 2 and 200", check=at_least(1))
     batch_size: int = setting(128, "instances per step (a step sees twice as many images)", check=at_least(2))
     seed: int = setting(0, "seed of the model, data order and augmentation")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", resume=True)
@@ -45,6 +48,15 @@ class TrainConfig:
     channels_last: bool = setting(False, "channels_last memory format", resume=True)
     compile: bool = setting(False, "torch.compile the network", resume=True)
     sync_bn: bool = setting(False, "under torchrun on GPUs: BatchNorm statistics over the global batch")
+
+
+    def resolve_epochs(self, images: int) -> int:
+        """The epochs to train: ``epochs``, or from ``budget`` and the number of training images."""
+        if self.epochs is not None:
+            return self.epochs
+        if self.budget is None:
+            raise UserError("--epochs none needs --budget INSTANCES (or give --epochs N)")
+        return int(min(200, max(2, round(self.budget / images))))
 
 
 SECTIONS = ("data", "model", "method", "augment", "optim", "sampler", "eval", "train")

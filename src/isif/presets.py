@@ -75,9 +75,30 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "99-196", {"data.dataset": "cars196", "sampler.nn_positive": 0.0}),
     Preset("sop", "cars196", "Table 5: ImageNet GoogLeNet on SOP's 11,318 training classes, Recall@1/10/100 and "
            "NMI on the 11,316 others", {"data.dataset": "sop", "eval.retrieval_ks": (1, 10, 100)}),
+    Preset("images-cpu", "cifar10-cpu", "Your own unlabelled images on a CPU: a quarter-width ResNet-18 (CIFAR "
+           "stem) at 64x64, epochs sized to see about 400,000 images in all (2 to 200 epochs); label-free metrics "
+           "on 2% held out (the default for a folder without labels)",
+           {"data.dataset": "unlabelled", "data.size": 64, "train.epochs": None, "train.budget": 400_000}),
+    Preset("images-gpu", "cifar10", "Your own unlabelled images on a GPU: ResNet-18 (ImageNet stem) at 160x160, "
+           "batch 256, bf16, epochs sized to see about 3,000,000 images in all (2 to 200 epochs); label-free "
+           "metrics on 2% held out (the default on a GPU)",
+           {"data.dataset": "unlabelled", "data.size": 160, "model.arch": "resnet18", "model.weights": None,
+            "train.batch_size": 256, "train.precision": "bf16", "train.channels_last": True,
+            "optim.schedule": "cosine", "optim.lr": 0.06, "optim.warmup_epochs": 0.5, "train.epochs": None,
+            "train.budget": 3_000_000}),
     Preset("sop-resnet18-scratch", "sop", "Table 6: torchvision ResNet-18 from random initialisation on SOP, "
            "Recall@1/10/100 and NMI", {"model.arch": "resnet18", "model.weights": None}),
 )}
+
+
+def default_preset(data: str | None, dataset: str | None, device_type: str) -> str:
+    """The preset of ``isif train`` without --preset: images-cpu / images-gpu for unlabelled images (a --data
+    path in none of the labelled layouts, or --dataset unlabelled), else cifar10-cpu."""
+    from .data.registry import labelled_layout
+
+    if dataset == "unlabelled" or (dataset is None and data is not None and not labelled_layout(data)):
+        return "images-gpu" if device_type == "cuda" else "images-cpu"
+    return "cifar10-cpu"
 
 
 def lineage(name: str) -> list[Preset]:

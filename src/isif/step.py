@@ -155,6 +155,41 @@ def train_step(parts: Parts, x: torch.Tensor, idx: torch.Tensor, gen: torch.Gene
     return loss
 
 
+def estimate_step_seconds(parts: Parts, images, batch_size: int, repeats: int = 2) -> float:
+    """Seconds one training step will take here: the forward and backward pass of a copy of the network on
+    this process's share of the batch, timed after one warm-up (the run's own weights, statistics and random
+    streams are untouched), or decoding a batch by the workers when that is slower."""
+    import copy
+    import time
+
+    from .data.types import LazyImages
+    from .device import param_dtype, sync
+
+    w, dev, t = parts.world, parts.device, parts.cfg.train
+    b, size = max(1, batch_size // w.size), parts.plain.size
+    model = copy.deepcopy(parts.model).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(len(parts.views) * b, 3, size, size, generator=g).to(dev, param_dtype(t.precision))
+    if t.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    start = 0.0
+    for i in range(repeats + 1):
+        if i == 1:
+            sync(dev)
+            start = time.perf_counter()
+        with autocast(dev, t.precision):
+            z = model(x)
+        z.float().square().sum().backward()
+    sync(dev)
+    compute = (time.perf_counter() - start) / repeats
+    if not isinstance(images, LazyImages):
+        return compute
+    t0 = time.perf_counter()
+    images.take(range(min(b, len(images), 32)))
+    decode = (time.perf_counter() - t0) / min(b, len(images), 32) * b / max(1, getattr(images, "workers", 1))
+    return max(compute, decode)
+
+
 def method_trains(cfg: Config) -> bool:
     return get_method(cfg.method.name).trains
 

@@ -34,14 +34,14 @@ from .data.types import LazyImages, Sets
 from .device import peak_memory_mib, resolve_device
 from .dist import World, any_flag, barrier, check_batch, device_for, setup
 from .errors import UserError
-from .evaluate.protocol import evaluate, protocol_for
+from .evaluate.protocol import evaluate_sets, protocol_for
 from .evaluate.retrieval import nearest_neighbour
 from .faults import fault_point
 from .objectives import EpochContext, get_method
 from .optim import lr_at, set_lr
 from .runlog import RunDir, RunLog, check_run_dir
 from .sampler import InstanceSampler
-from .step import Parts, build_parts, make_model, train_step
+from .step import Parts, build_parts, estimate_step_seconds, make_model, train_step
 
 
 class TrainingDiverged(Exception):
@@ -78,6 +78,8 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
     s = prepare(cfg, Path(out), resume, overwrite)
     if dry_run:
         return []
+    if progress and s.world.main and not resume:
+        print(announce(s), file=sys.stderr, flush=True)
     if not get_method(cfg.method.name).trains:
         return evaluate_untrained(s, progress)
     t, state, sampler, parts = cfg.train, s.state, s.sampler, s.parts
@@ -101,7 +103,7 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
             row = epoch_row(s, epoch, rate)
             if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == t.epochs:
                 t_eval = time.perf_counter()
-                row.update(evaluate(parts.model, s.sets.bank, s.sets.test, parts.extractor(), cfg.eval, t.seed))
+                row.update(evaluate_sets(parts.model, s.sets, parts.extractor(), parts.augment, cfg.eval, t.seed))
                 row["eval_s"] = time.perf_counter() - t_eval
             finish_epoch(s, row)
             if s.world.main:
@@ -130,15 +132,49 @@ def prepare(cfg: Config, out: Path, resume: bool, overwrite: bool) -> Session:
     if t.batch_size > n:
         raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({n} images)")
     check_batch(world, t.batch_size)
-    if cfg.eval.knn_k > len(sets.bank) and protocol_for(cfg.eval, sets.bank, sets.test) == "knn":
-        raise UserError(f"--knn-k {cfg.eval.knn_k} is larger than the kNN bank ({len(sets.bank)} labelled images); "
-                        "lower it")
+    t.epochs = t.resolve_epochs(n)
+    check_evaluation(cfg, sets)
     parts = build_parts(cfg, sets.splits, n, device, world, model)
     sampler = InstanceSampler(n, t.batch_size, t.seed, world, cfg.sampler.nn_positive)
     state = TrainState()
     if saved is not None:
         state.load_state_dict(saved, parts, sampler)
     return Session(cfg, run, world, parts, sampler, state, sets, resumed=resume)
+
+
+def check_evaluation(cfg: Config, sets: Sets) -> None:
+    """Refuse an evaluation the data cannot give, in one line naming the fix."""
+    protocol = protocol_for(cfg.eval, sets.bank, sets.test)
+    if sets.test is None and cfg.eval.protocol in ("knn", "retrieval"):
+        raise UserError(f"--eval-protocol {cfg.eval.protocol} needs labelled images: pass --eval-data PATH (train/ "
+                        "and test/ class folders for knn, class folders for retrieval), or use auto")
+    if protocol == "knn" and sets.bank is None:
+        raise UserError("--eval-protocol knn needs a labelled kNN bank: --eval-data with train/<class>/ and "
+                        "test/<class>/ folders")
+    if protocol == "knn" and cfg.eval.knn_k > len(sets.bank):  # type: ignore[arg-type]
+        raise UserError(f"--knn-k {cfg.eval.knn_k} is larger than the kNN bank ({len(sets.bank)} labelled images); "
+                        "lower it")
+    if sets.holdout is not None and len(sets.holdout) < 2 and cfg.eval.protocol != "none":
+        raise UserError(f"--holdout {cfg.data.holdout:g} holds out {len(sets.holdout)} image; the label-free "
+                        "metrics need at least 2 (0 turns them off)")
+
+
+def announce(s: Session) -> str:
+    """The banner: the images, the preset, the schedule and the expected time on this machine."""
+    from .presets import PRESETS
+
+    cfg, n, steps = s.cfg, len(s.sets.train), s.sampler.steps_per_epoch
+    held = f" (+{len(s.sets.holdout)} held out for the label-free metrics)" if s.sets.holdout is not None else ""
+    doc = PRESETS[cfg.preset].doc.split(";")[0].split(": ", 1)[-1] if cfg.preset in PRESETS else "custom settings"
+    step_s = estimate_step_seconds(s.parts, s.sets.train.images, s.sampler.batch_size)
+    total = step_s * steps * (cfg.train.epochs - s.state.epoch)
+    return (f"isif: {n:,} images{held}, preset {cfg.preset}: {doc}; {cfg.train.epochs} epochs of {steps} steps at "
+            f"{s.parts.plain.size}px, about {_minutes(total)} of training on this machine ({step_s:.2f} s a step, "
+            "measured; evaluations add)")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
 
 
 def run_epoch(s: Session, epoch: int, images, perm: torch.Tensor, second: torch.Tensor | None, sigint: _SigintFlag,
@@ -211,7 +247,7 @@ def evaluate_untrained(s: Session, progress: bool) -> list[dict]:
                                "lr": lr_at(cfg.optim, cfg.train.epochs, 0.0), "images_per_s": 0.0,
                                "train_s": st.train_time}
         t_eval = time.perf_counter()
-        row.update(evaluate(parts.model, s.sets.bank, s.sets.test, parts.extractor(), cfg.eval, cfg.train.seed))
+        row.update(evaluate_sets(parts.model, s.sets, parts.extractor(), parts.augment, cfg.eval, cfg.train.seed))
         row["eval_s"] = time.perf_counter() - t_eval
         finish_epoch(s, row)
         if s.world.main:
