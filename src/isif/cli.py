@@ -366,6 +366,64 @@ def cmd_plot(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- cluster, duplicates, map
+
+
+def _explore_parsers(sub) -> None:
+    emb = {"metavar": "EMBED_DIR", "help": "an `isif embed` output folder (features.npy, paths.txt, index.json)"}
+    c = sub.add_parser("cluster", help="k-means clusters of an embed folder: clusters.csv, clusters.json, "
+                                       "one contact sheet per cluster")
+    c.add_argument("embed_dir", **emb)
+    c.add_argument("--k", type=int, required=True, help="number of clusters")
+    c.add_argument("--seed", type=int, default=0, help="k-means++ seed (default 0)")
+    c.add_argument("--out", help="output folder (default EMBED_DIR)")
+    c.add_argument("--per-sheet", type=int, default=64, help="images per contact sheet, most central first "
+                                                              "(default 64)")
+    c.add_argument("--tile", type=int, default=64, help="thumbnail side in pixels (default 64)")
+    d = sub.add_parser("duplicates", help="near-duplicate groups of an embed folder: duplicates.csv and .png")
+    d.add_argument("embed_dir", **emb)
+    d.add_argument("--threshold", type=float, default=0.95, help="cosine similarity that makes a pair (default 0.95)")
+    d.add_argument("--out", help="output folder (default EMBED_DIR)")
+    d.add_argument("--max-groups", type=int, default=50, help="groups drawn in duplicates.png (default 50)")
+    d.add_argument("--tile", type=int, default=64, help="thumbnail side in pixels (default 64)")
+    d.add_argument("--block", type=int, default=2048, help="rows and columns of one similarity tile (default 2048)")
+    m = sub.add_parser("map", help="a 2-D map (UMAP or PCA) of an embed folder with thumbnails: map.png, map.csv")
+    m.add_argument("embed_dir", **emb)
+    m.add_argument("--method", choices=("auto", "umap", "pca"), default="auto",
+                   help="auto: UMAP when umap-learn is installed, else PCA (default auto)")
+    m.add_argument("--out", help="the PNG (default EMBED_DIR/map.png); map.csv is written beside it")
+    m.add_argument("--thumbs", type=int, default=2000, help="thumbnails drawn, a seeded sample (default 2000)")
+    m.add_argument("--seed", type=int, default=0, help="seed of UMAP and of the thumbnail sample (default 0)")
+
+
+def cmd_cluster(args) -> int:
+    from .explore import cluster_folder
+
+    res = cluster_folder(args.embed_dir, args.k, args.seed, args.out, args.per_sheet, args.tile)
+    print(f"{res['k']} clusters (sizes {', '.join(map(str, res['sizes']))}; inertia {res['inertia']:.4f}) -> "
+          f"{res['out']}/clusters.csv, clusters.json and {res['sheets']} contact sheets in clusters/")
+    return 0
+
+
+def cmd_duplicates(args) -> int:
+    from .explore import duplicates_folder
+
+    res = duplicates_folder(args.embed_dir, args.threshold, args.out, args.max_groups, args.tile, args.block)
+    print(f"{res['groups']} near-duplicate groups, {res['images']} images at cosine >= {args.threshold:g} -> "
+          f"{res['out']}/duplicates.csv and duplicates.png")
+    return 0
+
+
+def cmd_map(args) -> int:
+    from .explore import map_folder
+
+    res = map_folder(args.embed_dir, args.method, args.out, args.thumbs, args.seed)
+    colour = f", coloured by {res['classes']} folders" if res["classes"] else ""
+    print(f"{res['method'].upper()} map of {res['images']} images ({res['thumbnails']} thumbnails{colour}) -> "
+          f"{res['png']} and {res['csv']}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- eval
 
 
@@ -389,7 +447,8 @@ def _eval_parser(sub) -> None:
 
 def _checkpoint_flags(p):
     p.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder (uses checkpoints/last.pt)")
-    p.add_argument("--data", help="dataset path, if it moved since training")
+    p.add_argument("--data", help="dataset path, if it moved since training; for a run on unlabelled images, the "
+                                  "labelled images to evaluate on (default its --eval-data)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -513,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"isif {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_train_parser, _race_parser, _eval_parser, _bench_parser, _embed_parser, _plot_parser,
-                _search_parser, _export_parser):
+                _search_parser, _export_parser, _explore_parsers):
         add(sub)
     pp = sub.add_parser("presets", help="list the named presets")
     pp.add_argument("-v", "--verbose", action="store_true", help="print each preset's changes and full config")
@@ -527,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {"train": cmd_train, "race": cmd_race, "eval": cmd_eval, "bench": cmd_bench, "embed": cmd_embed,
                 "search": cmd_search, "export": cmd_export, "plot": cmd_plot, "presets": cmd_presets,
-                "methods": cmd_methods}
+                "methods": cmd_methods, "cluster": cmd_cluster, "duplicates": cmd_duplicates, "map": cmd_map}
     try:
         args = build_parser().parse_args(argv)
         return commands[args.command](args)

@@ -1,0 +1,148 @@
+"""Near-duplicate detection of `isif duplicates` against planted copies: precision and recall at each threshold.
+
+    python benchmarks/duplicates_planted.py --checkpoint RUN_OR_PT --data ../shared/datasets/cifar10-jpeg.zip \\
+        --out /tmp/dup-bench [--images 10000] [--planted 300] [--threshold 0.8 0.9 0.95 ...] [--seed 0]
+
+1. Extracts the first --images test/ images of the zip (taken round-robin over the class folders, so a small
+   number still spans every class) as PNG files into --out/images, a flat folder (never inside this repository).
+2. Plants --planted copies of distinct originals drawn with --seed, a third of each kind: ``jpeg50`` (re-encoded
+   as JPEG quality 50), ``resize40`` (resized to 40x40, saved as PNG), ``hflip`` (mirrored, saved as PNG). The
+   (original, copy, kind) triples go to --out/planted.csv.
+3. Runs `isif embed CHECKPOINT --out/images --out --out/embed`, then the duplicate groups at each threshold, and
+   prints: groups, images in them, pairs the groups assert (a group of n asserts n(n-1)/2), precision and recall
+   of the planted pairs, and recall per kind of copy. Precision counts every non-planted pair as false, so
+   near-identical images already in the CIFAR-10 test set lower it a little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import shutil
+import sys
+import time
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from isif.cli import main as isif_main
+from isif.data.decode import decode_rgb, is_image_name
+from isif.explore import duplicate_groups, grouped_pair_scores, load_embed_dir
+
+KINDS = ("jpeg50", "resize40", "hflip")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def round_robin_test_images(zf: zipfile.ZipFile, limit: int | None) -> list[str]:
+    """The zip's test/ images, round-robin over the class folders (the i-th image of every class, then the next)."""
+    by_class: dict[str, list[str]] = {}
+    for n in sorted(zf.namelist()):
+        p = PurePosixPath(n)
+        if len(p.parts) >= 2 and p.parts[0] == "test" and is_image_name(n) and not n.endswith("/"):
+            by_class.setdefault(str(p.parent), []).append(n)
+    lists = [by_class[c] for c in sorted(by_class)]
+    order = [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
+    return order[:limit] if limit else order
+
+
+def extract(zip_path: Path, folder: Path, limit: int | None) -> list[str]:
+    folder.mkdir(parents=True)
+    names = []
+    with zipfile.ZipFile(zip_path) as zf:
+        for i, member in enumerate(round_robin_test_images(zf, limit)):
+            name = f"{i:05d}.png"
+            Image.fromarray(decode_rgb(zf.read(member), member)).save(folder / name)
+            names.append(name)
+    if not names:
+        sys.exit(f"{zip_path}: no test/ images")
+    return names
+
+
+def make_copy(src: Path, kind: str, dest_stem: Path) -> Path:
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        if kind == "jpeg50":
+            out = dest_stem.with_suffix(".jpg")
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=50)
+            out.write_bytes(buf.getvalue())
+            return out
+        out = dest_stem.with_suffix(".png")
+        (im.resize((40, 40), Image.BICUBIC) if kind == "resize40" else ImageOps.mirror(im)).save(out)
+        return out
+
+
+def plant(folder: Path, names: list[str], count: int, seed: int) -> list[tuple[str, str, str]]:
+    """(original, copy, kind) for ``count`` distinct originals; kinds in turn, so a third of each."""
+    if count > len(names):
+        sys.exit(f"--planted {count}: more than the {len(names)} images")
+    originals = np.random.default_rng(seed).choice(len(names), size=count, replace=False)
+    planted = []
+    for j, i in enumerate(originals.tolist()):
+        kind = KINDS[j % len(KINDS)]
+        copy = make_copy(folder / names[i], kind, folder / f"copy-{j:04d}-{kind}")
+        planted.append((names[i], copy.name, kind))
+    return planted
+
+
+def prepare_out(out: Path) -> None:
+    o = out.resolve()
+    if o == REPO or REPO in o.parents:
+        sys.exit(f"--out {out}: inside the repository; pass a folder elsewhere, e.g. /tmp/dup-bench")
+    if (out / "images").exists():
+        if not (out / "planted.csv").is_file():
+            sys.exit(f"--out {out}: holds an images/ folder this script did not make; choose another --out")
+        shutil.rmtree(out / "images")
+        shutil.rmtree(out / "embed", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def report(z: np.ndarray, paths: list[str], planted: list[tuple[str, str, str]], thresholds: list[float]) -> None:
+    pairs = [(a, b) for a, b, _ in planted]
+    per_kind = {k: [(a, b) for a, b, kind in planted if kind == k] for k in KINDS}
+    head = f"{'threshold':>9} {'groups':>7} {'images':>7} {'pairs':>9} {'precision':>9} {'recall':>7}"
+    print(head + "".join(f" {'R ' + k:>10}" for k in KINDS) + f" {'seconds':>8}")
+    for t in thresholds:
+        t0 = time.perf_counter()
+        groups = [[paths[i] for i in g] for g in duplicate_groups(z, t)]
+        precision, recall = grouped_pair_scores(groups, pairs)
+        kinds = "".join(f" {grouped_pair_scores(groups, per_kind[k])[1]:10.3f}" for k in KINDS)
+        n_pairs = sum(len(g) * (len(g) - 1) // 2 for g in groups)
+        print(f"{t:9.3f} {len(groups):7d} {sum(map(len, groups)):7d} {n_pairs:9d} {precision:9.3f} {recall:7.3f}"
+              f"{kinds} {time.perf_counter() - t0:8.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="a .pt file or a run folder")
+    ap.add_argument("--data", required=True, help="a .zip with test/<class>/ images (cifar10-jpeg.zip)")
+    ap.add_argument("--out", required=True, help="work folder outside the repository (images, embed, planted.csv)")
+    ap.add_argument("--images", type=int, default=10000, help="test images extracted (default 10000; 0: all)")
+    ap.add_argument("--planted", type=int, default=300, help="planted copies, a third of each kind (default 300)")
+    ap.add_argument("--threshold", type=float, nargs="+", default=[0.8, 0.85, 0.9, 0.95, 0.98])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None)
+    a = ap.parse_args()
+    out = Path(a.out)
+    prepare_out(out)
+    t0 = time.perf_counter()
+    names = extract(Path(a.data), out / "images", a.images or None)
+    planted = plant(out / "images", names, a.planted, a.seed)
+    with open(out / "planted.csv", "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([("original", "copy", "kind"), *planted])
+    print(f"{len(names)} images + {len(planted)} planted copies in {out / 'images'} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    t0 = time.perf_counter()
+    argv = ["embed", a.checkpoint, str(out / "images"), "--out", str(out / "embed")]
+    if isif_main(argv + (["--device", a.device] if a.device else [])) != 0:
+        sys.exit("isif embed failed")
+    print(f"embedded in {time.perf_counter() - t0:.1f} s")
+    ed = load_embed_dir(out / "embed")
+    report(ed.features, ed.paths, planted, sorted(a.threshold))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""isif cluster | duplicates | map: answers known in advance on constructed features, files written, bad input
+refused in one line, and the image folder left exactly as it was."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sys
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from isif.cli import main
+from isif.explore import (
+    PALETTE,
+    class_labels,
+    cluster_features,
+    cluster_order,
+    duplicate_groups,
+    group_pairs,
+    grouped_pair_scores,
+    pca_2d,
+    planted_pair_scores,
+    similar_pairs,
+)
+
+CLASSES, PER_CLASS, DIM = 3, 8, 32
+EXACT = ("cls0/0000.png", "cls0/0001.png")  # identical features
+NEAR = ("cls1/0002.png", "cls1/0003.png")  # cosine ~0.9995
+CHAIN = ("cls2/0000.png", "cls2/0001.png", "cls2/0002.png")  # a~b 0.970, b~c 0.976, a~c 0.894
+BROKEN = "cls2/0007.png"  # listed in paths.txt, but not an image
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def write_embed_dir(folder: Path, z: np.ndarray, paths: list[str], root: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "features.npy", z.astype(np.float32))
+    (folder / "paths.txt").write_text("\n".join(paths) + "\n")
+    meta = {"root": str(root.resolve()), "checkpoint_sha256": "0" * 64, "images": len(paths), "dim": z.shape[1]}
+    (folder / "index.json").write_text(json.dumps(meta))
+    return folder
+
+
+def planted_features(paths: list[str]) -> np.ndarray:
+    """Three tight clusters on orthonormal directions (members ~0.76 apart), with the planted copies."""
+    rng = np.random.default_rng(0)
+    centres = np.linalg.qr(rng.normal(size=(DIM, CLASSES)))[0].T  # (3, D) orthonormal
+    z = unit(np.repeat(centres, PER_CLASS, axis=0) + rng.normal(0, 0.1, size=(CLASSES * PER_CLASS, DIM)))
+    row = {p: i for i, p in enumerate(paths)}
+    z[row[EXACT[1]]] = z[row[EXACT[0]]]
+    z[row[NEAR[1]]] = unit(z[row[NEAR[0]]] + 0.03 * unit(rng.normal(size=DIM)))
+    a = z[row[CHAIN[0]]]
+    u = rng.normal(size=DIM)
+    u = unit(u - (u @ a) * a)  # orthogonal to a
+    z[row[CHAIN[1]]], z[row[CHAIN[2]]] = unit(a + 0.25 * u), unit(a + 0.5 * u)
+    return z.astype(np.float32)
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """3 class folders x 8 small PNGs, each with its own colour and stripe pattern; one file is broken."""
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(1)
+    for c in range(CLASSES):
+        (root / f"cls{c}").mkdir(parents=True)
+        for i in range(PER_CLASS):
+            img = np.zeros((20, 24, 3), np.uint8) + rng.integers(0, 256, 3, dtype=np.uint8)
+            img[:: i + 2] = 255 - img[:: i + 2]
+            Image.fromarray(img).save(root / f"cls{c}" / f"{i:04d}.png")
+    (root / BROKEN).write_bytes(b"not a png at all")
+    return root
+
+
+@pytest.fixture
+def emb(tmp_path, images) -> Path:
+    paths = sorted(str(p.relative_to(images)) for p in images.rglob("*.png"))
+    return write_embed_dir(tmp_path / "photos-embeddings", planted_features(paths), paths, images)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def one_line_error(capsys, *phrases: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("isif: error: ") and err.count("\n") == 1, err
+    for p in phrases:
+        assert p in err, (p, err)
+    return err
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def test_kmeans_recovers_the_groups_numbers_them_by_size_and_depends_only_on_the_seed():
+    rng = np.random.default_rng(3)
+    sizes = (5, 12, 7)
+    truth = np.repeat(np.arange(3), sizes)
+    perm = rng.permutation(len(truth))
+    truth = truth[perm]
+    centres = np.linalg.qr(rng.normal(size=(16, 3)))[0].T
+    z = unit(centres[truth] + rng.normal(0, 0.05, size=(len(truth), 16))).astype(np.float32)
+    c = cluster_features(z, 3, seed=4)
+    # the partition is the truth, renumbered by size: the group of 12 is cluster 0, of 7 cluster 1, of 5 cluster 2
+    assert np.array_equal(c.labels, np.array([2, 0, 1])[truth])
+    means = np.stack([z[c.labels == j].astype(np.float64).mean(0) for j in range(3)])
+    assert np.allclose(c.centres, means, atol=1e-5)
+    expect = np.linalg.norm(z - means[c.labels], axis=1)
+    assert np.allclose(c.distances, expect, atol=1e-5) and math.isclose(c.inertia, (expect**2).sum(), rel_tol=1e-5)
+    again = cluster_features(z, 3, seed=4)
+    assert np.array_equal(again.labels, c.labels) and np.array_equal(again.distances, c.distances)
+    order = cluster_order(c)
+    key = list(zip(c.labels[order], c.distances[order], strict=True))
+    assert key == sorted(key) and sorted(order.tolist()) == list(range(len(z)))
+
+
+def naive_edges(z: np.ndarray, t: float) -> dict[tuple[int, int], float]:
+    s = z.astype(np.float64) @ z.astype(np.float64).T
+    return {(i, j): s[i, j] for i in range(len(z)) for j in range(i + 1, len(z)) if s[i, j] >= t}
+
+
+def naive_groups(n: int, edges) -> list[list[int]]:
+    adj: dict[int, set[int]] = {i: set() for i in range(n)}
+    for i, j in edges:
+        adj[i].add(j)
+        adj[j].add(i)
+    seen, groups = set(), []
+    for s in range(n):
+        if s in seen:
+            continue
+        comp, todo = [], deque([s])
+        seen.add(s)
+        while todo:
+            v = todo.popleft()
+            comp.append(v)
+            for w in adj[v] - seen:
+                seen.add(w)
+                todo.append(w)
+        if len(comp) > 1:
+            groups.append(sorted(comp))
+    return sorted(groups, key=lambda g: (-len(g), g[0]))
+
+
+@pytest.mark.parametrize("block", [7, 16, 1000])
+def test_blockwise_pairs_and_groups_equal_a_float64_all_pairs_reference(block):
+    rng = np.random.default_rng(5)
+    z = unit(rng.normal(size=(157, 6))).astype(np.float32)
+    t = 0.8
+    ref = naive_edges(z, t)
+    s64 = z.astype(np.float64) @ z.astype(np.float64).T
+    assert np.abs(s64 - t).min() > 1e-5  # no pair so close to the threshold that float32 could decide otherwise
+    assert 20 < len(ref) < 2000  # some pairs, not all
+    got = {}
+    for i, j, s in similar_pairs(z, t, block):
+        assert len(i) == len(j) == len(s)
+        for a, b, v in zip(i.tolist(), j.tolist(), s.tolist(), strict=True):
+            assert (a, b) not in got
+            got[(a, b)] = v
+    assert set(got) == set(ref)
+    assert all(abs(got[p] - ref[p]) < 1e-5 for p in ref)
+    groups = duplicate_groups(z, t, block)
+    assert [g.tolist() for g in groups] == naive_groups(len(z), ref)
+    assert len(groups) > 1 and len(groups[0]) > 2
+
+
+def test_duplicate_groups_find_exactly_the_planted_copies(emb):
+    paths = (emb / "paths.txt").read_text().split()
+    z = np.load(emb / "features.npy")
+    planted = group_pairs([EXACT, NEAR, CHAIN])
+    s = z.astype(np.float64) @ z.astype(np.float64).T
+    others = [s[i, j] for i in range(len(z)) for j in range(i + 1, len(z))
+              if frozenset((paths[i], paths[j])) not in planted]
+    assert max(others) < 0.9  # the fixture: nothing else is near
+    named = [[paths[i] for i in g] for g in duplicate_groups(z, 0.95, block=5)]
+    assert named == [list(CHAIN), list(EXACT), list(NEAR)]  # largest first; a~b~c is one group though a~c is 0.89
+    named = [[paths[i] for i in g] for g in duplicate_groups(z, 0.98, block=5)]
+    assert named == [list(EXACT), list(NEAR)]
+
+
+def test_planted_pair_scores_count_every_pair_of_a_group():
+    found = group_pairs([["a", "b", "c"], ["d", "e"]])  # ab ac bc de
+    assert found == {frozenset(p) for p in ("ab", "ac", "bc", "de")}
+    precision, recall = planted_pair_scores(found, [("b", "a"), ("d", "f"), ("e", "d")])
+    assert (precision, recall) == (2 / 4, 2 / 3)
+    assert grouped_pair_scores([["a", "b", "c"], ["d", "e"]], [("b", "a"), ("d", "f"), ("e", "d")]) == (2 / 4, 2 / 3)
+    assert grouped_pair_scores([["a", "b"], ["c", "d"]], [("a", "c"), ("b", "a")]) == (1 / 2, 1 / 2)
+    assert planted_pair_scores([("x", "y")], [("y", "x")]) == (1.0, 1.0)
+    precision, recall = planted_pair_scores([], [("a", "b")])
+    assert math.isnan(precision) and recall == 0.0
+    assert math.isnan(planted_pair_scores([("a", "b")], [])[1])
+
+
+def test_pca_matches_a_float64_svd_up_to_sign_and_its_sign_is_fixed():
+    rng = np.random.default_rng(7)
+    z = (rng.normal(size=(300, 12)) * np.linspace(3, 0.2, 12) + 0.5).astype(np.float32)
+    x = z.astype(np.float64) - z.astype(np.float64).mean(0)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    ref = u[:, :2] * s[:2]
+    xy = pca_2d(z)
+    assert xy.shape == (300, 2) and xy.dtype == np.float64
+    for k in range(2):
+        assert min(np.abs(xy[:, k] - ref[:, k]).max(), np.abs(xy[:, k] + ref[:, k]).max()) < 1e-8 * s[0]
+    assert np.allclose(pca_2d(z[::-1])[::-1], xy, atol=1e-8)  # the sign does not depend on the row order
+    for seed in range(6):  # the sign rule: each axis's largest-magnitude loading is positive
+        z = np.random.default_rng(seed).normal(size=(50, 5)) * np.array([5, 4, 3, 2, 1])
+        x = z - z.mean(0)
+        loadings = np.linalg.lstsq(x, pca_2d(z), rcond=None)[0]  # (5, 2): xy = x @ loadings
+        assert all(loadings[np.abs(loadings[:, k]).argmax(), k] > 0 for k in range(2)), seed
+
+
+def test_class_labels_only_when_a_folder_is_shared():
+    assert class_labels(["a/1.png", "a/2.png", "b/1.png"]) == ["a", "a", "b"]
+    assert class_labels(["a/x/1.png", "a/2.png", "3.png"]) == ["a", "a", "(top level)"]
+    assert class_labels(["1.png", "2.png"]) is None  # no folders
+    assert class_labels(["a/1.png", "b/1.png"]) is None  # no folder holds several images
+    assert class_labels(["a/1.png", "a/2.png"]) is None  # one folder: nothing to tell apart
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def test_cluster_command_writes_the_table_the_summary_and_one_sheet_per_cluster(emb, tmp_path, capsys):
+    assert main(["cluster", str(emb), "--k", "3"]) == 0
+    out = capsys.readouterr()
+    assert "3 clusters (sizes 8, 8, 8" in out.out and "skipped 1 unreadable" in out.err and BROKEN in out.err
+    rows = read_csv(emb / "clusters.csv")
+    assert len(rows) == 24 and list(rows[0]) == ["path", "cluster", "distance_to_centre"]
+    key = [(int(r["cluster"]), float(r["distance_to_centre"])) for r in rows]
+    assert key == sorted(key)
+    folders = {c: {r["path"].split("/")[0] for r in rows if int(r["cluster"]) == c} for c in range(3)}
+    assert sorted(map(len, folders.values())) == [1, 1, 1] and len(set().union(*folders.values())) == 3
+    meta = json.loads((emb / "clusters.json").read_text())
+    assert (meta["k"], meta["seed"], meta["sizes"]) == (3, 0, [8, 8, 8])
+    assert math.isclose(meta["inertia"], sum(d**2 for _, d in key), rel_tol=1e-4)
+    sheets = sorted(p.name for p in (emb / "clusters").iterdir())
+    assert sheets == ["cluster-000.png", "cluster-001.png", "cluster-002.png"]
+    with Image.open(emb / "clusters" / "cluster-000.png") as im:
+        full_height = im.size[1]  # 8 images: 3 rows
+    assert main(["cluster", str(emb), "--k", "3", "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "clusters.csv").read_bytes() == (emb / "clusters.csv").read_bytes()
+    assert main(["cluster", str(emb), "--k", "2", "--per-sheet", "4", "--tile", "16"]) == 0
+    assert sorted(p.name for p in (emb / "clusters").iterdir()) == ["cluster-000.png", "cluster-001.png"]
+    with Image.open(emb / "clusters" / "cluster-000.png") as im:
+        im.load()
+        assert im.size[1] == 4 + 4 + 12 + 2 * (16 + 4) and im.size[1] < full_height  # 4 shown: 2 rows of 2
+    assert json.loads((emb / "clusters.json").read_text())["sizes"] in ([16, 8], [12, 12])
+
+
+def test_duplicates_command_writes_groups_and_counts_them(emb, tmp_path, capsys):
+    assert main(["duplicates", str(emb), "--block", "4"]) == 0
+    assert "3 near-duplicate groups, 7 images at cosine >= 0.95" in capsys.readouterr().out
+    rows = read_csv(emb / "duplicates.csv")
+    assert [(int(r["group"]), r["path"]) for r in rows] == [(0, p) for p in CHAIN] + [(1, p) for p in EXACT] + [
+        (2, p) for p in NEAR]
+    sims = [float(r["similarity"]) for r in rows]
+    assert sims[0] == sims[3] == sims[4] == sims[5] == 1.0 and 0.88 < sims[2] < 0.9 and 0.99 < sims[6] < 1
+    with Image.open(emb / "duplicates.png") as im:
+        im.load()
+        assert im.mode == "RGB" and im.size[1] > 3 * 64
+    assert main(["duplicates", str(emb), "--threshold", "0.98", "--out", str(tmp_path / "d")]) == 0
+    assert "2 near-duplicate groups, 4 images" in capsys.readouterr().out
+    assert len(read_csv(tmp_path / "d" / "duplicates.csv")) == 4
+    assert main(["duplicates", str(emb), "--threshold", "0.9999", "--out", str(tmp_path / "d")]) == 0
+    assert "1 near-duplicate groups, 2 images" in capsys.readouterr().out  # the exact copy only
+    paths = (emb / "paths.txt").read_text().split()
+    apart = write_embed_dir(tmp_path / "apart", np.eye(24, 32), paths, emb.parent / "photos")  # all orthogonal
+    assert main(["duplicates", str(apart), "--threshold", "0.01"]) == 0
+    assert "0 near-duplicate groups, 0 images" in capsys.readouterr().out
+    assert read_csv(apart / "duplicates.csv") == []
+    Image.open(apart / "duplicates.png").verify()
+
+
+def palette_pixels(path: Path, colours) -> list[int]:
+    """Pixels of each colour in the plot area (the legend, right of 1400 pixels, left out)."""
+    arr = np.asarray(Image.open(path).convert("RGB"))[:, :1400]
+    return [int((arr == np.array(c, np.uint8)).all(-1).sum()) for c in colours]
+
+
+def test_map_command_draws_pca_coloured_by_folder_and_writes_the_coordinates(emb, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "umap", None)  # as if umap-learn were not installed
+    assert main(["map", str(emb)]) == 0  # auto: falls back to PCA
+    assert "PCA map of 24 images (23 thumbnails, coloured by 3 folders)" in capsys.readouterr().out
+    rows = read_csv(emb / "map.csv")
+    assert [r["path"] for r in rows] == (emb / "paths.txt").read_text().split()
+    xy = np.array([[float(r["x"]), float(r["y"])] for r in rows])
+    assert np.allclose(xy, pca_2d(np.load(emb / "features.npy")), rtol=1e-5, atol=1e-6)
+    assert all(n > 0 for n in palette_pixels(emb / "map.png", PALETTE[:3]))  # dots and frames
+    assert main(["map", str(emb), "--method", "pca", "--thumbs", "5", "--out", str(tmp_path / "m" / "x.png")]) == 0
+    shown = re.search(r"\((\d+) thumbnails", capsys.readouterr().out)
+    assert shown and int(shown.group(1)) in (4, 5)  # 5 drawn at random, one may be the broken file
+    assert (tmp_path / "m" / "x.png").is_file() and len(read_csv(tmp_path / "m" / "map.csv")) == 24
+    assert main(["map", str(emb), "--method", "umap"]) == 2
+    one_line_error(capsys, "pip install umap-learn")
+
+
+def test_map_of_a_flat_folder_is_not_coloured(tmp_path, capsys):
+    root = tmp_path / "flat"
+    root.mkdir()
+    rng = np.random.default_rng(2)
+    paths = []
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        paths.append(f"{i}.png")
+    e = write_embed_dir(tmp_path / "e", unit(rng.normal(size=(6, 4))), paths, root)
+    assert main(["map", str(e), "--method", "pca"]) == 0
+    out = capsys.readouterr().out
+    assert "6 thumbnails)" in out and "coloured" not in out
+    assert palette_pixels(e / "map.png", PALETTE[:3]) == [0, 0, 0]
+
+
+def test_bad_input_is_refused_in_one_line(emb, images, tmp_path, capsys):
+    first = "run `isif embed CHECKPOINT FOLDER --out DIR` first"
+    assert main(["cluster", str(tmp_path / "nowhere"), "--k", "2"]) == 2
+    one_line_error(capsys, "nowhere: no such folder", first)
+    (tmp_path / "empty").mkdir()
+    assert main(["duplicates", str(tmp_path / "empty")]) == 2
+    one_line_error(capsys, "features.npy", first)
+    for argv, phrases in ((["cluster", str(emb), "--k", "25"], ("--k 25", "(24)")),
+                          (["cluster", str(emb), "--k", "0"], ("--k 0",)),
+                          (["duplicates", str(emb), "--threshold", "1.5"], ("--threshold 1.5", "[-1, 1]")),
+                          (["duplicates", str(emb), "--threshold", "-2"], ("--threshold -2",)),
+                          (["duplicates", str(emb), "--threshold", "nan"], ("--threshold nan",)),
+                          (["map", str(emb), "--out", str(images / "cls0" / "map.png")], ("inside the image folder",)),
+                          (["cluster", str(emb), "--k", "2", "--out", str(images)], ("inside the image folder",)),
+                          (["cluster", str(emb)], ("--k",))):
+        assert main(argv) == 2, argv
+        one_line_error(capsys, *phrases)
+    paths = (emb / "paths.txt").read_text().split()
+    short = write_embed_dir(tmp_path / "short", np.load(emb / "features.npy"), paths[:-1], images)
+    assert main(["map", str(short)]) == 2
+    one_line_error(capsys, "features.npy holds 24 rows for 23 paths")
+    moved = write_embed_dir(tmp_path / "moved", np.load(emb / "features.npy"), paths, tmp_path / "gone")
+    for argv in (["cluster", str(moved), "--k", "2"], ["duplicates", str(moved)], ["map", str(moved)]):
+        assert main(argv) == 2
+        one_line_error(capsys, f"image folder {(tmp_path / 'gone').resolve()}", "missing")
+    assert not list(tmp_path.glob("*/clusters.csv")) and not list(tmp_path.glob("*/map.png"))
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def test_the_image_folder_is_left_exactly_as_it_was(emb, images, capsys):
+    before = snapshot(images)
+    assert len(before) == 3 + 24 and before[BROKEN] == b"not a png at all"
+    assert main(["cluster", str(emb), "--k", "3"]) == 0
+    assert main(["duplicates", str(emb)]) == 0
+    assert main(["map", str(emb), "--method", "pca"]) == 0
+    assert snapshot(images) == before
+    assert {"clusters.csv", "clusters.json", "duplicates.csv", "duplicates.png", "map.csv", "map.png"} <= {
+        p.name for p in emb.iterdir()}
