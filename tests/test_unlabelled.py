@@ -329,3 +329,70 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2, extra
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, (extra, err)
+
+
+def _photo_folder(root: Path, n: int = 60) -> Path:
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    for i in range(n):
+        w, h = int(rng.integers(24, 70)), int(rng.integers(24, 70))
+        base = rng.integers(0, 255, 3)
+        img = np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / f"{i:03d}.{'jpg' if i % 2 else 'png'}")
+    return root
+
+
+def test_unlabelled_run_resumes_exactly_with_its_label_free_metrics(tmp_path):
+    from isif import train as train_mod
+    from isif.checkpoint import load_checkpoint
+    from isif.config import Config
+
+    root = _photo_folder(tmp_path / "photos")
+    flags = [*TINY, "--epochs", "2", "--holdout", "12", "--workers", "1"]
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "a"), *flags]) == 0
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    cfg = Config.from_dict(a["config"])
+    cfg.data.workers = 0  # and the number of workers changes nothing
+    with pytest.raises(train_mod.Interrupted):  # 48 images / 8 = 6 steps an epoch: stop inside epoch 2
+        train_mod.train(cfg, tmp_path / "b", progress=False, stop_after_steps=8)
+    assert main(["train", "--resume", str(tmp_path / "b"), "--quiet"]) == 0
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for key in ("view_top1", "alignment", "uniformity", "rankme", "neg_cos"):
+        assert a["history"][-1][key] == b["history"][-1][key], key
+    assert a["input"]["fit"] == "crop" and a["input"]["size"] == 16
+
+
+def test_embed_gives_the_features_training_evaluated(tmp_path):
+    """``isif embed`` on an unlabelled run's images computes what its evaluation computed: the same decoding
+    (JPEG draft), the same shorter-side fit and centre square, the same normalisation."""
+    from isif.checkpoint import load_model
+    from isif.data.augment import PlainTransform
+    from isif.data.registry import DataConfig, load_sets
+    from isif.embed import Embedder
+    from isif.evaluate import extract_features
+
+    root = _photo_folder(tmp_path / "photos", 30)
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *TINY]) == 0
+    model, cfg, state = load_model(tmp_path / "run")
+    sets = load_sets(cfg.data)
+    assert isinstance(cfg.data, DataConfig) and sets.holdout is not None
+    spec = state["input"]
+    ref = extract_features(model, sets.holdout.images, PlainTransform(16, tuple(spec["mean"]), tuple(spec["std"])))
+    z, kept, _ = Embedder(str(tmp_path / "run")).files([Path(p) for p in sets.holdout.images.paths])
+    assert len(kept) == len(sets.holdout)
+    assert torch.allclose(z, ref, atol=1e-5)
+
+
+def test_eval_command_on_an_unlabelled_run(tmp_path, capsys):
+    root = _photo_folder(tmp_path / "photos", 30)
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "run"), "--k", "5"]) == 2
+    assert "trained on unlabelled images: pass --data" in capsys.readouterr().err
+    tree = write_image_tree(tmp_path / "tt", n_classes=3, train_per_class=6, test_per_class=3)
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "run"), "--data", str(tree), "--k", "5"]) == 0
+    assert main(["eval", "retrieval", "--checkpoint", str(tmp_path / "run"), "--data", str(tree / "train")]) == 0
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "run"), "--data", str(tree / "train"), "--k", "5"]) == 2
+    assert "need a labelled bank" in capsys.readouterr().err

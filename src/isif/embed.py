@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model, resolve_checkpoint
 from .data.augment import normalize
-from .data.decode import IMAGE_EXTS, BadImage, broken_image, decode_rgb, is_image_name, report_skipped
+from .data.decode import IMAGE_EXTS, BadImage, broken_image, decode_rgb, fit_square, report_skipped
 from .device import autocast, param_dtype
 from .errors import UserError
 from .io import atomic_write_bytes, sha256_file
@@ -24,20 +24,26 @@ def input_spec(state: dict, cfg) -> dict:
     spec = state.get("input")
     if spec:
         return {"size": int(spec["size"]), "mean": tuple(spec["mean"]), "std": tuple(spec["std"]),
-                "resize": int(spec["resize"]) if spec.get("center_crop") else None}
+                "resize": int(spec["resize"]) if spec.get("center_crop") else None,
+                "fit": spec.get("fit", "square")}
     from .data.registry import load_dataset
 
     splits = load_dataset(cfg.data)
-    return {"size": int(splits.train.images.shape[-1]), "mean": splits.mean, "std": splits.std, "resize": None}
+    return {"size": int(splits.train.images.shape[-1]), "mean": splits.mean, "std": splits.std, "resize": None,
+            "fit": "square"}
 
 
-def prepare(arr: np.ndarray, size: int, resize: int | None = None) -> torch.Tensor:
+def prepare(arr: np.ndarray, size: int, resize: int | None = None, fit: str = "square") -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, size, size) float in [0, 1], the test transform of training:
 
     - ``resize`` given (the unseen-category protocol): resized to resize x resize, then the centre
       size x size crop, as the streamed sources;
+    - ``fit="crop"`` (a run on unlabelled images): exactly as training stored them, the shorter side resized
+      to ``size`` and the centre square (``fit_square``);
     - otherwise the shorter side resized to ``size`` and the centre crop.
     """
+    if fit == "crop" and resize is None:
+        return torch.from_numpy(fit_square(arr, size)).permute(2, 0, 1).float().div_(255)
     if resize is not None:
         from .data.stream import load_file_array
 
@@ -56,13 +62,16 @@ def prepare(arr: np.ndarray, size: int, resize: int | None = None) -> torch.Tens
 
 
 def list_images(folder: str) -> list[Path]:
+    """Every image under ``folder`` (any depth; hidden files and folder-link loops left out), sorted."""
+    from .data.unlabelled import find_images
+
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{folder}: no such folder; pass a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_name(p))
-    if not files:
-        raise UserError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTS))})")
-    return files
+    try:
+        return [Path(n) for n in find_images(root).names]
+    except UserError:
+        raise UserError(f"{folder}: no images ({', '.join(sorted(IMAGE_EXTS))})") from None
 
 
 class Embedder:
@@ -101,13 +110,13 @@ class Embedder:
 
         for f in files:
             try:
-                arr = decode_rgb(f.read_bytes(), str(f))
+                arr = decode_rgb(f.read_bytes(), str(f), draft=sp["size"] if sp.get("fit") == "crop" else None)
             except (BadImage, OSError) as e:
                 if strict:
                     raise broken_image(f, str(e)) from None
                 skipped.append(str(f))
                 continue
-            batch.append(prepare(arr, sp["size"], sp["resize"]))
+            batch.append(prepare(arr, sp["size"], sp["resize"], sp.get("fit", "square")))
             kept.append(f)
             if len(batch) == self.batch_size:
                 flush()

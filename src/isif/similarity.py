@@ -25,8 +25,13 @@ def similarity_samples(run: str, images: int, data: str | None, device: str | No
     sets = load_sets(cfg.data)
     aug, _ = build_transforms(cfg.augment, cfg.data.size, sets.splits)
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(sets.test), generator=g)[:images]
-    x = sets.test.images[idx]
+    pool = sets.test if sets.test is not None else sets.holdout  # an unlabelled run: its held-out images
+    if pool is None:
+        from .errors import UserError
+
+        raise UserError("this run has neither test images nor held-out images; train it with --holdout N")
+    idx = torch.randperm(len(pool), generator=g)[:images]
+    x = pool.images[idx]
     views = Extractor(lambda b: aug(b, g), dev, cfg.train.precision, cfg.train.channels_last, cfg.eval.batch_size)
     v1 = views(model, x)  # (n, D)
     v2 = views(model, x)

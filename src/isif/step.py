@@ -87,7 +87,8 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
     if t.compile:
         net = torch.compile(net)
     spec = {"size": int(plain.size), "mean": [float(v) for v in splits.mean], "std": [float(v) for v in splits.std],
-            "resize": int(splits.train.images.shape[-1]), "center_crop": bool(plain.center_crop)}
+            "resize": int(splits.train.images.shape[-1]), "center_crop": bool(plain.center_crop),
+            "fit": getattr(splits.train.images, "fit", "square")}
     aug_gen = torch.Generator().manual_seed(t.seed + 2)
     return Parts(cfg, device, model, net, objective, opt, scaler, augment, plain, tuple(objective.views), aug_gen,
                  spec, world)

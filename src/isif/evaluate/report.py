@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from ..checkpoint import load_model, resolve_checkpoint
-from ..data.augment import build_transforms
+from ..data.augment import PlainTransform, build_transforms
+from ..data.evaldata import load_eval_data
 from ..data.registry import load_sets
 from ..data.types import Sets
 from ..device import resolve_device
@@ -22,13 +23,30 @@ class Loaded:
         self.path: Path = resolve_checkpoint(checkpoint)
         self.device = resolve_device(device or "auto")
         self.model, self.cfg, self.state = load_model(self.path, self.device)
-        if data is not None:
-            self.cfg.data.path = data
         self.cfg.train.device = str(self.device)
-        self.sets: Sets = load_sets(self.cfg.data)
-        _, plain = build_transforms(self.cfg.augment, self.cfg.data.size, self.sets.splits)
+        if self.cfg.data.dataset == "unlabelled":
+            self.sets, plain = self._labelled_for_unlabelled(data)
+        else:
+            if data is not None:
+                self.cfg.data.path = data
+            self.sets = load_sets(self.cfg.data)
+            _, plain = build_transforms(self.cfg.augment, self.cfg.data.size, self.sets.splits)
         t = self.cfg.train
         self.extractor = Extractor(plain, self.device, t.precision, t.channels_last, self.cfg.eval.batch_size)
+
+    def _labelled_for_unlabelled(self, data: str | None) -> tuple[Sets, PlainTransform]:
+        """A run trained on unlabelled images is evaluated on labelled ones: ``data``, or its --eval-data."""
+        path = data or self.cfg.data.eval_path
+        if path is None:
+            raise UserError("this run trained on unlabelled images: pass --data PATH to labelled ones (train/ and "
+                            "test/ class folders for knn and linear, class folders for retrieval)")
+        spec = self.state.get("input") or {}
+        if not spec:
+            raise UserError(f"{self.path} records no input size; evaluate it with the isif version that trained it")
+        d = self.cfg.data
+        bank, test = load_eval_data(path, int(spec["size"]), d.strict, d.workers, d.cache_dir)
+        plain = PlainTransform(int(spec["size"]), tuple(spec["mean"]), tuple(spec["std"]))
+        return Sets(None, bank, bank, test.subset(d.test_subset)), plain  # type: ignore[arg-type]
 
     def head(self) -> dict:
         return {"checkpoint": str(self.path), "epoch": self.state.get("epoch")}
@@ -41,6 +59,7 @@ def knn_result(ld: Loaded, k: int | None = None, sigma: float | None = None) -> 
     if sigma is not None:
         ev.knn_sigma = sigma
     ld.cfg.validate()
+    _need_bank(ld)
     if ev.knn_k > len(ld.sets.bank):
         raise UserError(f"--k {ev.knn_k} is larger than the training set ({len(ld.sets.bank)} images)")
     t0 = time.perf_counter()
@@ -57,7 +76,14 @@ def retrieval_result(ld: Loaded, ks: tuple[int, ...] | None = None, seed: int = 
             **metrics, "eval_s": time.perf_counter() - t0}
 
 
+def _need_bank(ld: Loaded) -> None:
+    if ld.sets.bank is None:
+        raise UserError("kNN and the linear probe need a labelled bank: --data with train/<class>/ and "
+                        "test/<class>/ folders (one tree of class folders gives `isif eval retrieval`)")
+
+
 def linear_result(ld: Loaded, recipe: LinearRecipe, features: str = "backbone") -> dict:
+    _need_bank(ld)
     t0 = time.perf_counter()
     res = evaluate_linear(ld.model, ld.sets.bank, ld.sets.test, ld.extractor, recipe, backbone=features == "backbone")
     return {**ld.head(), "linear_top1": res["test_top1"], "linear_train_top1": res["train_top1"],
