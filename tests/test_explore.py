@@ -358,3 +358,26 @@ def test_the_image_folder_is_left_exactly_as_it_was(emb, images, capsys):
     assert snapshot(images) == before
     assert {"clusters.csv", "clusters.json", "duplicates.csv", "duplicates.png", "map.csv", "map.png"} <= {
         p.name for p in emb.iterdir()}
+
+
+def test_auto_map_uses_umap_when_installed_with_the_seed_and_cosine(monkeypatch):
+    """umap-learn is an optional extra: a stand-in module checks that `auto` calls it as documented."""
+    import types
+
+    from isif import explore
+
+    calls = {}
+
+    class FakeUMAP:
+        def __init__(self, **kw):
+            calls.update(kw)
+
+        def fit_transform(self, z):
+            return np.asarray(z)[:, :2] * 2.0
+
+    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
+    z = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    xy, used = explore.embed_2d(z, "auto", seed=5)
+    assert used == "umap" and calls["random_state"] == 5 and calls["metric"] == "cosine"
+    assert np.allclose(xy, z[:, :2] * 2.0)
+    assert explore.embed_2d(z, "pca")[1] == "pca"

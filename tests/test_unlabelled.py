@@ -262,6 +262,15 @@ def test_default_preset_detects_unlabelled_folders(tmp_path, messy):
     assert labelled_layout(str(tree)) and not labelled_layout(str(root))
 
 
+def test_eval_protocol_none_evaluates_nothing(tmp_path):
+    import json
+
+    root = _photo_folder(tmp_path / "photos", 30)
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "r"), "--eval-protocol", "none", *TINY]) == 0
+    row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "view_top1" not in row and row["knn_top1"] is None and row["loss"] > 0
+
+
 def test_budget_sets_the_epochs():
     from isif.presets import resolve
 
@@ -296,8 +305,14 @@ def test_train_on_a_messy_folder_then_embed_leaves_the_folder_untouched(messy, t
         assert row[key] is not None, key
     assert 0 <= row["view_top1"] <= row["view_top5"] <= 100 and 1 <= row["rankme"] <= 8
     assert row["knn_top1"] is None
-    assert main(["embed", str(out), str(root), "--out", str(tmp_path / "emb")]) == 0
+    emb = tmp_path / "emb"
+    assert main(["embed", str(out), str(root), "--out", str(emb)]) == 0
+    assert main(["cluster", str(emb), "--k", "3"]) == 0
+    assert main(["duplicates", str(emb), "--threshold", "0.5"]) == 0
+    assert main(["map", str(emb), "--method", "pca"]) == 0
+    assert (emb / "clusters.csv").is_file() and (emb / "duplicates.csv").is_file() and (emb / "map.png").is_file()
     assert snapshot(root) == before
+    assert main(["cluster", str(emb), "--k", "1000"]) == 2  # more clusters than images
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
@@ -352,7 +367,7 @@ def test_unlabelled_run_resumes_exactly_with_its_label_free_metrics(tmp_path):
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "a"), *flags]) == 0
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
     cfg = Config.from_dict(a["config"])
-    cfg.data.workers = 0  # and the number of workers changes nothing
+    cfg.data.workers, cfg.data.memory_gib = 0, 0  # files decoded each epoch without workers: the same run
     with pytest.raises(train_mod.Interrupted):  # 48 images / 8 = 6 steps an epoch: stop inside epoch 2
         train_mod.train(cfg, tmp_path / "b", progress=False, stop_after_steps=8)
     assert main(["train", "--resume", str(tmp_path / "b"), "--quiet"]) == 0
@@ -376,6 +391,7 @@ def test_embed_gives_the_features_training_evaluated(tmp_path):
     root = _photo_folder(tmp_path / "photos", 30)
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *TINY]) == 0
     model, cfg, state = load_model(tmp_path / "run")
+    cfg.data.memory_gib = 0  # files, to know the held-out images' paths
     sets = load_sets(cfg.data)
     assert isinstance(cfg.data, DataConfig) and sets.holdout is not None
     spec = state["input"]
@@ -383,6 +399,28 @@ def test_embed_gives_the_features_training_evaluated(tmp_path):
     z, kept, _ = Embedder(str(tmp_path / "run")).files([Path(p) for p in sets.holdout.images.paths])
     assert len(kept) == len(sets.holdout)
     assert torch.allclose(z, ref, atol=1e-5)
+
+
+def test_decoded_once_equals_the_workers_decoding_and_is_cached(tmp_path, monkeypatch):
+    from isif.data import unlabelled
+
+    root = _photo_folder(tmp_path / "photos", 20)
+    files = stream.FileImages(find_images(root).names, 24, workers=2, fit="crop")
+    once = unlabelled.decoded_once(files, tmp_path / "c")
+    assert torch.equal(once, files.take(range(20))) and once.shape == (20, 3, 24, 24)
+    monkeypatch.setattr(stream.FileImages, "sequential", lambda *a: (_ for _ in ()).throw(AssertionError("again")))
+    assert torch.equal(unlabelled.decoded_once(files, tmp_path / "c"), once)  # from the cache
+
+
+def test_memory_limit_chooses_between_memory_and_files(tmp_path):
+    from isif.data.registry import DataConfig, load_sets
+    from isif.data.types import LazyImages
+
+    root = _photo_folder(tmp_path / "photos", 20)
+    small = load_sets(DataConfig(dataset="unlabelled", path=str(root), size=16, workers=0, holdout=4))
+    files = load_sets(DataConfig(dataset="unlabelled", path=str(root), size=16, workers=0, holdout=4, memory_gib=0))
+    assert isinstance(small.train.images, torch.Tensor) and isinstance(files.train.images, LazyImages)
+    assert torch.equal(small.holdout.images, files.holdout.images.take(range(4)))
 
 
 def test_eval_command_on_an_unlabelled_run(tmp_path, capsys):

@@ -43,7 +43,7 @@ def prepare(arr: np.ndarray, size: int, resize: int | None = None, fit: str = "s
     - otherwise the shorter side resized to ``size`` and the centre crop.
     """
     if fit == "crop" and resize is None:
-        return torch.from_numpy(fit_square(arr, size)).permute(2, 0, 1).float().div_(255)
+        return torch.from_numpy(np.array(fit_square(arr, size))).permute(2, 0, 1).float().div_(255)
     if resize is not None:
         from .data.stream import load_file_array
 

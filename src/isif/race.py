@@ -31,7 +31,8 @@ def race(configs: dict[str, Config], out: Path, progress: bool = True) -> dict[s
         run = RunDir(out / name)
         if run.last.is_file():
             state = load_checkpoint(run.last)
-            epochs = cfg.train.epochs if get_method(name).trains else 1
+            planned = cfg.train.epochs or state["config"]["train"]["epochs"]  # a budgeted preset: as resolved
+            epochs = planned if get_method(name).trains else 1
             done = state["epoch"] >= epochs and state["step"] == 0
             histories[name] = state["history"] if done else train(cfg, run.root, resume=True, progress=progress)
         else:

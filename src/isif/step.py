@@ -43,6 +43,15 @@ class Parts:
     aug_gen: torch.Generator  # augmentation parameters, drawn on the CPU
     input_spec: dict  # how the network sees an image: size, mean, std, resize, center_crop
     world: World = SINGLE
+    probe: BatchAugment | None = None  # the label-free metrics' views: the default augmentation, for every run
+
+    def probe_views(self) -> BatchAugment:
+        """The augmentation of the held-out views: the default one at the run's size, whatever the run trains
+        with, so the label-free metrics of runs with different augmentations compare."""
+        if self.probe is None:
+            mean, std = self.augment.mean.flatten().tolist(), self.augment.std.flatten().tolist()
+            self.probe = BatchAugment(self.plain.size, tuple(mean), tuple(std))  # type: ignore[arg-type]
+        return self.probe
 
     def extractor(self) -> Extractor:
         t = self.cfg.train
@@ -88,7 +97,7 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
         net = torch.compile(net)
     spec = {"size": int(plain.size), "mean": [float(v) for v in splits.mean], "std": [float(v) for v in splits.std],
             "resize": int(splits.train.images.shape[-1]), "center_crop": bool(plain.center_crop),
-            "fit": getattr(splits.train.images, "fit", "square")}
+            "fit": "crop" if cfg.data.dataset == "unlabelled" else "square"}
     aug_gen = torch.Generator().manual_seed(t.seed + 2)
     return Parts(cfg, device, model, net, objective, opt, scaler, augment, plain, tuple(objective.views), aug_gen,
                  spec, world)

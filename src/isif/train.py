@@ -103,7 +103,7 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
             row = epoch_row(s, epoch, rate)
             if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == t.epochs:
                 t_eval = time.perf_counter()
-                row.update(evaluate_sets(parts.model, s.sets, parts.extractor(), parts.augment, cfg.eval, t.seed))
+                row.update(evaluate_sets(parts.model, s.sets, parts.extractor(), parts.probe_views(), cfg.eval, t.seed))
                 row["eval_s"] = time.perf_counter() - t_eval
             finish_epoch(s, row)
             if s.world.main:
@@ -247,7 +247,7 @@ def evaluate_untrained(s: Session, progress: bool) -> list[dict]:
                                "lr": lr_at(cfg.optim, cfg.train.epochs, 0.0), "images_per_s": 0.0,
                                "train_s": st.train_time}
         t_eval = time.perf_counter()
-        row.update(evaluate_sets(parts.model, s.sets, parts.extractor(), parts.augment, cfg.eval, cfg.train.seed))
+        row.update(evaluate_sets(parts.model, s.sets, parts.extractor(), parts.probe_views(), cfg.eval, cfg.train.seed))
         row["eval_s"] = time.perf_counter() - t_eval
         finish_epoch(s, row)
         if s.world.main:

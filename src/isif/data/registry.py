@@ -69,6 +69,10 @@ class DataConfig:
                            resume=True)
     workers: int | None = setting(None, "streamed data sets: DataLoader workers (default cores-1, max 8)",
                                   check=at_least(0), resume=True)
+    memory_gib: float = setting(2.0, "unlabelled images: decode them once and hold them in memory when their "
+                                     "stored pixels fit in this many GiB (cached on disk for the next run); larger "
+                                     "sets are decoded by the workers every epoch; 0: always", check=NON_NEGATIVE,
+                                resume=True)
     holdout: float | None = setting(None, "images held out of training for the label-free metrics: a fraction "
                                           "(<1) or a count; default 2% (at least 64, at most 5,000) for unlabelled "
                                           "data, none for labelled data; 0 turns them off", check=NON_NEGATIVE)
@@ -88,7 +92,7 @@ def load_dataset(cfg: DataConfig) -> Splits:
         raise UserError(f"unknown dataset {cfg.dataset!r}; known: {', '.join(SOURCES)}")
     if cfg.split not in src.splits:
         raise UserError(f"dataset {src.name} has no training split {cfg.split!r}; known: {', '.join(src.splits)}")
-    return src.load(Request(cfg.path, cfg.cache_dir, cfg.split, cfg.strict, cfg.workers, cfg.size))
+    return src.load(Request(cfg.path, cfg.cache_dir, cfg.split, cfg.strict, cfg.workers, cfg.size, cfg.memory_gib))
 
 
 def holdout_count(holdout: float | None, n: int, labelled: bool) -> int:

@@ -112,3 +112,4 @@ class Request:
     strict: bool = False  # streamed sources: refuse the first broken file instead of skipping it
     workers: int | None = None  # streamed sources: DataLoader workers
     size: int | None = None  # the network's input side, when set (unlabelled images are stored at it)
+    memory_gib: float = 2.0  # unlabelled images: held in memory, decoded once, when their pixels fit

@@ -9,10 +9,12 @@ zip, in a fixed order (sorted by path), and counts what it leaves out:
 
 ``load_unlabelled`` scans the images once (every file decoded, in parallel,
 cached; broken, truncated and oversized files are skipped with a count, or
-refused with ``--strict``), and returns them as a lazy array decoded by
-DataLoader workers at ``side`` x ``side`` pixels: the shorter side resized to
-``side`` and the centre square kept, so mixed sizes and aspect ratios are
-never stretched. The normalisation is the images' own per-channel mean and
+refused with ``--strict``). Each image is stored at ``side`` x ``side``
+pixels: the shorter side resized to ``side`` and the centre square kept, so
+mixed sizes and aspect ratios are never stretched. When the stored pixels fit
+in ``--memory-gib`` they are decoded once (by the workers) and held in memory,
+cached on disk for the next run; larger sets stay files, decoded by DataLoader
+workers batch by batch every epoch. The normalisation is the images' own per-channel mean and
 standard deviation, measured by the scan. Nothing is ever written into the
 folder: caches go to the cache folder.
 """
@@ -30,9 +32,10 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..io import atomic_write_bytes, default_cache_dir
 from .decode import is_image_name
 from .stream import FileImages, FileReader, scan_files
-from .types import ArrayDataset, Request, Splits
+from .types import ArrayDataset, Images, Request, Splits
 
 DEFAULT_SIDE_MAX = 224  # without --size: the images' median shorter side, at most this
 
@@ -147,6 +150,38 @@ def load_unlabelled(req: Request) -> Splits:
         raise UserError(f"--data {req.path}: none of the {len(found.names)} images could be read")
     side = _side(req.size, res.short, res.bad)
     mean, std = res.mean_std()
-    images = FileImages(keep, side, req.workers, fit="crop", reader=reader)
+    images: Images = FileImages(keep, side, req.workers, fit="crop", reader=reader)
+    if len(keep) * 3 * side * side <= req.memory_gib * 2**30:
+        images = decoded_once(images, Path(req.cache_dir) if req.cache_dir else None)
     train = ArrayDataset(images, torch.full((len(keep),), -1, dtype=torch.long), [])
     return Splits(train, None, mean, std)
+
+
+def decoded_once(images: FileImages, cache_dir: Path | None) -> torch.Tensor:
+    """Every image decoded by the workers once, exactly as they would be each epoch, as one (N, 3, S, S) uint8
+    tensor; cached as .npy (atomically, keyed by the files' fingerprint and the side) for the next run."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = images.reader.fingerprint(images.paths)
+    path = cache_dir / f"pixels-{key[:24]}-{images.store}.npy"
+    if path.is_file():
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if arr.shape == images.shape and arr.dtype == np.uint8:
+                return torch.from_numpy(arr)
+        except (OSError, ValueError):
+            pass  # a broken cache is rebuilt
+    from tqdm.auto import tqdm
+
+    out = torch.empty(images.shape, dtype=torch.uint8)
+    start = 0
+    with tqdm(total=len(images), desc="decoding images once", unit="img", disable=None, file=sys.stderr,
+              leave=False) as bar:
+        for batch in images.sequential(256):
+            out[start:start + len(batch)] = batch
+            start += len(batch)
+            bar.update(len(batch))
+    try:
+        atomic_write_bytes(path, lambda f: np.save(f, out.numpy(), allow_pickle=False))
+    except OSError:
+        pass  # the cache is an optimisation
+    return out

@@ -1,8 +1,11 @@
 """Label-free progress: how good an embedding is, measured on held-out images without any labels.
 
-For each held-out image two augmented views are drawn (the training
-augmentation, from a fixed seed, so every evaluation of a run sees the same
-views) and its plain test view is embedded. From these:
+For each held-out image two augmented views are drawn and its plain test
+view is embedded. The views come from the default augmentation
+(RandomResizedCrop 0.2-1, colour jitter 0.4, grayscale 0.2, flip) at the run's
+input size, whatever the run itself trains with, from a fixed seed: every
+evaluation of every run sees the same views, so the figures compare across
+epochs and across runs. From these:
 
 - ``view_top1`` / ``view_top5`` (%): the view-1 embedding of each image as a query among the view-2
   embeddings of all held-out images: is its own other view the nearest (top 5)? A retrieval score
