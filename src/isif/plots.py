@@ -72,9 +72,10 @@ def plot_curve(history: list[dict], path: Path, title: str = "") -> None:
         ax.legend(fontsize=7, loc="lower right")
         ax = axes[-1]
         _series(ax, history, "alignment", "alignment", "tab:red")
-        _series(ax, history, "uniformity", "uniformity", "tab:orange")
-        ax.set_ylabel("alignment, uniformity (lower is better)")
-        ax.legend(fontsize=7)
+        ax.set_ylabel("alignment (lower is better)", color="tab:red")
+        unif = ax.twinx()
+        _series(unif, history, "uniformity", "uniformity", "tab:orange")
+        unif.set_ylabel("uniformity (lower is better)", color="tab:orange")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
