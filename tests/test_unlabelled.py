@@ -221,6 +221,7 @@ def test_holdout_counts():
     assert holdout_count(0.1, 500, labelled=True) == 50
     assert holdout_count(123, 500, labelled=False) == 123
     assert holdout_count(0, 500, labelled=False) == 0
+    assert holdout_count(None, 12, labelled=False) == 2 and holdout_count(None, 7, labelled=False) == 0
     with pytest.raises(Exception, match="leaves none to train on"):
         holdout_count(500, 500, labelled=False)
     with pytest.raises(Exception, match="whole number"):
@@ -434,3 +435,32 @@ def test_eval_command_on_an_unlabelled_run(tmp_path, capsys):
     assert main(["eval", "retrieval", "--checkpoint", str(tmp_path / "run"), "--data", str(tree / "train")]) == 0
     assert main(["eval", "knn", "--checkpoint", str(tmp_path / "run"), "--data", str(tree / "train"), "--k", "5"]) == 2
     assert "need a labelled bank" in capsys.readouterr().err
+
+
+def test_a_budgeted_preset_fits_its_batch_to_a_small_folder(tmp_path):
+    import json
+
+    root = _photo_folder(tmp_path / "photos", 12)
+    out = tmp_path / "r"
+    assert main(["train", "--data", str(root), "--out", str(out), "--budget", "30", "--width", "0.0625", "--size",
+                 "16", "--workers", "0", "--quiet", "--precision", "fp32"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["preset"] == "images-cpu" and cfg["train"]["batch_size"] == 10  # 12 images, 2 held out
+    assert cfg["train"]["epochs"] == 3  # round(30 / 10)
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "s"), "--epochs", "1", "--batch-size", "64",
+                 "--quiet", "--workers", "0"]) == 2  # a batch the user chose is not changed: refused instead
+
+
+def test_training_from_a_zip(tmp_path):
+    root = _photo_folder(tmp_path / "photos", 24)
+    z = tmp_path / "photos.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for p in sorted(root.iterdir()):
+            zf.write(p, f"album/{p.name}")
+    assert main(["train", "--data", str(z), "--out", str(tmp_path / "r"), *TINY]) == 0
+    assert main(["train", "--data", str(z), "--out", str(tmp_path / "s"), "--memory-gib", "0", *TINY]) == 0
+    from isif.checkpoint import load_checkpoint
+
+    a = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "s" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # members decoded once or every epoch: the same run

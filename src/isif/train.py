@@ -129,6 +129,8 @@ def prepare(cfg: Config, out: Path, resume: bool, overwrite: bool) -> Session:
     model = make_model(cfg)  # before the data: unreachable or unfitting weights fail before a long scan
     sets = load_sets(cfg.data)
     n = len(sets.train)
+    if t.epochs is None and t.batch_size > n >= 2 * world.size:  # a budgeted preset on a small folder
+        t.batch_size = n - n % (2 * world.size)  # the whole folder in each step
     if t.batch_size > n:
         raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({n} images)")
     check_batch(world, t.batch_size)
@@ -155,7 +157,7 @@ def check_evaluation(cfg: Config, sets: Sets) -> None:
         raise UserError(f"--knn-k {cfg.eval.knn_k} is larger than the kNN bank ({len(sets.bank)} labelled images); "
                         "lower it")
     if sets.holdout is not None and len(sets.holdout) < 2 and cfg.eval.protocol != "none":
-        raise UserError(f"--holdout {cfg.data.holdout:g} holds out {len(sets.holdout)} image; the label-free "
+        raise UserError(f"--holdout {cfg.data.holdout} holds out {len(sets.holdout)} image; the label-free "
                         "metrics need at least 2 (0 turns them off)")
 
 

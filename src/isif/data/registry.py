@@ -74,8 +74,9 @@ class DataConfig:
                                      "sets are decoded by the workers every epoch; 0: always", check=NON_NEGATIVE,
                                 resume=True)
     holdout: float | None = setting(None, "images held out of training for the label-free metrics: a fraction "
-                                          "(<1) or a count; default 2% (at least 64, at most 5,000) for unlabelled "
-                                          "data, none for labelled data; 0 turns them off", check=NON_NEGATIVE)
+                                          "(<1) or a count; default 2% (at least min(64, 10%), at most 5,000) for "
+                                          "unlabelled data, none for labelled data; 0 turns them off",
+                                    check=NON_NEGATIVE)
     eval_path: str | None = setting(None, "labelled images to evaluate on while training on unlabelled ones: "
                                           "train/ and test/ class folders (kNN) or one tree of class folders "
                                           "(Recall@K), a folder or a .zip", flag="--eval-data", resume=True)
@@ -97,8 +98,8 @@ def load_dataset(cfg: DataConfig) -> Splits:
 
 def holdout_count(holdout: float | None, n: int, labelled: bool) -> int:
     """How many of ``n`` training images to hold out (see ``DataConfig.holdout``)."""
-    if holdout is None:
-        return 0 if labelled else min(HOLDOUT_MAX, max(round(0.02 * n), min(64, n // 10)))
+    if holdout is None:  # 2%, at least min(64, 10%) and 2, at most 5,000; none below 8 images
+        return 0 if labelled or n < 8 else min(HOLDOUT_MAX, max(round(0.02 * n), min(64, n // 10), 2))
     if holdout >= 1 and holdout != int(holdout):
         raise UserError(f"--holdout {holdout}: a count must be a whole number (or a fraction below 1)")
     count = int(holdout) if holdout >= 1 else round(holdout * n)
