@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from .data.augment import normalize
 from .data.decode import IMAGE_EXTS, BadImage, broken_image, decode_rgb, fit_square, report_skipped
 from .device import autocast, param_dtype
 from .errors import UserError
+from .faults import fault_point
 from .io import atomic_write_bytes, sha256_file
 
 
@@ -127,20 +130,193 @@ class Embedder:
         return (torch.cat(feats) if feats else torch.zeros(0, dim)), kept, skipped
 
 
-def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256, device: str = "cpu",
-                 strict: bool = False) -> dict:
+SHARD_SIZE = 50_000  # images per shard: the unit of resuming (a shard is written whole or not at all)
+
+
+class _Prepared(torch.utils.data.Dataset):
+    """For the DataLoader workers: one file decoded and brought to the network's input, or the reason it could
+    not be."""
+
+    def __init__(self, files: list[Path], spec: dict) -> None:
+        self.files, self.spec = files, spec
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        sp, f = self.spec, self.files[i]
+        try:
+            arr = decode_rgb(f.read_bytes(), str(f), draft=sp["size"] if sp.get("fit") == "crop" else None)
+        except (BadImage, OSError) as e:
+            return i, None, str(e) or "unreadable"
+        return i, prepare(arr, sp["size"], sp["resize"], sp.get("fit", "square")), ""
+
+
+def _collate(items: list) -> list:
+    return items
+
+
+@torch.no_grad()
+def embed_files(embedder: Embedder, files: list[Path], workers: int = 0, strict: bool = False,
+                progress=None) -> tuple[np.ndarray, list[int], dict[int, str]]:
+    """(features (n, D) float32, the indices of ``files`` embedded, {index: reason} of the broken ones), the
+    files decoded by ``workers`` DataLoader workers, in order, ``embedder.batch_size`` at a time."""
+    sp = embedder.spec
+    mean_t, std_t = torch.tensor(sp["mean"]).view(1, 3, 1, 1), torch.tensor(sp["std"]).view(1, 3, 1, 1)
+    loader = torch.utils.data.DataLoader(_Prepared(files, sp), batch_size=embedder.batch_size, num_workers=workers,
+                                         collate_fn=_collate, generator=torch.Generator().manual_seed(0))
+    feats, kept, broken = [], [], {}
+    t = embedder.cfg.train
+    for batch in loader:
+        good = [(i, x) for i, x, _ in batch if x is not None]
+        for i, _, reason in batch:
+            if reason:
+                if strict:
+                    raise broken_image(files[i], reason)
+                broken[i] = reason
+        if good:
+            x = normalize(torch.stack([x for _, x in good]), mean_t, std_t)
+            x = x.to(embedder.device, param_dtype(t.precision))
+            if t.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(embedder.device, t.precision):
+                feats.append(embedder.model(x).float().cpu())
+            kept += [i for i, _ in good]
+        fault_point("embed-batch")
+        if progress is not None:
+            progress.update(len(batch))
+    z = torch.cat(feats).numpy() if feats else np.zeros((0, embedder.cfg.model.dim), np.float32)
+    return z.astype(np.float32, copy=False), kept, broken
+
+
+def _key(root: Path, f: Path) -> tuple[str, int, int]:
+    st = f.stat()
+    return (str(f.relative_to(root)), int(st.st_size), int(st.st_mtime_ns))
+
+
+def _shard_name(keys: list[tuple[str, int, int]]) -> str:
+    h = hashlib.sha256("\0".join(f"{k[0]}\0{k[1]}\0{k[2]}" for k in keys).encode()).hexdigest()
+    return h[:16]
+
+
+class EmbedDir:
+    """An ``isif embed`` output folder: shards (``shards/NAME.npy`` features + ``shards/NAME.json`` the files they
+    are for, and the broken files met), consolidated into features.npy, paths.txt and index.json."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.shards = Path(out), Path(out) / "shards"
+
+    def check_owner(self, sha: str, overwrite: bool) -> None:
+        """Refuse a folder made with another checkpoint (or replace it with ``overwrite``)."""
+        index = self.out / "index.json"
+        if not index.is_file():
+            return
+        try:
+            other = json.loads(index.read_text()).get("checkpoint_sha256")
+        except (OSError, ValueError):
+            other = None
+        if other and other != sha and not overwrite:
+            raise UserError(f"{self.out} holds embeddings of another checkpoint (sha256 {other[:12]}...); pass "
+                            "another --out, or --overwrite to replace them")
+        if other != sha and overwrite:
+            for p in [*self.shards.glob("*"), *(self.out / n for n in ("features.npy", "paths.txt", "index.json"))]:
+                p.unlink(missing_ok=True)
+
+    def done(self, sha: str) -> tuple[dict[tuple, tuple[str, int]], dict[tuple, str]]:
+        """({file key: (shard, row)}, {file key: reason it is broken}) of every complete shard."""
+        rows: dict[tuple, tuple[str, int]] = {}
+        broken: dict[tuple, str] = {}
+        for meta in sorted(self.shards.glob("*.json")):
+            try:
+                m = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                continue  # a shard is complete only once its manifest is written
+            if m.get("checkpoint_sha256") != sha or not (self.shards / f"{meta.stem}.npy").is_file():
+                continue
+            for r, k in enumerate(m["files"]):
+                rows[tuple(k)] = (meta.stem, r)
+            for k, reason in m["broken"]:
+                broken[tuple(k)] = reason
+        return rows, broken
+
+    def write_shard(self, keys: list, z: np.ndarray, kept: list[int], broken: dict[int, str], sha: str) -> str:
+        """Features first, then the manifest that makes the shard count: a kill in between leaves no shard."""
+        name = _shard_name(keys)
+        self.shards.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.shards / f"{name}.npy", lambda fh: np.save(fh, z))
+        meta = {"checkpoint_sha256": sha, "files": [list(keys[i]) for i in kept],
+                "broken": [[list(keys[i]), r] for i, r in sorted(broken.items())]}
+        atomic_write_bytes(self.shards / f"{name}.json", lambda fh: fh.write(json.dumps(meta).encode()))
+        fault_point("embed-shard")
+        return name
+
+    def consolidate(self, keys: list[tuple], root: Path, embedder: Embedder) -> tuple[int, int]:
+        """features.npy, paths.txt and index.json for ``keys`` (the folder as it is now): removed and changed
+        files drop out; shards no row is read from any more are deleted. Returns (images, broken)."""
+        rows, broken = self.done(embedder.fingerprint)
+        live = [k for k in keys if k in rows]
+        used = sorted({rows[k][0] for k in live})
+        arrays = {name: np.load(self.shards / f"{name}.npy", mmap_mode="r") for name in used}
+        dim = int(embedder.cfg.model.dim)
+        z = np.stack([arrays[rows[k][0]][rows[k][1]] for k in live]) if live else np.zeros((0, dim), np.float32)
+        atomic_write_bytes(self.out / "features.npy", lambda fh: np.save(fh, z.astype(np.float32)))
+        atomic_write_bytes(self.out / "paths.txt", lambda fh: fh.write("".join(k[0] + "\n" for k in live).encode()))
+        meta = {"root": str(root.resolve()), "checkpoint": str(embedder.path.resolve()),
+                "checkpoint_sha256": embedder.fingerprint, "images": len(live), "dim": dim, "shards": len(used),
+                "input": {k: v for k, v in embedder.spec.items()}}
+        atomic_write_bytes(self.out / "index.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+        for stale in self.shards.glob("*.json"):
+            if stale.stem not in used:
+                stale.unlink()
+                (self.shards / f"{stale.stem}.npy").unlink(missing_ok=True)
+        return len(live), sum(1 for k in keys if k in broken)
+
+
+def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256, device: str = "auto",
+                 strict: bool = False, workers: int = 0, shard_size: int = SHARD_SIZE, overwrite: bool = False,
+                 progress: bool = False) -> dict:
+    """Embed every image under ``folder`` into ``out``, shard by shard: resumable (a rerun keeps the finished
+    shards), incremental (a rerun embeds only new or changed files; removed ones drop out); under torchrun each
+    process embeds every W-th shard and the first consolidates."""
+    from tqdm.auto import tqdm
+
+    from .device import resolve_device
+    from .dist import barrier, device_for, setup
+
+    world = setup(device)
+    device = str(resolve_device(device_for(world, device)))
     root = Path(folder)
     files = list_images(folder)
+    if Path(out).resolve().is_relative_to(root.resolve()):
+        raise UserError(f"--out {out} is inside the image folder {folder}; isif never writes there: pass --out "
+                        "somewhere else")
     embedder = Embedder(checkpoint, device, batch_size)
-    z_t, kept, skipped = embedder.files(files, strict)
-    if not kept:
+    store = EmbedDir(out)
+    if world.main:
+        store.check_owner(embedder.fingerprint, overwrite)
+    barrier(world)
+    keys = [_key(root, f) for f in files]
+    rows, broken = store.done(embedder.fingerprint)
+    if strict and any(k in broken for k in keys):
+        k = next(k for k in keys if k in broken)
+        raise broken_image(root / k[0], broken[k])
+    pending = [i for i, k in enumerate(keys) if k not in rows and k not in broken]
+    chunks = [pending[s:s + shard_size] for s in range(0, len(pending), shard_size)]
+    bar = tqdm(total=len(pending), desc="embedding", unit="img", disable=None if progress and world.main else True,
+               file=sys.stderr)
+    for c, chunk in enumerate(chunks):
+        if c % world.size != world.rank:
+            continue
+        z, kept, bad = embed_files(embedder, [files[i] for i in chunk], workers, strict, bar)
+        store.write_shard([keys[i] for i in chunk], z, kept, bad, embedder.fingerprint)
+    bar.close()
+    barrier(world)
+    n, skipped = (store.consolidate(keys, root, embedder) if world.main else (0, 0))
+    if world.main and skipped:
+        _, broken = store.done(embedder.fingerprint)
+        report_skipped([str(root / k[0]) for k in keys if k in broken], str(folder))
+    barrier(world)
+    if world.main and n == 0:
         raise UserError(f"{folder}: none of the {len(files)} images could be read")
-    z = z_t.numpy().astype(np.float32)  # (N, D)
-    names = [str(p.relative_to(root)) for p in kept]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "features.npy", lambda fh: np.save(fh, z))
-    atomic_write_bytes(out / "paths.txt", lambda fh: fh.write(("\n".join(names) + "\n").encode()))
-    meta = {"root": str(root.resolve()), "checkpoint": str(embedder.path.resolve()),
-            "checkpoint_sha256": embedder.fingerprint, "images": len(kept), "dim": int(z.shape[1])}
-    atomic_write_bytes(out / "index.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
-    return {"images": len(kept), "skipped": len(skipped), "dim": int(z.shape[1]), "out": str(out)}
+    return {"images": n, "skipped": skipped, "new": len(pending), "dim": int(embedder.cfg.model.dim),
+            "out": str(out), "shards": len(chunks)}

@@ -30,6 +30,7 @@ class Gallery:
     features: torch.Tensor  # (N, D) L2-normalised
     paths: list[Path]  # absolute
     labels: list[str] | None  # class-folder names, when every image lies in one
+    index: object | None = None  # the embed folder's faiss index (isif index), unless --exact
 
 
 def _labels(paths: list[Path], root: Path) -> list[str] | None:
@@ -39,7 +40,7 @@ def _labels(paths: list[Path], root: Path) -> list[str] | None:
     return None
 
 
-def load_gallery(embedder: Embedder, gallery: str, strict: bool = False) -> Gallery:
+def load_gallery(embedder: Embedder, gallery: str, strict: bool = False, exact: bool = False) -> Gallery:
     root = Path(gallery)
     index = root / "index.json"
     if (root / "features.npy").is_file() and (root / "paths.txt").is_file() and index.is_file():
@@ -52,7 +53,10 @@ def load_gallery(embedder: Embedder, gallery: str, strict: bool = False) -> Gall
         if meta.get("checkpoint_sha256") and meta["checkpoint_sha256"] != embedder.fingerprint:
             raise UserError(f"{root} was embedded with another checkpoint; re-run isif embed with this one, "
                             "or pass the image folder as --gallery")
-        return Gallery(z, paths, _labels(paths, img_root))
+        from .index import load_index
+
+        loaded = None if exact else load_index(root)
+        return Gallery(z, paths, _labels(paths, img_root), loaded[0] if loaded else None)
     files = list_images(gallery)
     z, kept, _ = embedder.files(files, strict)
     if not kept:
@@ -87,6 +91,21 @@ def search(query: torch.Tensor, gallery: torch.Tensor, k: int,
             sim[i, j] = float("-inf")
     order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
     return torch.gather(sim, 1, order), order
+
+
+def search_gallery(query: torch.Tensor, gal: Gallery, k: int,
+                   exclude: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``search`` through the gallery's faiss index when it has one (asking for one more to leave the query's
+    own row out), else exactly."""
+    if gal.index is None:
+        return search(query, gal.features, k, exclude)
+    scores, ids = gal.index.search(np.ascontiguousarray(query.float().numpy()), k + 1)
+    out_s, out_i = [], []
+    for i, j in enumerate(exclude):
+        keep = [c for c in range(k + 1) if ids[i, c] >= 0 and ids[i, c] != j][:k]
+        out_s.append(scores[i, keep])
+        out_i.append(ids[i, keep])
+    return torch.from_numpy(np.stack(out_s)), torch.from_numpy(np.stack(out_i).astype(np.int64))
 
 
 def _tile(path: Path, size: int, color: tuple[int, int, int] | None, border: int) -> Image.Image:
@@ -125,7 +144,8 @@ def grid(rows: list[tuple[Path, list[Path], list[bool | None], list[float]]], pa
     atomic_write_bytes(Path(path), write)
 
 
-def run_search(embedder: Embedder, queries: list[str], gallery: str, k: int, strict: bool = False) -> dict:
+def run_search(embedder: Embedder, queries: list[str], gallery: str, k: int, strict: bool = False,
+               exact: bool = False) -> dict:
     """Embed the queries, search the gallery, and describe every hit.
 
     Returns {"results": [{"query", "neighbours": [{"path", "cosine", "same_label"?}]}], "rows": grid rows, "k"}.
@@ -135,16 +155,18 @@ def run_search(embedder: Embedder, queries: list[str], gallery: str, k: int, str
     if not Path(gallery).is_dir():
         raise UserError(f"--gallery {gallery}: no such folder; pass a folder of images or an isif embed output")
     files = query_files(queries)
-    gal = load_gallery(embedder, gallery, strict)
+    gal = load_gallery(embedder, gallery, strict, exact)
     qz, qfiles, _ = embedder.files(files, strict)
     if not qfiles:
         raise UserError("none of the query images could be read")
     where = {p: i for i, p in enumerate(gal.paths)}
     exclude = [where.get(p.resolve()) for p in qfiles]
-    k = min(k, len(gal.paths) - (1 if any(e is not None for e in exclude) else 0))
-    if k < 1:
+    limit = len(gal.paths) - (1 if any(e is not None for e in exclude) else 0)
+    if limit < 1:
         raise UserError("the gallery has no image besides the query")
-    scores, idx = search(qz, gal.features, k, exclude)
+    if k > limit:
+        raise UserError(f"--k {k} is larger than the gallery ({limit} images besides the query); lower it")
+    scores, idx = search_gallery(qz, gal, k, exclude)
     results, rows = [], []
     for i, q in enumerate(qfiles):
         neigh = [gal.paths[int(j)] for j in idx[i]]
