@@ -339,7 +339,7 @@ def _index_parser(sub) -> None:
     p = sub.add_parser("index", help="a faiss index beside an embed folder, with its Recall@10 against exact search")
     p.add_argument("embed_dir", metavar="EMBED_DIR", help="an `isif embed` output folder")
     p.add_argument("--kind", default="auto", choices=("auto", "exact", "ivf", "hnsw"),
-                   help="auto: exact below 200,000 images (provisional), HNSW above (default auto)")
+                   help="auto: exact below 100,000 images, HNSW above (default auto)")
     p.add_argument("--nlist", type=int, help="ivf: cells (default about 4 sqrt(N))")
     p.add_argument("--nprobe", type=int, help="ivf: cells visited per query (default nlist/16)")
     p.add_argument("--m", type=int, default=32, help="hnsw: links per node (default 32)")
