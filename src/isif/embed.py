@@ -92,42 +92,13 @@ class Embedder:
         """sha256 of the checkpoint file: which weights produced a set of features."""
         return sha256_file(self.path)
 
-    @torch.no_grad()
     def files(self, files: list[Path], strict: bool = False) -> tuple[torch.Tensor, list[Path], list[str]]:
-        """(features (n, D) float32 on the CPU, the files embedded, the broken files skipped)."""
-        sp = self.spec
-        mean_t = torch.tensor(sp["mean"]).view(1, 3, 1, 1)
-        std_t = torch.tensor(sp["std"]).view(1, 3, 1, 1)
-        kept: list[Path] = []
-        skipped: list[str] = []
-        feats: list[torch.Tensor] = []
-        batch: list[torch.Tensor] = []
-
-        def flush() -> None:
-            x = normalize(torch.stack(batch), mean_t, std_t).to(self.device, param_dtype(self.cfg.train.precision))
-            if self.cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.cfg.train.precision):
-                feats.append(self.model(x).float().cpu())
-            batch.clear()
-
-        for f in files:
-            try:
-                arr = decode_rgb(f.read_bytes(), str(f), draft=sp["size"] if sp.get("fit") == "crop" else None)
-            except (BadImage, OSError) as e:
-                if strict:
-                    raise broken_image(f, str(e)) from None
-                skipped.append(str(f))
-                continue
-            batch.append(prepare(arr, sp["size"], sp["resize"], sp.get("fit", "square")))
-            kept.append(f)
-            if len(batch) == self.batch_size:
-                flush()
-        if batch:
-            flush()
+        """(features (n, D) float32 on the CPU, the files embedded, the broken files skipped), decoded in this
+        process (``embed_files`` without workers)."""
+        z, kept, broken = embed_files(self, files, 0, strict)
+        skipped = [str(files[i]) for i in sorted(broken)]
         report_skipped(skipped)
-        dim = self.cfg.model.dim
-        return (torch.cat(feats) if feats else torch.zeros(0, dim)), kept, skipped
+        return torch.from_numpy(z), [files[i] for i in kept], skipped
 
 
 SHARD_SIZE = 50_000  # images per shard: the unit of resuming (a shard is written whole or not at all)

@@ -10,6 +10,7 @@ from .checkpoint import load_model, resolve_checkpoint
 from .data.augment import build_transforms
 from .data.registry import load_sets
 from .device import resolve_device
+from .errors import UserError
 from .evaluate.protocol import Extractor
 from .plots import plot_similarity
 
@@ -27,8 +28,6 @@ def similarity_samples(run: str, images: int, data: str | None, device: str | No
     g = torch.Generator().manual_seed(seed)
     pool = sets.test if sets.test is not None else sets.holdout  # an unlabelled run: its held-out images
     if pool is None:
-        from .errors import UserError
-
         raise UserError("this run has neither test images nor held-out images; train it with --holdout N")
     idx = torch.randperm(len(pool), generator=g)[:images]
     x = pool.images[idx]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -138,8 +139,6 @@ def load_sets(cfg: DataConfig) -> Sets:
 def labelled_layout(path: str) -> bool:
     """Does ``path`` hold one of the labelled layouts (CIFAR batches, train/ and test/ class folders, CUB-200,
     Cars196, SOP)? If not, ``isif train --data PATH`` treats it as unlabelled images."""
-    from pathlib import Path
-
     p = Path(path).expanduser()
     if p.is_dir():
         marks = ("images.txt", "cars_annos.mat", "Ebay_train.txt")

@@ -210,6 +210,7 @@ class ScanResult:
     bad: dict[int, str]
     short: list[int]
     moments: list[list[float]]
+    key: str = ""  # the fingerprint of the files scanned (paths, sizes, mtimes or CRCs)
 
     def mean_std(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
         """Per-channel mean and standard deviation over the readable images (each image weighs the same)."""
@@ -264,6 +265,7 @@ def scan_files(paths: list[str], strict: bool = False, workers: int | None = Non
             atomic_write_bytes(cache, lambda f: f.write(json.dumps(body).encode()))
         except OSError:
             pass  # the scan cache is an optimisation
+    res.key = key
     if res.bad and strict:  # from the cache
         raise broken_image(paths[min(res.bad)], res.bad[min(res.bad)])
     big = [paths[i] for i in sorted(res.bad) if TOO_LARGE in res.bad[i]]

@@ -152,16 +152,17 @@ def load_unlabelled(req: Request) -> Splits:
     mean, std = res.mean_std()
     images: Images = FileImages(keep, side, req.workers, fit="crop", reader=reader)
     if len(keep) * 3 * side * side <= req.memory_gib * 2**30:
-        images = decoded_once(images, Path(req.cache_dir) if req.cache_dir else None)
+        images = decoded_once(images, Path(req.cache_dir) if req.cache_dir else None, res.key)
     train = ArrayDataset(images, torch.full((len(keep),), -1, dtype=torch.long), [])
     return Splits(train, None, mean, std)
 
 
-def decoded_once(images: FileImages, cache_dir: Path | None) -> torch.Tensor:
+def decoded_once(images: FileImages, cache_dir: Path | None, key: str | None = None) -> torch.Tensor:
     """Every image decoded by the workers once, exactly as they would be each epoch, as one (N, 3, S, S) uint8
-    tensor; cached as .npy (atomically, keyed by the files' fingerprint and the side) for the next run."""
+    tensor; cached as .npy (atomically, keyed by the files' fingerprint and the side) for the next run.
+    ``key``: that fingerprint when the caller has it (the scan's, of the same files); else computed here."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = images.reader.fingerprint(images.paths)
+    key = key or images.reader.fingerprint(images.paths)
     path = cache_dir / f"pixels-{key[:24]}-{images.store}.npy"
     if path.is_file():
         try:

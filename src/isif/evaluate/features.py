@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -10,6 +10,14 @@ from torch import nn
 from ..data.types import Images, LazyImages
 from ..device import autocast, param_dtype
 from ..dist import SINGLE, World, gather_rows, shard
+
+
+def image_batches(images: Images, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """The uint8 images in order, ``batch_size`` at a time: decoded by the workers (pinned for a GPU) when lazy,
+    sliced when in memory."""
+    if isinstance(images, LazyImages):
+        return images.sequential(batch_size, pin=device.type == "cuda")
+    return (images[s : s + batch_size] for s in range(0, images.shape[0], batch_size))
 
 
 @torch.no_grad()
@@ -35,12 +43,8 @@ def extract_features(
     device = torch.device(device)
     dtype = param_dtype(precision)
     feats = []
-    if isinstance(images, LazyImages):
-        batches = images.sequential(batch_size, pin=device.type == "cuda")
-    else:
-        batches = (images[s : s + batch_size] for s in range(0, images.shape[0], batch_size))
     try:
-        for batch in batches:
+        for batch in image_batches(images, batch_size, device):
             x = transform(batch.to(device, non_blocking=True)).to(dtype)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -31,8 +31,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..data.types import Images, LazyImages
+from ..data.types import Images
 from ..device import autocast, param_dtype
+from .features import image_batches
 
 LABEL_FREE = ("view_top1", "view_top5", "alignment", "uniformity", "rankme", "pos_cos", "neg_cos")
 VIEW_SEED = 7  # the held-out views: the same at every evaluation of every run
@@ -105,12 +106,8 @@ def holdout_embeddings(model: nn.Module, images: Images, augment: Callable, plai
     was_training = model.training
     model.eval()
     dtype, out = param_dtype(precision), ([], [], [])
-    if isinstance(images, LazyImages):
-        batches = images.sequential(batch_size, pin=device.type == "cuda")
-    else:
-        batches = (images[s:s + batch_size] for s in range(0, images.shape[0], batch_size))
     try:
-        for batch in batches:
+        for batch in image_batches(images, batch_size, device):
             x = batch.to(device, non_blocking=True)
             for i, view in enumerate((augment(x, gen), augment(x, gen), plain(x))):
                 v = view.to(dtype)
