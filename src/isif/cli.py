@@ -367,6 +367,31 @@ def cmd_index(args) -> int:
     return 0
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="a local search page and JSON API over an embed folder (isif[serve])")
+    p.add_argument("embed_dir", metavar="EMBED_DIR", help="an `isif embed` output folder")
+    p.add_argument("--checkpoint", help="the checkpoint that embedded it, for uploaded queries (default: the one "
+                                        "recorded in EMBED_DIR/index.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
+                                                        "only; anything else prints a warning)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--k", type=int, default=24, help="neighbours shown by default (default 24)")
+    p.add_argument("--max-upload-mib", type=float, default=20.0, help="largest upload accepted (default 20)")
+    p.add_argument("--exact", action="store_true", help="exact search even when EMBED_DIR has a faiss index")
+    p.add_argument("--device", default="cpu", help="device embedding uploads (default cpu)")
+
+
+def cmd_serve(args) -> int:
+    from .device import resolve_device
+    from .serve import serve
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be 0 to 65535, got {args.port}")
+    serve(args.embed_dir, args.checkpoint, args.host, args.port, args.exact, args.max_upload_mib, args.k,
+          str(resolve_device(args.device)))
+    return 0
+
+
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="export the embedding network to TorchScript or ONNX, checked to 1e-5")
     p.add_argument("checkpoint", help="a .pt file or a run folder")
@@ -616,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"isif {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_train_parser, _race_parser, _eval_parser, _bench_parser, _embed_parser, _index_parser,
-                _plot_parser, _search_parser, _export_parser, _explore_parsers):
+                _plot_parser, _search_parser, _serve_parser, _export_parser, _explore_parsers):
         add(sub)
     pp = sub.add_parser("presets", help="list the named presets")
     pp.add_argument("-v", "--verbose", action="store_true", help="print each preset's changes and full config")
@@ -629,8 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     from .train import Interrupted, TrainingDiverged
 
     commands = {"train": cmd_train, "race": cmd_race, "eval": cmd_eval, "bench": cmd_bench, "embed": cmd_embed,
-                "index": cmd_index,
-                "search": cmd_search, "export": cmd_export, "plot": cmd_plot, "presets": cmd_presets,
+                "index": cmd_index, "search": cmd_search, "serve": cmd_serve, "export": cmd_export, "plot": cmd_plot,
+                "presets": cmd_presets,
                 "methods": cmd_methods, "cluster": cmd_cluster, "duplicates": cmd_duplicates, "map": cmd_map}
     try:
         args = build_parser().parse_args(argv)

@@ -100,6 +100,25 @@ class Embedder:
         report_skipped(skipped)
         return torch.from_numpy(z), [files[i] for i in kept], skipped
 
+    @torch.no_grad()
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """Prepared images ((3, s, s) in [0, 1], from ``prepare``) -> features (n, D) float32 on the CPU, with the
+        checkpoint's normalisation, precision and memory format."""
+        sp, t = self.spec, self.cfg.train
+        mean_t, std_t = torch.tensor(sp["mean"]).view(1, 3, 1, 1), torch.tensor(sp["std"]).view(1, 3, 1, 1)
+        x = normalize(torch.stack(xs), mean_t, std_t).to(self.device, param_dtype(t.precision))
+        if t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, t.precision):
+            return self.model(x).float().cpu()
+
+    def image_bytes(self, data: bytes, name: str = "upload") -> torch.Tensor:
+        """One encoded image (an upload) -> its feature (D,), decoded by the same safe decoder and test transform
+        as the files; raises ``BadImage`` (``TooLarge`` for a decompression bomb)."""
+        sp = self.spec
+        arr = decode_rgb(data, name, draft=sp["size"] if sp.get("fit") == "crop" else None)
+        return self.forward([prepare(arr, sp["size"], sp["resize"], sp.get("fit", "square"))])[0]
+
 
 SHARD_SIZE = 50_000  # images per shard: the unit of resuming (a shard is written whole or not at all)
 
@@ -133,11 +152,9 @@ def embed_files(embedder: Embedder, files: list[Path], workers: int = 0, strict:
     """(features (n, D) float32, the indices of ``files`` embedded, {index: reason} of the broken ones), the
     files decoded by ``workers`` DataLoader workers, in order, ``embedder.batch_size`` at a time."""
     sp = embedder.spec
-    mean_t, std_t = torch.tensor(sp["mean"]).view(1, 3, 1, 1), torch.tensor(sp["std"]).view(1, 3, 1, 1)
     loader = torch.utils.data.DataLoader(_Prepared(files, sp), batch_size=embedder.batch_size, num_workers=workers,
                                          collate_fn=_collate, generator=torch.Generator().manual_seed(0))
     feats, kept, broken = [], [], {}
-    t = embedder.cfg.train
     for batch in loader:
         good = [(i, x) for i, x, _ in batch if x is not None]
         for i, _, reason in batch:
@@ -146,12 +163,7 @@ def embed_files(embedder: Embedder, files: list[Path], workers: int = 0, strict:
                     raise broken_image(files[i], reason)
                 broken[i] = reason
         if good:
-            x = normalize(torch.stack([x for _, x in good]), mean_t, std_t)
-            x = x.to(embedder.device, param_dtype(t.precision))
-            if t.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(embedder.device, t.precision):
-                feats.append(embedder.model(x).float().cpu())
+            feats.append(embedder.forward([x for _, x in good]))
             kept += [i for i, _ in good]
         fault_point("embed-batch")
         if progress is not None:

@@ -1,0 +1,440 @@
+"""``isif serve EMBED_DIR``: a local search page and JSON API over an embedded collection.
+
+The collection is an ``isif embed`` output folder (features.npy, paths.txt, index.json), searched through its
+faiss index when ``isif index`` made one (the same ``search_gallery`` as ``isif search``), exactly otherwise or
+with ``--exact``; uploads are embedded with the checkpoint that made the features (its sha256 must match).
+
+API (every error is JSON ``{"error": "..."}`` with a 4xx status; never a traceback page):
+
+- ``GET  /api/info``: the collection: images, dim, index kind and its measured Recall@10, clusters.
+- ``GET  /api/search?id=N&k=K``: the K nearest images of gallery image N (itself left out).
+- ``POST /api/search?k=K``: the K nearest images of an uploaded image: the raw bytes as the body
+  (``curl --data-binary @q.jpg``) or a multipart form field ``image`` (``curl -F image=@q.jpg``).
+- ``GET  /api/image/N``: gallery image N's file, as stored; ``GET /api/thumb/N?size=S``: a JPEG thumbnail.
+- ``GET  /api/clusters`` and ``/api/clusters/C?offset=&limit=``: ``isif cluster`` output, when present.
+
+Safety: it binds 127.0.0.1 unless ``--host`` says otherwise (with a warning: there is no authentication). Images
+are served by id only, and only when the resolved file lies inside the collection's image folder (a path in a
+request is never opened; a symlink or a ``paths.txt`` entry leading outside is refused). A request body is
+limited (``--max-upload-mib``, checked on Content-Length and while reading), and uploads go through the
+training decoder (``decode_rgb``: decompression bombs refused from the header, truncated and non-image data
+rejected).
+"""
+
+
+import csv
+import functools
+import io
+import ipaddress
+import json
+import mimetypes
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.decode import BadImage, TooLarge, decode_rgb, is_image_name
+from .errors import UserError
+from .explore import EmbedDir, load_embed_dir
+
+INSTALL = ("isif serve needs FastAPI and uvicorn: pip install 'isif[serve]' (or pip install fastapi uvicorn "
+           "python-multipart)")
+MAX_K = 500
+THUMB_SIDES = (64, 128, 256, 512)
+STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+          "style.css": "text/css; charset=utf-8"}
+
+
+class RequestError(Exception):
+    """A bad request: answered as JSON {"error": message} with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Clusters:
+    k: int
+    members: list[list[int]]  # per cluster, gallery ids, most central first
+    distances: list[list[float]]
+    of: np.ndarray  # (N,) cluster of each gallery id
+
+
+def load_clusters(ed: EmbedDir) -> Clusters | None:
+    """``isif cluster`` output in the embed folder, or None (with a warning line when it is stale)."""
+    csv_path = ed.folder / "clusters.csv"
+    if not csv_path.is_file():
+        return None
+    where = {p: i for i, p in enumerate(ed.paths)}
+    try:
+        with csv_path.open(newline="") as fh:
+            rows = [(r["path"], int(r["cluster"]), float(r["distance_to_centre"])) for r in csv.DictReader(fh)]
+    except (OSError, ValueError, KeyError, csv.Error):
+        print(f"warning: {csv_path} is unreadable; clusters not shown (re-run `isif cluster {ed.folder} --k K`)",
+              file=sys.stderr)
+        return None
+    if len(rows) != len(ed.paths) or any(p not in where for p, _, _ in rows) or any(c < 0 for _, c, _ in rows):
+        print(f"warning: {csv_path} was made before the last `isif embed`; clusters not shown (re-run "
+              f"`isif cluster {ed.folder} --k K`)", file=sys.stderr)
+        return None
+    k = max(c for _, c, _ in rows) + 1
+    members: list[list[int]] = [[] for _ in range(k)]
+    dists: list[list[float]] = [[] for _ in range(k)]
+    of = np.full(len(ed.paths), -1, dtype=np.int64)
+    for p, c, dist in rows:  # the CSV is ordered by cluster, then distance to the centre
+        members[c].append(where[p])
+        dists[c].append(dist)
+        of[where[p]] = c
+    return Clusters(k, members, dists, of)
+
+
+class Collection:
+    """An embed folder ready to be searched: features, index, the checkpoint for uploads, clusters."""
+
+    def __init__(self, embed_dir: str | Path, checkpoint: str | None = None, exact: bool = False,
+                 device: str = "cpu") -> None:
+        from .embed import Embedder
+        from .search import Gallery, _labels
+
+        self.ed = load_embed_dir(embed_dir)
+        if not self.ed.root.is_dir():
+            raise UserError(f"image folder {self.ed.root} (the root in {self.ed.folder}/index.json) is missing; "
+                            "put the images back there or re-run `isif embed`")
+        self.root = self.ed.root.resolve()
+        meta = json.loads((self.ed.folder / "index.json").read_text())
+        ckpt = checkpoint or meta.get("checkpoint")
+        if not ckpt or not Path(ckpt).exists():
+            raise UserError(f"{self.ed.folder}: the checkpoint that made it ({ckpt}) is missing; pass it with "
+                            "--checkpoint")
+        self.embedder = Embedder(ckpt, device, batch_size=1)
+        if meta.get("checkpoint_sha256") and meta["checkpoint_sha256"] != self.embedder.fingerprint:
+            raise UserError(f"{ckpt} is not the checkpoint that embedded {self.ed.folder}; pass that one with "
+                            f"--checkpoint, or re-run `isif embed` with this one")
+        if self.embedder.cfg.model.dim != self.ed.features.shape[1]:
+            raise UserError(f"{ckpt} gives {self.embedder.cfg.model.dim}-d features but {self.ed.folder} holds "
+                            f"{self.ed.features.shape[1]}-d; re-run `isif embed`")
+        loaded = None
+        if not exact:
+            from .index import load_index
+
+            try:
+                loaded = load_index(self.ed.folder)
+            except UserError as e:
+                if "not installed" not in str(e):
+                    raise
+                loaded = None  # no faiss: the exact search is the same answer, only slower
+        self.index_meta = loaded[1] if loaded else None
+        paths = [self.ed.root / p for p in self.ed.paths]
+        self.gallery = Gallery(torch.from_numpy(self.ed.features), paths, _labels(paths, self.ed.root),
+                               loaded[0] if loaded else None)
+        self.clusters = load_clusters(self.ed)
+        self._model_lock = threading.Lock()
+        self.thumb = functools.lru_cache(maxsize=4096)(self._thumb)
+
+    def __len__(self) -> int:
+        return len(self.ed.paths)
+
+    def info(self) -> dict:
+        m = self.index_meta
+        return {"images": len(self), "dim": int(self.ed.features.shape[1]), "root": self.ed.root.name,
+                "index": {"kind": m["kind"], "params": m["params"], "recall@10": m["recall@10"]} if m else
+                {"kind": "exact (brute force)", "params": {}, "recall@10": 1.0},
+                "clusters": self.clusters.k if self.clusters else None,
+                "labels": self.gallery.labels is not None, "max_k": self._max_k(None)}
+
+    def _max_k(self, exclude: int | None) -> int:
+        return min(MAX_K, len(self) - (exclude is not None))
+
+    def check_id(self, i: int) -> int:
+        if not 0 <= i < len(self):
+            raise RequestError(404, f"no image {i}: ids run from 0 to {len(self) - 1}")
+        return i
+
+    def search(self, query: torch.Tensor, k: int, exclude: int | None = None) -> list[dict]:
+        from .search import search_gallery
+
+        limit = self._max_k(exclude)
+        if limit < 1:
+            raise RequestError(400, "the collection has no image besides the query")
+        if not 1 <= k <= limit:
+            raise RequestError(400, f"k={k}: choose 1 to {limit}")
+        scores, ids = search_gallery(query[None].float(), self.gallery, k, [exclude])
+        return [self.describe(int(j), float(s)) for s, j in zip(scores[0].tolist(), ids[0].tolist(), strict=True)]
+
+    def search_id(self, i: int, k: int) -> dict:
+        self.check_id(i)
+        return {"query": self.describe(i), "results": self.search(self.gallery.features[i], k, exclude=i)}
+
+    def search_upload(self, data: bytes, k: int, name: str = "upload") -> dict:
+        if not data:
+            raise RequestError(400, "empty upload: send an image file")
+        try:
+            with self._model_lock:
+                z = self.embedder.image_bytes(data, name)
+        except TooLarge as e:
+            raise RequestError(413, f"{e}; send a smaller image") from None
+        except BadImage as e:
+            raise RequestError(400, f"not a decodable image ({str(e).split(': ', 1)[-1][:120]}); send a JPEG, PNG, "
+                                    "WEBP, BMP, TIFF or GIF file") from None
+        return {"query": {"id": None, "path": name}, "results": self.search(z, k)}
+
+    def describe(self, i: int, similarity: float | None = None) -> dict:
+        d: dict = {"id": i, "path": self.ed.paths[i]}
+        if similarity is not None:
+            d["similarity"] = round(similarity, 6)
+        if self.gallery.labels is not None:
+            d["label"] = self.gallery.labels[i]
+        if self.clusters is not None:
+            d["cluster"] = int(self.clusters.of[i])
+        return d
+
+    def image_path(self, i: int) -> Path:
+        """Gallery image i's file, only when it resolves to a file inside the image folder."""
+        self.check_id(i)
+        p = (self.ed.root / self.ed.paths[i]).resolve()
+        if not p.is_relative_to(self.root) or not is_image_name(p):
+            raise RequestError(403, f"image {i} lies outside the collection's folder; it is not served")
+        if not p.is_file():
+            raise RequestError(404, f"image {i} ({self.ed.paths[i]}) is no longer on disk; re-run `isif embed`")
+        return p
+
+    def _thumb(self, i: int, side: int) -> bytes:
+        p = self.image_path(i)
+        try:
+            arr = decode_rgb(p.read_bytes(), str(p), draft=side)
+        except (BadImage, OSError) as e:
+            raise RequestError(404, f"image {i} cannot be decoded ({str(e)[-80:]})") from None
+        im = Image.fromarray(arr)
+        im.thumbnail((side, side), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
+
+    def cluster(self, c: int, offset: int = 0, limit: int = 100) -> dict:
+        if self.clusters is None:
+            raise RequestError(404, f"no clusters: run `isif cluster {self.ed.folder} --k K` first")
+        if not 0 <= c < self.clusters.k:
+            raise RequestError(404, f"no cluster {c}: clusters run from 0 to {self.clusters.k - 1}")
+        if offset < 0 or not 1 <= limit <= 1000:
+            raise RequestError(400, "offset must be >= 0 and limit 1 to 1000")
+        ids = self.clusters.members[c][offset:offset + limit]
+        dists = self.clusters.distances[c][offset:offset + limit]
+        return {"cluster": c, "size": len(self.clusters.members[c]), "offset": offset,
+                "images": [{**self.describe(i), "distance_to_centre": d} for i, d in zip(ids, dists, strict=True)]}
+
+    def cluster_list(self, preview: int = 12) -> dict:
+        if self.clusters is None:
+            raise RequestError(404, f"no clusters: run `isif cluster {self.ed.folder} --k K` first")
+        return {"k": self.clusters.k, "clusters": [{"cluster": c, "size": len(m), "preview": m[:preview]}
+                                                   for c, m in enumerate(self.clusters.members)]}
+
+
+# ----------------------------------------------------------------------------- the web app
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is refused with 413 (from Content-Length before
+    reading, else as soon as the bytes read pass it)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _json_asgi(send, 413, self._message())
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise RequestError(413, self._message())
+            return msg
+
+        return await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"upload larger than {self.limit / 2**20:g} MiB; send a smaller image (the server's --max-upload-mib)"
+
+
+async def _json_asgi(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(col: Collection, max_upload_mib: float = 20.0, default_k: int = 24):
+    """The FastAPI app over ``col``: the page at /, the JSON API under /api."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import FileResponse, JSONResponse, Response
+        from starlette.exceptions import HTTPException
+    except ImportError:
+        raise UserError(INSTALL) from None
+
+    app = FastAPI(title="isif search", docs_url=None, redoc_url=None, openapi_url=None)
+    web = resources.files("isif") / "web"
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, e: RequestError):
+        return error(e.status, e.message)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        msg = "no such page: the API is under /api (see the README)" if e.status_code == 404 else str(e.detail)
+        return error(e.status_code, msg)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or "request"
+        return error(422, f"{where}: {first.get('msg', 'invalid value')}")
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):  # logged by uvicorn; the client gets no traceback
+        return error(500, f"internal error ({type(e).__name__}); see the server's log")
+
+    def k_of(k: int | None) -> int:
+        return default_k if k is None else k
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return Response((web / "index.html").read_bytes(), media_type=STATIC["index.html"])
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str):
+        if name not in STATIC:
+            raise RequestError(404, f"no static file {name!r}")
+        return Response((web / name).read_bytes(), media_type=STATIC[name])
+
+    @app.get("/api/info")
+    def info():
+        return {**col.info(), "default_k": default_k}
+
+    @app.get("/api/search")
+    def search_id(id: int, k: int | None = None):  # noqa: A002  (the API's parameter name)
+        t0 = time.perf_counter()
+        out = col.search_id(id, k_of(k))
+        return {**out, "ms": round(1000 * (time.perf_counter() - t0), 2)}
+
+    @app.post("/api/search")
+    async def search_upload(request: Request, k: int | None = None):
+        ctype = request.headers.get("content-type", "")
+        name = "upload"
+        if ctype.startswith("multipart/form-data"):
+            try:
+                form = await request.form(max_files=1, max_fields=4)
+            except RequestError:
+                raise
+            except Exception as e:  # a malformed multipart body
+                raise RequestError(400, f"malformed multipart upload ({str(e)[:80]})") from None
+            f = form.get("image")
+            if f is None or isinstance(f, str):
+                raise RequestError(400, "multipart upload without a file field named 'image'")
+            data, name = await f.read(), Path(f.filename or "upload").name
+        else:
+            data = await request.body()
+        t0 = time.perf_counter()
+        from starlette.concurrency import run_in_threadpool
+
+        out = await run_in_threadpool(col.search_upload, data, k_of(k), name)
+        return {**out, "ms": round(1000 * (time.perf_counter() - t0), 2)}
+
+    @app.get("/api/image/{i}")
+    def image(i: int):
+        p = col.image_path(i)
+        return FileResponse(p, media_type=mimetypes.guess_type(p.name)[0] or "application/octet-stream")
+
+    @app.get("/api/thumb/{i}")
+    def thumb(i: int, size: int = 256):
+        side = min((s for s in THUMB_SIDES if s >= size), default=THUMB_SIDES[-1])
+        return Response(col.thumb(col.check_id(i), side), media_type="image/jpeg",
+                        headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/api/clusters")
+    def clusters():
+        return col.cluster_list()
+
+    @app.get("/api/clusters/{c}")
+    def cluster(c: int, offset: int = 0, limit: int = 100):
+        return col.cluster(c, offset, limit)
+
+    return _BodyLimit(app, int(max_upload_mib * 2**20))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port), or a one-line error naming --port."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise UserError(f"--host {host}: not an address of this machine") from None
+    family, kind, proto, _, addr = infos[0]
+    # the protocol must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on such sockets' connections, and
+    # without it every keep-alive response waits ~40 ms for a delayed ACK
+    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another with --port") from None
+    sock.listen(128)
+    return sock
+
+
+def serve(embed_dir: str, checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          exact: bool = False, max_upload_mib: float = 20.0, k: int = 24, device: str = "cpu",
+          ready=None) -> None:
+    """Load the collection, bind, print the address and serve until interrupted."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise UserError(INSTALL) from None
+    if max_upload_mib <= 0 or not 1 <= k <= MAX_K:
+        raise UserError(f"--max-upload-mib must be > 0 and --k 1 to {MAX_K}")
+    col = Collection(embed_dir, checkpoint, exact, device)
+    app = create_app(col, max_upload_mib, min(k, max(1, len(col) - 1)))
+    if not is_loopback(host):
+        print(f"warning: --host {host} lets anyone who can reach this machine read every image of the collection "
+              "(there is no authentication); the default 127.0.0.1 keeps it to this machine", file=sys.stderr)
+    sock = bind(host, port)
+    shown = sock.getsockname()[1]
+    url_host = f"[{host}]" if ":" in host else host
+    kind = col.index_meta["kind"] if col.index_meta else "exact"
+    clusters = f", {col.clusters.k} clusters" if col.clusters else ""
+    print(f"serving {len(col)} images ({kind} search{clusters}) at http://{url_host}:{shown}/  (Ctrl-C stops)",
+          flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    if ready is not None:
+        ready(server, shown)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,0 +1,292 @@
+"""isif serve: the JSON API against brute-force search, its refusals (path escapes, bad uploads, oversized bodies)
+and the command's one-line errors. The page itself is tested in a real browser in test_serve_browser.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="FastAPI is not installed (pip install 'isif[serve]')")
+try:
+    from fastapi.testclient import TestClient
+except RuntimeError:  # its HTTP client is missing
+    pytest.skip("httpx2 (the test client of FastAPI) is not installed", allow_module_level=True)
+
+from isif.cli import main  # noqa: E402
+from isif.serve import Collection, bind, create_app, serve  # noqa: E402
+
+from .test_embed_scale import photos, run  # noqa: E402,F401  (the module's trained checkpoint)
+from .test_unlabelled import _png_with_size  # noqa: E402
+
+N = 30
+
+
+@pytest.fixture(scope="module")
+def collection(run, tmp_path_factory):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("serve")
+    folder = photos(tmp / "photos", N)
+    emb = tmp / "emb"
+    assert main(["embed", str(run), str(folder), "--out", str(emb), "--quiet", "--workers", "0"]) == 0
+    return emb
+
+
+@pytest.fixture(scope="module")
+def client(collection):
+    return TestClient(create_app(Collection(collection), max_upload_mib=1.0, default_k=5))
+
+
+def brute_force(z: np.ndarray, q: np.ndarray, k: int, exclude: int | None) -> list[int]:
+    sims = z.astype(np.float64) @ q.astype(np.float64)
+    order = sorted((j for j in range(len(z)) if j != exclude), key=lambda j: (-sims[j], j))
+    return order[:k]
+
+
+def unit(z: np.ndarray) -> np.ndarray:
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+def png_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def test_search_by_id_is_the_brute_force_answer(client, collection):
+    z = unit(np.load(collection / "features.npy"))
+    paths = (collection / "paths.txt").read_text().split()
+    for i in (0, 7, N - 1):
+        r = client.get(f"/api/search?id={i}&k=6")
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["query"] == {"id": i, "path": paths[i], "label": paths[i].split("/")[0]}
+        ids = [h["id"] for h in out["results"]]
+        assert ids == brute_force(z, z[i], 6, exclude=i)
+        assert np.allclose([h["similarity"] for h in out["results"]], z[ids] @ z[i], atol=1e-5)
+        assert [h["path"] for h in out["results"]] == [paths[j] for j in ids]
+    assert len(client.get("/api/search?id=3").json()["results"]) == 5  # the server's default k
+
+
+@pytest.mark.parametrize("form", ["raw", "multipart"])
+def test_an_uploaded_copy_finds_itself_first_then_its_neighbours(client, collection, form):
+    z = unit(np.load(collection / "features.npy"))
+    meta = json.loads((collection / "index.json").read_text())
+    paths = (collection / "paths.txt").read_text().split()
+    i = 4
+    data = (Path(meta["root"]) / paths[i]).read_bytes()
+    if form == "raw":
+        r = client.post("/api/search?k=4", content=data, headers={"content-type": "image/png"})
+    else:
+        r = client.post("/api/search?k=4", files={"image": ("mine.png", data, "image/png")})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["query"]["id"] is None and out["query"]["path"] == ("mine.png" if form == "multipart" else "upload")
+    ids = [h["id"] for h in out["results"]]
+    assert ids[0] == i and out["results"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert ids[1:] == brute_force(z, z[i], 3, exclude=i)
+
+
+def test_bad_uploads_get_a_json_4xx_and_the_server_keeps_serving(client, collection):
+    good = io.BytesIO()
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(good, format="PNG")
+    cases = {
+        "empty": (b"", 400, "empty upload"),
+        "text": (b"hello, this is not an image", 400, "not a decodable image"),
+        "truncated": (good.getvalue()[:60], 400, "not a decodable image"),
+        "bomb": (_png_with_size(20_000, 20_000), 413, "too large to decode safely"),  # past PIL's hard limit
+        "bomb-warning-range": (_png_with_size(10_000, 10_000), 413, "too large to decode safely"),
+    }
+    for name, (data, status, words) in cases.items():
+        r = client.post("/api/search", content=data, headers={"content-type": "application/octet-stream"})
+        assert r.status_code == status, (name, r.text)
+        assert r.headers["content-type"] == "application/json" and words in r.json()["error"], (name, r.text)
+    big = b"\0" * (2**20 + 1)
+    r = client.post("/api/search", content=big)  # refused from Content-Length before reading
+    assert r.status_code == 413 and "larger than 1 MiB" in r.json()["error"]
+    r = client.post("/api/search", content=iter([big[:600_000], big[600_000:]]))  # chunked: refused while reading
+    assert r.status_code == 413 and "larger than 1 MiB" in r.json()["error"]
+    r = client.post("/api/search", files={"other": ("x.png", good.getvalue(), "image/png")})
+    assert r.status_code == 400 and "named 'image'" in r.json()["error"]
+    r = client.post("/api/search", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data"})
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+    assert client.get("/api/info").status_code == 200
+    assert client.get("/api/search?id=0&k=2").status_code == 200
+
+
+@pytest.mark.parametrize("url", [
+    "/api/image/../../../../etc/passwd", "/api/image/..%2F..%2F..%2Fetc%2Fpasswd", "/api/image/%2Fetc%2Fpasswd",
+    "/api/image//etc/passwd", "/api/image/-1", f"/api/image/{N}", "/api/image/1e3", "/api/thumb/../index.json",
+    "/static/../serve.py", "/static/..%2Fserve.py", "/static/%2e%2e/%2e%2e/index.json", "/api/image/0/../../x",
+    "/../../../../etc/passwd", "/api/search?id=-5", f"/api/search?id={N}", "/api/search?id=0&k=0",
+    f"/api/search?id=0&k={N}", "/api/search?id=abc", "/api/clusters/0", "/nothing",
+])
+def test_requests_outside_the_collection_are_refused_as_json(client, url):
+    r = client.get(url)
+    assert 400 <= r.status_code < 500, (url, r.status_code)
+    assert r.headers["content-type"] == "application/json" and r.json()["error"], url
+    assert "root:" not in r.text and "def " not in r.text
+
+
+def test_images_are_served_by_id_and_never_through_a_link_out_of_the_folder(run, tmp_path):  # noqa: F811
+    folder = photos(tmp_path / "photos", 6)
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(secret)
+    (folder / "album0" / "link.png").symlink_to(secret)  # a file link inside the folder, pointing outside
+    emb = tmp_path / "emb"
+    assert main(["embed", str(run), str(folder), "--out", str(emb), "--quiet", "--workers", "0"]) == 0
+    paths = (emb / "paths.txt").read_text().split()
+    c = TestClient(create_app(Collection(emb)))
+    ok = paths.index("album1/001.png")
+    r = c.get(f"/api/image/{ok}")
+    assert r.status_code == 200 and r.content == (folder / "album1" / "001.png").read_bytes()
+    assert r.headers["content-type"] == "image/png"
+    thumb = c.get(f"/api/thumb/{ok}?size=100")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(thumb.content)).size == (32, 33)  # a small image is not enlarged
+    link = paths.index("album0/link.png")  # embedded like any file, but its file lies outside: never served
+    for url in (f"/api/image/{link}", f"/api/thumb/{link}"):
+        r = c.get(url)
+        assert r.status_code == 403 and "outside the collection" in r.json()["error"]
+    big = folder / "album2" / "big.png"
+    Image.new("RGB", (900, 600), (5, 5, 5)).save(big)
+    col = Collection(emb)
+    col.ed.paths.append("album2/big.png")  # a thumbnail of a large image is reduced, aspect kept
+    assert Image.open(io.BytesIO(col.thumb(len(paths), 256))).size == (256, 171)
+    # a paths.txt edited to lead out of the folder: refused too
+    edited = tmp_path / "edited"
+    shutil.copytree(emb, edited)
+    lines = paths[:]
+    lines[0] = "../secret.png"
+    (edited / "paths.txt").write_text("\n".join(lines) + "\n")
+    c2 = TestClient(create_app(Collection(edited)))
+    r = c2.get("/api/image/0")
+    assert r.status_code == 403 and "outside the collection" in r.json()["error"]
+
+
+def test_clusters_are_browsable_when_isif_cluster_made_them(run, collection, tmp_path, capsys):  # noqa: F811
+    emb = tmp_path / "emb"
+    shutil.copytree(collection, emb)
+    assert main(["cluster", str(emb), "--k", "3", "--per-sheet", "4"]) == 0
+    c = TestClient(create_app(Collection(emb)))
+    assert c.get("/api/info").json()["clusters"] == 3
+    listing = c.get("/api/clusters").json()
+    assert listing["k"] == 3 and sum(x["size"] for x in listing["clusters"]) == N
+    sizes = [x["size"] for x in listing["clusters"]]
+    assert sizes == sorted(sizes, reverse=True)  # isif cluster numbers clusters by size
+    one = c.get("/api/clusters/0?limit=100").json()
+    d = [x["distance_to_centre"] for x in one["images"]]
+    assert one["size"] == sizes[0] == len(d) and d == sorted(d)  # most central first
+    assert all(x["cluster"] == 0 for x in one["images"])
+    assert c.get("/api/search?id=0&k=2").json()["results"][0]["cluster"] in (0, 1, 2)
+    assert c.get("/api/clusters/3").status_code == 404
+    # a stale clusters.csv (from before the last embed) is ignored with a warning
+    (emb / "clusters.csv").write_text("path,cluster,distance_to_centre\nalbum0/999.png,0,0.1\n")
+    capsys.readouterr()
+    c3 = TestClient(create_app(Collection(emb)))
+    assert "made before the last `isif embed`" in capsys.readouterr().err
+    assert c3.get("/api/info").json()["clusters"] is None
+
+
+def test_the_faiss_index_is_used_when_present(run, collection, tmp_path):  # noqa: F811
+    pytest.importorskip("faiss")
+    emb = tmp_path / "emb"
+    shutil.copytree(collection, emb)
+    assert main(["index", str(emb), "--kind", "hnsw"]) == 0
+    c = TestClient(create_app(Collection(emb)))
+    info = c.get("/api/info").json()
+    assert info["index"]["kind"] == "hnsw" and 0.9 <= info["index"]["recall@10"] <= 1.0
+    exact = TestClient(create_app(Collection(emb, exact=True)))
+    assert exact.get("/api/info").json()["index"]["kind"].startswith("exact")
+    a = [h["id"] for h in c.get("/api/search?id=2&k=5").json()["results"]]
+    b = [h["id"] for h in exact.get("/api/search?id=2&k=5").json()["results"]]
+    assert len(set(a) & set(b)) >= 4
+
+
+def _stop_at_once(server, port):
+    server.should_exit = True
+
+
+def test_the_command_warns_off_loopback_and_refuses_in_one_line(run, collection, tmp_path, capsys):  # noqa: F811
+    serve(str(collection), host="127.0.0.1", port=0, ready=_stop_at_once)
+    out = capsys.readouterr()
+    assert f"serving {N} images (exact search) at http://127.0.0.1:" in out.out and "warning" not in out.err
+    serve(str(collection), host="0.0.0.0", port=0, ready=_stop_at_once)
+    assert "warning: --host 0.0.0.0 lets anyone" in capsys.readouterr().err
+
+    def refused(*args: str) -> str:
+        capsys.readouterr()
+        assert main(["serve", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("isif: error: "), err
+        return err
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        assert "choose another with --port" in refused(str(collection), "--port", str(busy.getsockname()[1]))
+    finally:
+        busy.close()
+    assert "not an `isif embed` output" in refused(str(tmp_path))
+    other = tmp_path / "other"
+    shutil.copytree(collection, other)
+    meta = json.loads((other / "index.json").read_text())
+    meta["checkpoint_sha256"] = "0" * 64
+    (other / "index.json").write_text(json.dumps(meta))
+    assert "is not the checkpoint that embedded" in refused(str(other))
+    meta["checkpoint"] = str(tmp_path / "gone.pt")
+    (other / "index.json").write_text(json.dumps(meta))
+    assert "pass it with --checkpoint" in refused(str(other))
+    assert "--port must be" in refused(str(collection), "--port", "70000")
+
+
+def test_a_real_server_answers_over_http(collection):
+    """uvicorn on a free loopback port, requests over a socket: the page, the API, an error."""
+    import urllib.error
+    import urllib.request
+
+    box: dict = {}
+    ready = threading.Event()
+
+    def keep(server, port):
+        box.update(server=server, port=port)
+        ready.set()
+
+    t = threading.Thread(target=serve, args=(str(collection),), kwargs={"port": 0, "ready": keep}, daemon=True)
+    t.start()
+    assert ready.wait(60)
+    base = f"http://127.0.0.1:{box['port']}"
+    try:
+        for _ in range(100):
+            try:
+                page = urllib.request.urlopen(base + "/", timeout=5).read().decode()
+                break
+            except urllib.error.URLError:
+                threading.Event().wait(0.05)
+        assert "<title>isif search</title>" in page
+        assert urllib.request.urlopen(base + "/static/app.js", timeout=5).status == 200
+        out = json.loads(urllib.request.urlopen(base + "/api/search?id=1&k=3", timeout=5).read())
+        assert len(out["results"]) == 3
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + "/api/image/..%2F..%2Fetc%2Fpasswd", timeout=5)
+        assert 400 <= e.value.code < 500 and "error" in json.loads(e.value.read())
+    finally:
+        box["server"].should_exit = True
+        t.join(30)
+    assert not t.is_alive()
+
+
+def test_the_listening_socket_is_tcp_so_keep_alive_responses_are_not_delayed():
+    """asyncio sets TCP_NODELAY only on connections of sockets whose protocol is IPPROTO_TCP; a socket made with
+    protocol 0 made every keep-alive response wait ~40 ms for the client's delayed ACK (measured: 44 ms instead
+    of 1 ms by benchmarks/serve_load.py)."""
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP and sock.type == socket.SOCK_STREAM
+    finally:
+        sock.close()

@@ -1,0 +1,123 @@
+"""The search page end to end in a real headless browser (Debian's chromium and chromium-driver, via selenium).
+
+The server is `isif serve` itself (uvicorn on a free loopback port, in a thread). The browser loads the page,
+uploads a query image through the file input, waits for the results, clicks one (which searches again by its
+id), opens the clusters tab and a cluster. CI installs chromium in .ci/run; there (CI set) a missing browser
+fails the test instead of skipping it.
+"""
+
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="FastAPI is not installed (pip install 'isif[serve]')")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from isif.cli import main  # noqa: E402
+from isif.serve import serve  # noqa: E402
+
+from .test_embed_scale import photos, run  # noqa: E402,F401  (the module's trained checkpoint)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+
+
+def browser():
+    if not (CHROMIUM and DRIVER):
+        msg = "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(msg + "; .ci/run installs them")
+        pytest.skip(msg)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1200,900", "--no-first-run", "--disable-extensions"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=opts)
+
+
+@pytest.fixture
+def server(run, tmp_path):  # noqa: F811
+    folder = photos(tmp_path / "photos", 24)
+    emb = tmp_path / "emb"
+    assert main(["embed", str(run), str(folder), "--out", str(emb), "--quiet", "--workers", "0"]) == 0
+    assert main(["cluster", str(emb), "--k", "3", "--per-sheet", "4"]) == 0
+    box: dict = {}
+    ready = threading.Event()
+
+    def keep(srv, port):
+        box.update(server=srv, port=port)
+        ready.set()
+
+    t = threading.Thread(target=serve, args=(str(emb),), kwargs={"port": 0, "ready": keep, "k": 6}, daemon=True)
+    t.start()
+    assert ready.wait(60)
+    yield f"http://127.0.0.1:{box['port']}", folder, emb
+    box["server"].should_exit = True
+    t.join(30)
+
+
+def test_upload_search_click_and_clusters_in_a_real_browser(server, tmp_path):
+    base, folder, emb = server
+    paths = (emb / "paths.txt").read_text().split()
+    driver = browser()
+    try:
+        wait = WebDriverWait(driver, 30)
+        driver.get(base + "/")
+        wait.until(lambda d: "24 images" in d.find_element(By.ID, "info").text)
+        # upload a query through the file input (what a drop or the file picker does)
+        query = folder / paths[5]
+        driver.find_element(By.ID, "file").send_keys(str(query))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result")) == 6)
+        cards = driver.find_elements(By.CSS_SELECTOR, "#results .result")
+        assert cards[0].get_attribute("title") == paths[5]  # the uploaded copy finds itself first
+        assert float(cards[0].find_element(By.CLASS_NAME, "sim").text) == pytest.approx(1.0, abs=1e-3)
+        assert query.name in driver.find_element(By.ID, "query-name").text
+        assert "nearest of 24 images" in driver.find_element(By.ID, "status").text
+        # every thumbnail loaded (an <img> that failed has naturalWidth 0)
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))
+        driver.save_screenshot(str(tmp_path / "serve.png"))
+        # clicking a result searches again, by its id
+        target = cards[2]
+        tid = int(target.get_attribute("data-id"))
+        target.click()
+        wait.until(lambda d: d.find_element(By.ID, "query-name").text.endswith(f"(#{tid})"))
+        wait.until(EC.url_contains(f"#id={tid}"))
+        ids = [int(c.get_attribute("data-id")) for c in driver.find_elements(By.CSS_SELECTOR, "#results .result")]
+        assert len(ids) == 6 and tid not in ids
+        expected = json.loads(driver.execute_script(
+            f"return fetch('/api/search?id={tid}&k=6').then(r => r.text())"))
+        assert ids == [h["id"] for h in expected["results"]]
+        # clusters: the tab lists them; a cluster shows its images; clicking one searches
+        tab = driver.find_element(By.ID, "tab-clusters")
+        assert tab.is_displayed()
+        tab.click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#clusters .cluster")) == 3)
+        assert not driver.find_element(By.ID, "results").is_displayed()  # one tab at a time
+        assert not driver.find_element(By.ID, "query-panel").is_displayed()
+        driver.find_elements(By.CSS_SELECTOR, "#clusters .cluster")[0].click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("cluster 0:"))
+        members = driver.find_elements(By.CSS_SELECTOR, "#results .result")
+        assert members and members[0].is_displayed()
+        members[0].click()
+        wait.until(lambda d: "nearest of 24 images" in d.find_element(By.ID, "status").text)
+        # a bad upload shows the server's message, and the page keeps working
+        bad = tmp_path / "broken.png"
+        bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+        driver.find_element(By.ID, "file").send_keys(str(bad))
+        wait.until(lambda d: "not a decodable image" in d.find_element(By.ID, "status").text)
+        assert "error" in driver.find_element(By.ID, "status").get_attribute("class")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "/api/search" not in e["message"]]
+        assert not errors, errors
+    finally:
+        driver.quit()
+    assert Path(tmp_path / "serve.png").stat().st_size > 1000
