@@ -1,6 +1,8 @@
 """Load test of `isif serve`: N concurrent clients, M requests each, on the loopback interface only.
 
     python benchmarks/serve_load.py EMBED_DIR [--clients 8] [--requests 200] [--upload-share 0.25]
+    python benchmarks/serve_load.py --synthetic 1000000 --like EMBED_DIR --out DIR [--kind hnsw] ...
+
 
 Starts `isif serve EMBED_DIR --port 0` (a real server process, bound to 127.0.0.1), waits for it, then each client
 (a thread with its own keep-alive connection) sends M requests drawn with a seeded generator: a search by a
@@ -8,6 +10,10 @@ random gallery id (GET /api/search?id=&k=), an upload of a random gallery file (
 or a thumbnail (GET /api/thumb/ID). Prints p50/p99/max latency per kind, the throughput, and the errors (any
 status but 200, or a failed connection), which should be zero. Bounded: at most --clients x --requests requests
 and --time-limit seconds; the server is stopped at the end.
+
+``--synthetic N`` first makes DIR, an embed folder of N features from index_scale.py's seeded mixture of
+10,000 clusters, with the checkpoint and image root of the real embed folder ``--like`` (the files named in
+its paths.txt do not exist, so only searches by id are sent), and builds its index with ``isif index``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,23 @@ def start_server(embed_dir: str, extra: list[str]) -> tuple[subprocess.Popen, in
     print(line.strip())
     port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
     return proc, port
+
+
+def make_synthetic(out: Path, n: int, like: Path, kind: str, seed: int) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from index_scale import mixture
+
+    meta = json.loads((like / "index.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    np.save(out / "features.npy", mixture(n, meta["dim"], 10_000, seed))
+    (out / "paths.txt").write_text("".join(f"synthetic/{i:07d}.jpg\n" for i in range(n)))
+    meta.update(images=n, shards=0)
+    (out / "index.json").write_text(json.dumps(meta, indent=2))
+    print(f"made {n} synthetic features in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "isif", "index", str(out), "--kind", kind], check=True)
+    print(f"isif index: {time.perf_counter() - t0:.1f} s")
 
 
 def client(port: int, jobs: list[tuple[str, str, bytes | None]], out: list, deadline: float) -> None:
@@ -71,7 +94,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=600.0)
     ap.add_argument("--exact", action="store_true", help="pass --exact to the server")
+    ap.add_argument("--synthetic", type=int, help="make an embed folder of this many synthetic features first")
+    ap.add_argument("--like", help="with --synthetic: the real embed folder whose checkpoint it records")
+    ap.add_argument("--kind", default="auto", help="with --synthetic: the index kind built")
     args = ap.parse_args()
+    if args.synthetic:
+        make_synthetic(Path(args.embed_dir), args.synthetic, Path(args.like), args.kind, args.seed)
+        args.upload_share = args.thumb_share = 0.0
     d = Path(args.embed_dir)
     paths = (d / "paths.txt").read_text().split("\n")
     paths = [p for p in paths if p]

@@ -42,6 +42,27 @@ def test_search_matches_brute_force_and_leaves_the_query_out():
     assert idx[0, 0] == 9 and idx[1, 0] == 0  # 4 itself is left out; 0 is in the gallery and not excluded
 
 
+@pytest.mark.parametrize("k", [1, 3, 7, 49, 50])
+def test_search_equals_a_full_sort_when_many_scores_tie(k):
+    """Small-integer features make exact float32 dot products with many ties, also at the k-th place: the
+    top-k shortcut must give the (score, then lower index) order of a full float64 sort."""
+    g = torch.Generator().manual_seed(k)
+    gal = torch.randint(-2, 3, (50, 4), generator=g).float()
+    q = torch.randint(-2, 3, (9, 4), generator=g).float()
+    exclude = [None, 3, None, 49, 0, None, None, 12, None]
+    scores, idx = search(q, gal, min(k, 49), exclude)
+    sim = q.double() @ gal.double().t()
+    ties_at_k = 0
+    for i, ex in enumerate(exclude):
+        cand = [j for j in range(50) if j != ex]
+        ref = sorted(cand, key=lambda j: (-float(sim[i, j]), j))
+        kk = min(k, 49)
+        assert idx[i].tolist() == ref[:kk], i
+        assert scores[i].tolist() == [float(sim[i, j]) for j in ref[:kk]]
+        ties_at_k += kk < len(ref) and sim[i, ref[kk - 1]] == sim[i, ref[kk]]
+    assert k == 50 or k == 49 or ties_at_k > 0  # the ambiguous case is exercised
+
+
 def test_search_cli_prints_neighbours_and_writes_a_grid(tiny_run, tmp_path, capsys):
     tree, run = tiny_run
     gallery = tree / "test"

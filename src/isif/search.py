@@ -83,14 +83,29 @@ def query_files(queries: list[str]) -> list[Path]:
 def search(query: torch.Tensor, gallery: torch.Tensor, k: int,
            exclude: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores (q, k), indices (q, k)) of the k most similar gallery rows; ``exclude[i]`` (a query's own gallery
-    row, if it is in the gallery) is left out. Ties go to the lower gallery index."""
+    row, if it is in the gallery) is left out. Ties go to the lower gallery index.
+
+    The top k + 1 per query are found by ``topk`` and ordered by (score, index); only a row whose k-th and
+    (k + 1)-th scores tie, where the top-k set itself is ambiguous, is sorted in full (stable)."""
     dt = torch.promote_types(torch.promote_types(query.dtype, gallery.dtype), torch.float32)
     sim = query.to(dt) @ gallery.to(dt).t()  # (q, N), at least float32
     for i, j in enumerate(exclude):
         if j is not None:
             sim[i, j] = float("-inf")
-    order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
-    return torch.gather(sim, 1, order), order
+    n = sim.shape[1]
+    vals, idx = torch.topk(sim, min(k + 1, n), dim=1)  # (q, k+1)
+    by_id = torch.argsort(idx, dim=1)
+    vals, idx = torch.gather(vals, 1, by_id), torch.gather(idx, 1, by_id)
+    by_score = torch.sort(vals, dim=1, descending=True, stable=True).indices  # equal scores keep id order
+    vals, idx = torch.gather(vals, 1, by_score), torch.gather(idx, 1, by_score)
+    if vals.shape[1] > k:
+        tied = torch.nonzero(vals[:, k - 1] == vals[:, k]).squeeze(1)
+        vals, idx = vals[:, :k].clone(), idx[:, :k].clone()
+        if tied.numel():
+            order = torch.sort(sim[tied], dim=1, descending=True, stable=True).indices[:, :k]
+            idx[tied] = order
+            vals[tied] = torch.gather(sim[tied], 1, order)
+    return vals, idx
 
 
 def search_gallery(query: torch.Tensor, gal: Gallery, k: int,

@@ -278,17 +278,22 @@ async def _json_asgi(send, status: int, message: str) -> None:
 
 
 def create_app(col: Collection, max_upload_mib: float = 20.0, default_k: int = 24):
-    """The FastAPI app over ``col``: the page at /, the JSON API under /api."""
+    """The FastAPI app over ``col``: the page at /, the JSON API under /api; every error answered as JSON."""
     try:
-        from fastapi import FastAPI, Request
-        from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import FileResponse, JSONResponse, Response
-        from starlette.exceptions import HTTPException
+        from fastapi import FastAPI
     except ImportError:
         raise UserError(INSTALL) from None
-
     app = FastAPI(title="isif search", docs_url=None, redoc_url=None, openapi_url=None)
-    web = resources.files("isif") / "web"
+    _json_errors(app)
+    _page(app)
+    _api(app, col, default_k)
+    return _BodyLimit(app, int(max_upload_mib * 2**20))
+
+
+def _json_errors(app) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -312,8 +317,11 @@ def create_app(col: Collection, max_upload_mib: float = 20.0, default_k: int = 2
     async def _internal(request, e: Exception):  # logged by uvicorn; the client gets no traceback
         return error(500, f"internal error ({type(e).__name__}); see the server's log")
 
-    def k_of(k: int | None) -> int:
-        return default_k if k is None else k
+
+def _page(app) -> None:
+    from fastapi.responses import Response
+
+    web = resources.files("isif") / "web"
 
     @app.get("/", include_in_schema=False)
     def page():
@@ -325,38 +333,45 @@ def create_app(col: Collection, max_upload_mib: float = 20.0, default_k: int = 2
             raise RequestError(404, f"no static file {name!r}")
         return Response((web / name).read_bytes(), media_type=STATIC[name])
 
+
+async def _upload(request) -> tuple[bytes, str]:
+    """(the uploaded bytes, a name): a multipart field ``image``, or the raw body."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return await request.body(), "upload"
+    try:
+        form = await request.form(max_files=1, max_fields=4)
+    except RequestError:
+        raise
+    except Exception as e:  # a malformed multipart body
+        raise RequestError(400, f"malformed multipart upload ({str(e)[:80]})") from None
+    f = form.get("image")
+    if f is None or isinstance(f, str):
+        raise RequestError(400, "multipart upload without a file field named 'image'")
+    return await f.read(), Path(f.filename or "upload").name
+
+
+def _api(app, col: Collection, default_k: int) -> None:
+    from fastapi import Request
+    from fastapi.responses import FileResponse, Response
+    from starlette.concurrency import run_in_threadpool
+
+    def timed(fn, *args) -> dict:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        return {**out, "ms": round(1000 * (time.perf_counter() - t0), 2)}
+
     @app.get("/api/info")
     def info():
         return {**col.info(), "default_k": default_k}
 
     @app.get("/api/search")
     def search_id(id: int, k: int | None = None):  # noqa: A002  (the API's parameter name)
-        t0 = time.perf_counter()
-        out = col.search_id(id, k_of(k))
-        return {**out, "ms": round(1000 * (time.perf_counter() - t0), 2)}
+        return timed(col.search_id, id, default_k if k is None else k)
 
     @app.post("/api/search")
     async def search_upload(request: Request, k: int | None = None):
-        ctype = request.headers.get("content-type", "")
-        name = "upload"
-        if ctype.startswith("multipart/form-data"):
-            try:
-                form = await request.form(max_files=1, max_fields=4)
-            except RequestError:
-                raise
-            except Exception as e:  # a malformed multipart body
-                raise RequestError(400, f"malformed multipart upload ({str(e)[:80]})") from None
-            f = form.get("image")
-            if f is None or isinstance(f, str):
-                raise RequestError(400, "multipart upload without a file field named 'image'")
-            data, name = await f.read(), Path(f.filename or "upload").name
-        else:
-            data = await request.body()
-        t0 = time.perf_counter()
-        from starlette.concurrency import run_in_threadpool
-
-        out = await run_in_threadpool(col.search_upload, data, k_of(k), name)
-        return {**out, "ms": round(1000 * (time.perf_counter() - t0), 2)}
+        data, name = await _upload(request)
+        return await run_in_threadpool(timed, col.search_upload, data, default_k if k is None else k, name)
 
     @app.get("/api/image/{i}")
     def image(i: int):
@@ -376,8 +391,6 @@ def create_app(col: Collection, max_upload_mib: float = 20.0, default_k: int = 2
     @app.get("/api/clusters/{c}")
     def cluster(c: int, offset: int = 0, limit: int = 100):
         return col.cluster(c, offset, limit)
-
-    return _BodyLimit(app, int(max_upload_mib * 2**20))
 
 
 def is_loopback(host: str) -> bool:
