@@ -77,6 +77,9 @@ def test_index_is_used_by_search_and_refused_when_stale_or_damaged(run, tmp_path
     refused(["search", str(run), query, "--gallery", str(emb)], "damaged or unreadable index")
     refused(["search", str(run), query, "--gallery", str(emb), "--k", "30", "--exact"], "larger than the gallery")
     refused(["index", str(tmp_path / "nowhere")], "no features.npy")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    refused(["search", str(run), str(broken), "--gallery", str(emb), "--exact"], "broken.jpg: not a decodable image")
     assert main(["search", str(run), query, "--gallery", str(emb), "--exact", "--out", out]) == 0  # still works
 
 

@@ -171,9 +171,17 @@ def run_search(embedder: Embedder, queries: list[str], gallery: str, k: int, str
         raise UserError(f"--gallery {gallery}: no such folder; pass a folder of images or an isif embed output")
     files = query_files(queries)
     gal = load_gallery(embedder, gallery, strict, exact)
-    qz, qfiles, _ = embedder.files(files, strict)
-    if not qfiles:
-        raise UserError("none of the query images could be read")
+    from .data.decode import report_skipped
+    from .embed import embed_files
+
+    z, kept, broken = embed_files(embedder, files, 0, strict)
+    if not kept:
+        first = min(broken)
+        raise UserError(f"{files[first]}: not a decodable image ({broken[first].split(': ', 1)[-1][:100]})"
+                        + (f", nor the other {len(files) - 1} queries" if len(files) > 1 else "")
+                        + "; pass JPEG, PNG, WEBP, BMP, TIFF or GIF files")
+    report_skipped([str(files[i]) for i in sorted(broken)], "the queries")
+    qz, qfiles = torch.from_numpy(z), [files[i] for i in kept]
     where = {p: i for i, p in enumerate(gal.paths)}
     exclude = [where.get(p.resolve()) for p in qfiles]
     limit = len(gal.paths) - (1 if any(e is not None for e in exclude) else 0)
