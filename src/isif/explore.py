@@ -117,14 +117,16 @@ class Clustering:
     inertia: float  # sum of squared distances
 
 
-def cluster_features(z: np.ndarray, k: int, seed: int = 0, iters: int = 100) -> Clustering:
-    """Seeded k-means of the rows of z (see the module docstring); depends only on z, k, seed and iters."""
+def cluster_features(z: np.ndarray, k: int, seed: int = 0, iters: int = 100, engine: str = "auto") -> Clustering:
+    """Seeded k-means of the rows of z (see the module docstring); depends only on z, k, seed and iters (the
+    engine, ``isif.evaluate.engine``, changes the speed only)."""
     import torch
 
     from .evaluate.kmeans import kmeans
 
     n = z.shape[0]
-    labels_t, centres_t = kmeans(torch.from_numpy(np.ascontiguousarray(z, np.float32)), k, iters=iters, seed=seed)
+    labels_t, centres_t = kmeans(torch.from_numpy(np.ascontiguousarray(z, np.float32)), k, iters=iters, seed=seed,
+                                 engine=engine)
     labels, centres = labels_t.numpy().astype(np.int64), centres_t.numpy().astype(np.float64)
     sizes = np.bincount(labels, minlength=k)
     first = np.full(k, n)

@@ -79,7 +79,7 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
         model = model.to(memory_format=torch.channels_last)
     try:
         objective = build_objective(cfg.method.name, num_instances, cfg.model.dim, t.seed,
-                                    settings=cfg.method.settings).to(device)
+                                    settings=cfg.method.settings, engine=cfg.eval.engine).to(device)
     except ValueError as e:
         raise UserError(f"method {cfg.method.name}: {e}") from None
     if t.precision == "fp64":

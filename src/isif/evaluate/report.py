@@ -63,7 +63,7 @@ def knn_result(ld: Loaded, k: int | None = None, sigma: float | None = None) -> 
     if ev.knn_k > len(ld.sets.bank):
         raise UserError(f"--k {ev.knn_k} is larger than the training set ({len(ld.sets.bank)} images)")
     t0 = time.perf_counter()
-    acc = evaluate_knn(ld.model, ld.sets.bank, ld.sets.test, ld.extractor, ev.knn_k, ev.knn_sigma)
+    acc = evaluate_knn(ld.model, ld.sets.bank, ld.sets.test, ld.extractor, ev.knn_k, ev.knn_sigma, ev.engine)
     return {**ld.head(), "knn_top1": acc, "k": ev.knn_k, "sigma": ev.knn_sigma, "train_images": len(ld.sets.bank),
             "test_images": len(ld.sets.test), "eval_s": time.perf_counter() - t0}
 
@@ -71,7 +71,7 @@ def knn_result(ld: Loaded, k: int | None = None, sigma: float | None = None) -> 
 def retrieval_result(ld: Loaded, ks: tuple[int, ...] | None = None, seed: int = 0) -> dict:
     ks = ks or tuple(int(k) for k in ld.cfg.eval.retrieval_ks)
     t0 = time.perf_counter()
-    metrics = evaluate_retrieval(ld.model, ld.sets.test, ld.extractor, ks, seed)
+    metrics = evaluate_retrieval(ld.model, ld.sets.test, ld.extractor, ks, seed, ld.cfg.eval.engine)
     return {**ld.head(), "images": len(ld.sets.test), "classes": int(ld.sets.test.labels.unique().numel()),
             **metrics, "eval_s": time.perf_counter() - t0}
 

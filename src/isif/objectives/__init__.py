@@ -35,7 +35,7 @@ for _m in (
            lambda s, c: Triplet(s.margin, "hard")),
     Method("deepcluster", "DeepCluster: k-means pseudo-labels every epoch, cross-entropy with a fresh head",
            DeepClusterSettings, lambda s, c: DeepCluster(c.num_instances, c.dim, s.clusters, s.temperature,
-                                                         s.kmeans_iters, c.seed)),
+                                                         s.kmeans_iters, c.seed, c.engine)),
 ):
     register(_m)
 

@@ -64,6 +64,7 @@ class BuildContext:
     num_instances: int  # training-set size (memory banks, one weight per instance)
     dim: int = 128  # embedding width
     seed: int = 0  # the run's seed (DeepCluster's k-means)
+    engine: str = "torch"  # k-means's nearest-centroid search (isif.evaluate.engine): the same result either way
 
 
 @runtime_checkable

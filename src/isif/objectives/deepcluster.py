@@ -41,18 +41,19 @@ class DeepCluster(nn.Module):
     views = ("augment",)
 
     def __init__(self, num_instances: int, dim: int = 128, clusters: int = 100, temperature: float = 0.1,
-                 iters: int = 20, seed: int = 0) -> None:
+                 iters: int = 20, seed: int = 0, engine: str = "torch") -> None:
         super().__init__()
         check_fields(DeepClusterSettings(temperature, clusters, iters), flags=False)
         if not 2 <= clusters <= num_instances:
             raise ValueError(f"clusters must be in [2, {num_instances}], got {clusters}")
         self.clusters, self.temperature, self.iters, self.seed = clusters, temperature, iters, seed
+        self.engine = engine  # k-means's search (isif.evaluate.engine): the same pseudo-labels either way
         self.head = nn.Linear(dim, clusters)
         self.register_buffer("pseudo_labels", torch.zeros(num_instances, dtype=torch.long))
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         feats = ctx.features()  # (N, D)
-        labels, _ = kmeans(feats, self.clusters, self.iters, seed=self.seed + ctx.epoch)
+        labels, _ = kmeans(feats, self.clusters, self.iters, seed=self.seed + ctx.epoch, engine=self.engine)
         self.pseudo_labels.copy_(labels.to(self.pseudo_labels.device))
         self.head.reset_parameters()
         ctx.reset_optimizer_state(list(self.head.parameters()))

@@ -35,7 +35,7 @@ def method_fields(name: str) -> set[str]:
 
 
 def build_objective(name: str, num_instances: int = 1, dim: int = 128, seed: int = 0, settings: Any = None,
-                    **overrides) -> nn.Module:
+                    engine: str = "torch", **overrides) -> nn.Module:
     """The objective of method ``name``, from its settings (default: the method's defaults) with ``overrides``.
 
     Raises KeyError for an unknown method, TypeError for a setting the method does not have, ValueError for a
@@ -49,7 +49,7 @@ def build_objective(name: str, num_instances: int = 1, dim: int = 128, seed: int
                         f"{', '.join(sorted(method_fields(name))) or 'none'}")
     s = dataclasses.replace(s, **overrides)
     check_fields(s, flags=False)
-    obj = m.build(s, BuildContext(num_instances, dim, seed))
+    obj = m.build(s, BuildContext(num_instances, dim, seed, engine))
     if not isinstance(obj, Objective):
         raise TypeError(f"method {name}: {type(obj).__name__} does not follow the objective contract (views, "
                         "on_epoch_start)")
