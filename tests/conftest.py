@@ -50,6 +50,19 @@ def write_image_tree(root: Path, n_classes: int = 4, train_per_class: int = 16, 
     return root
 
 
+def train_tiny_run(base: Path, *flags: str) -> tuple[Path, Path]:
+    """(a run folder trained for one epoch of cifar10-tiny at 1/32 width on a small 3-class image tree, the
+    tree): seconds; ``flags`` are added to the train command."""
+    from isif.cli import main
+
+    tree = write_image_tree(base / "tree", n_classes=3, train_per_class=8, test_per_class=4)
+    run = base / "run"
+    assert main(["train", "--preset", "cifar10-tiny", "--dataset", "folder", "--data", str(tree), "--width",
+                 "0.03125", "--batch-size", "8", "--knn-k", "5", "--epochs", "1", "--out", str(run), "--quiet",
+                 *flags]) == 0
+    return run, tree
+
+
 def write_cifar_batches(root: Path, per_batch: int = 20, seed: int = 0) -> Path:
     """torchvision's cifar-10-batches-py layout: pickled dicts of (n, 3072) uint8 rows."""
     rng = np.random.default_rng(seed)

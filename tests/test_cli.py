@@ -121,12 +121,14 @@ def test_bench_reports_consistent_figures(capsys):
                              "--precision", "fp32", "--json")
     assert code == 0, err
     res = json.loads(out)
-    assert res["images_per_step"] == 16 and res["batch_instances"] == 8
+    assert res["images_per_step"] == 16 and res["batch_instances"] == 8 and res["size"] == 32
     assert res["step_images_per_s"] == pytest.approx(16 / (res["step_ms"] / 1000))
     assert res["ratio_step_to_limit"] == pytest.approx(res["limit_ms"] / res["step_ms"])
     assert res["augment_ms"] > 0 and res["objective_ms"] > 0
     code, _, err = run_cli(capsys, "bench", "--steps", "0")
     assert_one_line_error(code, err, "--steps must be >= 1")
+    code, _, err = run_cli(capsys, "bench", "--size", "4")
+    assert_one_line_error(code, err, "--size must be >= 8")
 
 
 def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, image_tree):

@@ -15,13 +15,9 @@ from isif.search import search
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from tests.conftest import write_image_tree
+    from tests.conftest import train_tiny_run
 
-    base = tmp_path_factory.mktemp("search")
-    tree = write_image_tree(base / "tree", n_classes=3, train_per_class=8, test_per_class=4)
-    run = base / "run"
-    assert main(["train", "--preset", "cifar10-tiny", "--dataset", "folder", "--data", str(tree), "--width",
-                 "0.03125", "--batch-size", "8", "--knn-k", "5", "--epochs", "1", "--out", str(run), "--quiet"]) == 0
+    run, tree = train_tiny_run(tmp_path_factory.mktemp("search"))
     return tree, run
 
 

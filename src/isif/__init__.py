@@ -1,3 +1,99 @@
-"""isif: unsupervised embedding learning via Invariant and Spreading Instance Feature."""
+"""isif: unsupervised embedding learning via Invariant and Spreading Instance Feature.
+
+The public Python API is exactly the names in ``__all__``, importable from ``isif``:
+
+- objectives: ``InvariantSpreading`` (the paper's loss), the baselines ``NPSoftmax``, ``NCE``, ``Exemplar``,
+  ``Triplet``, ``DeepCluster``; ``build_objective(name, ...)`` builds any registered method's objective, and
+  ``methods()`` lists them;
+- trained networks: ``load_model(run_or_checkpoint_or_safetensors)`` -> ``LoadedModel`` (unpacks as
+  ``network, transform``; ``ImageTransform`` is the transform), ``embed(model, images)`` -> (N, D) embeddings;
+- evaluation over feature tensors: ``knn_scores``, ``knn_predict``, ``knn_accuracy`` (weighted kNN),
+  ``recall_at_k``, ``map_at_r``, ``nmi``;
+- nearest neighbours: ``search`` and ``exact_topk`` (exact), ``build_index`` and ``load_index`` (faiss);
+- ``UserError``: the one-line error every bad input raises.
+
+Anything not exported here, including every submodule, is private and may change without notice. The names are
+imported on first use, so ``import isif`` stays light (no torch, faiss, onnx or timm until needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "NCE",
+    "DeepCluster",
+    "Exemplar",
+    "ImageTransform",
+    "InvariantSpreading",
+    "LoadedModel",
+    "NPSoftmax",
+    "Triplet",
+    "UserError",
+    "build_index",
+    "build_objective",
+    "embed",
+    "exact_topk",
+    "knn_accuracy",
+    "knn_predict",
+    "knn_scores",
+    "load_index",
+    "load_model",
+    "map_at_r",
+    "methods",
+    "nmi",
+    "recall_at_k",
+    "search",
+]
+
+_HOME = {
+    "isif.objectives": ("InvariantSpreading", "NPSoftmax", "NCE", "Exemplar", "Triplet", "DeepCluster",
+                        "build_objective", "methods"),
+    "isif.api": ("LoadedModel", "ImageTransform", "load_model", "embed", "build_index"),
+    "isif.evaluate.knn": ("knn_scores", "knn_predict", "knn_accuracy"),
+    "isif.evaluate.retrieval": ("recall_at_k", "map_at_r", "nmi"),
+    "isif.index": ("exact_topk", "load_index"),
+    "isif.search": ("search",),
+    "isif.errors": ("UserError",),
+}
+_WHERE = {name: module for module, names in _HOME.items() for name in names}
+
+if TYPE_CHECKING:
+    from .api import ImageTransform, LoadedModel, build_index, embed, load_model
+    from .errors import UserError
+    from .evaluate.knn import knn_accuracy, knn_predict, knn_scores
+    from .evaluate.retrieval import map_at_r, nmi, recall_at_k
+    from .index import exact_topk, load_index
+    from .objectives import NCE, DeepCluster, Exemplar, InvariantSpreading, NPSoftmax, Triplet, build_objective, methods
+    from .search import search
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'isif' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """``isif.embed`` and ``isif.search`` are the public functions, though modules of those names exist: importing
+    such a module (``from isif.embed import ...``) must not rebind the package's attribute to it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WHERE and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

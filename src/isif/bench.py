@@ -53,7 +53,7 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, size: int = 32, poo
     out = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(), "precision": cfg.train.precision,
-        "channels_last": cfg.train.channels_last, "arch": cfg.model.arch, "width": cfg.model.width,
+        "channels_last": cfg.train.channels_last, "arch": cfg.model.arch, "width": cfg.model.width, "size": size,
         "batch_instances": cfg.train.batch_size, "images_per_step": n_img, "steps_timed": steps,
         "step_images_per_s": n_img / med["step"], "limit_images_per_s": n_img / med["limit"],
         "ratio_step_to_limit": med["limit"] / med["step"],

@@ -214,7 +214,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
         raise UserError(f"{p} has no model or config; pass a checkpoint written by `isif train`")
     cfg = Config.from_dict(state["config"])
     try:
-        model = build_model(dataclasses.replace(cfg.model, weights=None))  # the checkpoint has the weights
+        size = (state.get("input") or {}).get("size")  # the side a timm ViT was built for
+        model = build_model(dataclasses.replace(cfg.model, weights=None), size)  # the checkpoint has the weights
         model.to(param_dtype(cfg.train.precision)).load_state_dict(state["model"])
     except (RuntimeError, ValueError) as e:
         raise UserError(f"{p}: the weights do not fit {cfg.model.arch} width {cfg.model.width} "

@@ -64,6 +64,29 @@ def prepare(arr: np.ndarray, size: int, resize: int | None = None, fit: str = "s
     return x[0]
 
 
+def decode_for(data: bytes, name: str, spec: dict) -> np.ndarray:
+    """An encoded image -> (H, W, 3) uint8 by the safe decoder, as ``isif embed`` decodes it for a network with
+    input ``spec`` (a JPEG drafted near the input size when the run stored images so); raises ``BadImage``."""
+    return decode_rgb(data, name, draft=spec["size"] if spec.get("fit") == "crop" else None)
+
+
+def prepare_for(arr: np.ndarray, spec: dict) -> torch.Tensor:
+    """``prepare`` with the resize, crop and size of input ``spec``: (3, size, size) float in [0, 1]."""
+    return prepare(arr, spec["size"], spec["resize"], spec.get("fit", "square"))
+
+
+@torch.no_grad()
+def run_network(model: torch.nn.Module, x: torch.Tensor, device: torch.device, precision: str,
+                channels_last: bool) -> torch.Tensor:
+    """Normalised images (N, 3, S, S) -> features (N, D) float32 on the CPU, through ``model`` on ``device`` with
+    the run's precision (autocast) and memory format."""
+    x = x.to(device, param_dtype(precision))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, precision):
+        return model(x).float().cpu()
+
+
 def list_images(folder: str) -> list[Path]:
     """Every image under ``folder`` (any depth; hidden files and folder-link loops left out), sorted."""
     from .data.unlabelled import find_images
@@ -106,18 +129,13 @@ class Embedder:
         checkpoint's normalisation, precision and memory format."""
         sp, t = self.spec, self.cfg.train
         mean_t, std_t = torch.tensor(sp["mean"]).view(1, 3, 1, 1), torch.tensor(sp["std"]).view(1, 3, 1, 1)
-        x = normalize(torch.stack(xs), mean_t, std_t).to(self.device, param_dtype(t.precision))
-        if t.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, t.precision):
-            return self.model(x).float().cpu()
+        return run_network(self.model, normalize(torch.stack(xs), mean_t, std_t), self.device, t.precision,
+                           t.channels_last)
 
     def image_bytes(self, data: bytes, name: str = "upload") -> torch.Tensor:
         """One encoded image (an upload) -> its feature (D,), decoded by the same safe decoder and test transform
         as the files; raises ``BadImage`` (``TooLarge`` for a decompression bomb)."""
-        sp = self.spec
-        arr = decode_rgb(data, name, draft=sp["size"] if sp.get("fit") == "crop" else None)
-        return self.forward([prepare(arr, sp["size"], sp["resize"], sp.get("fit", "square"))])[0]
+        return self.forward([prepare_for(decode_for(data, name, self.spec), self.spec)])[0]
 
 
 SHARD_SIZE = 50_000  # images per shard: the unit of resuming (a shard is written whole or not at all)
@@ -134,12 +152,12 @@ class _Prepared(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
-        sp, f = self.spec, self.files[i]
+        f = self.files[i]
         try:
-            arr = decode_rgb(f.read_bytes(), str(f), draft=sp["size"] if sp.get("fit") == "crop" else None)
+            arr = decode_for(f.read_bytes(), str(f), self.spec)
         except (BadImage, OSError) as e:
             return i, None, str(e) or "unreadable"
-        return i, prepare(arr, sp["size"], sp["resize"], sp.get("fit", "square")), ""
+        return i, prepare_for(arr, self.spec), ""
 
 
 def _collate(items: list) -> list:

@@ -1,14 +1,19 @@
-"""Export a trained embedding network to TorchScript or ONNX, checked against the checkpoint.
+"""Export a trained embedding network to TorchScript, ONNX or safetensors, checked against the checkpoint.
 
-The exported graph takes float RGB images in [0, 1], (N, 3, S, S) with any N,
+The exported TorchScript or ONNX graph takes float RGB images in [0, 1], (N, 3, S, S) with any N,
 applies the training normalisation itself and returns the L2-normalised
 embedding. How to get from a photo to that tensor (the resize and crop) is
 written beside the model as ``<out>.json``.
+
+``safetensors`` writes the weights only (``model.state_dict()``, no optimiser, no pickle) with the
+architecture and input recipe as the file's ``"isif"`` metadata (see ``isif.weights``), and the same JSON
+beside it; ``isif.load_model`` and ``--weights`` read it back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import warnings
@@ -20,7 +25,7 @@ from torch import nn
 from .checkpoint import load_model, resolve_checkpoint
 from .embed import input_spec
 from .errors import UserError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, sha256_file
 
 
 class Exportable(nn.Module):
@@ -54,9 +59,36 @@ def _onnx_modules():
     return onnxruntime, dynamo
 
 
+def _onnx(net: nn.Module, example: torch.Tensor, check: torch.Tensor, out: Path) -> torch.Tensor:
+    """Write ``net`` traced on ``example`` as ONNX to ``out``; its output on ``check`` through onnxruntime."""
+    ort, dynamo = _onnx_modules()
+    tmp = out.with_name(f".{out.name}.export")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["embedding"],
+                              dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True,
+                              external_data=False, verbose=False)
+        else:
+            torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["embedding"],
+                              dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}}, dynamo=False)
+    data = tmp.read_bytes()
+    tmp.unlink()
+    atomic_write_bytes(out, lambda f: f.write(data))
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: check.numpy()})[0])
+
+
+FORMATS = ("torchscript", "onnx", "safetensors")
+
+
 def export(checkpoint: str, fmt: str, out: Path | None = None, atol: float = 1e-5, check_batch: int = 4) -> dict:
-    if fmt not in ("torchscript", "onnx"):
-        raise UserError(f"--format must be torchscript or onnx, got {fmt!r}")
+    """Export ``checkpoint`` (a .pt file or a run folder) as ``fmt``, run the export on a fresh batch and keep it
+    only when it agrees with the checkpoint to ``atol``; returns what was written."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, got {fmt!r}")
+    if fmt == "safetensors":
+        return export_safetensors(checkpoint, out, atol, check_batch)
     path = resolve_checkpoint(checkpoint)
     model, cfg, state = load_model(path, "cpu")
     model = model.float().to(memory_format=torch.contiguous_format).eval()
@@ -72,34 +104,16 @@ def export(checkpoint: str, fmt: str, out: Path | None = None, atol: float = 1e-
     check = torch.rand(check_batch, 3, size, size, generator=g)  # another batch size than the example's
     with torch.no_grad():
         want = net(check)
-    quiet = contextlib.redirect_stdout(io.StringIO())
-    if fmt == "torchscript":
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(net, example)
-            buf = io.BytesIO()
-            torch.jit.save(traced, buf)
-        atomic_write_bytes(out, lambda f: f.write(buf.getvalue()))
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            got = torch.jit.load(str(out))(check)
-    else:
-        ort, dynamo = _onnx_modules()
-        tmp = out.with_name(f".{out.name}.export")
-        with warnings.catch_warnings(), quiet:
-            warnings.simplefilter("ignore")
-            if dynamo:
-                torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["embedding"],
-                                  dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True,
-                                  external_data=False, verbose=False)
-            else:
-                torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["embedding"],
-                                  dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}}, dynamo=False)
-        data = tmp.read_bytes()
-        tmp.unlink()
-        atomic_write_bytes(out, lambda f: f.write(data))
-        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: check.numpy()})[0])
+    try:
+        got = _torchscript(net, example, check, out) if fmt == "torchscript" else _onnx(net, example, check, out)
+    except UserError:
+        raise
+    except Exception as e:  # a network the tracer or the ONNX exporter cannot take
+        other = "onnx" if fmt == "torchscript" else "torchscript"
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"{cfg.model.arch} cannot be exported to {fmt} ({type(e).__name__}: {reason}); "
+                        f"--format safetensors works for every network (weights and input recipe, read by "
+                        f"isif.load_model), and --format {other} may") from None
     diff = float((got.float() - want).abs().max())
     meta = {"format": fmt, "input": [None, 3, size, size], "value_range": [0.0, 1.0],
             "resize": [spec["resize"], spec["resize"]] if spec["resize"] else f"shorter side to {size}",
@@ -114,3 +128,60 @@ def export(checkpoint: str, fmt: str, out: Path | None = None, atol: float = 1e-
                         "nothing was kept")
     return {"format": fmt, "out": str(out), "spec": str(spec_path), "max_abs_diff": diff, "checked": check_batch,
             "input": f"(N, 3, {size}, {size}) floats in [0, 1]"}
+
+
+def _torchscript(net: nn.Module, example: torch.Tensor, check: torch.Tensor, out: Path) -> torch.Tensor:
+    """Trace ``net`` on ``example``, save it to ``out`` and run the saved graph on ``check``."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, example)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+    atomic_write_bytes(out, lambda f: f.write(buf.getvalue()))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(out))(check)
+
+
+def safetensors_metadata(path: Path, cfg, spec: dict) -> dict:
+    """The ``"isif"`` metadata of a safetensors export: architecture, input recipe, precision, provenance."""
+    from . import __version__
+    from .weights import FORMAT_VERSION
+
+    return {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(cfg.model),
+            "input": {"size": spec["size"], "mean": list(spec["mean"]), "std": list(spec["std"]),
+                      "resize": spec["resize"], "fit": spec.get("fit", "square")},
+            "precision": cfg.train.precision, "channels_last": bool(cfg.train.channels_last),
+            "checkpoint_sha256": sha256_file(path), "isif_version": __version__}
+
+
+def export_safetensors(checkpoint: str, out: Path | None = None, atol: float = 1e-5, check_batch: int = 4) -> dict:
+    """The network's weights as stored (no optimiser) in ``out`` (default CHECKPOINT.safetensors) with the
+    metadata inside and in ``<out>.json``; read back with ``isif.load_model`` and compared on a fresh batch."""
+    from .api import load_model as load_public
+    from .weights import write_safetensors
+
+    path = resolve_checkpoint(checkpoint)
+    model, cfg, state = load_model(path, "cpu")
+    spec = input_spec(state, cfg)
+    meta = safetensors_metadata(path, cfg, spec)
+    out = Path(out) if out is not None else path.with_suffix(".safetensors")
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: a safetensors export must end in .safetensors (load_model and --weights "
+                        "tell the formats by their suffix)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out, model.state_dict(), meta)
+    spec_path = out.with_name(out.name + ".json")
+    atomic_write_bytes(spec_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    size, dtype = spec["size"], next(model.parameters()).dtype
+    check = torch.rand(check_batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        want, got = model(check), load_public(out).network(check)
+    diff = float((got.double() - want.double()).abs().max())
+    if not diff <= atol:
+        out.unlink()
+        spec_path.unlink()
+        raise UserError(f"the safetensors export differs from the checkpoint by {diff:.2e} (> --atol {atol:g}); "
+                        "nothing was kept")
+    return {"format": "safetensors", "out": str(out), "spec": str(spec_path), "max_abs_diff": diff,
+            "checked": check_batch, "input": f"(N, 3, {size}, {size}), normalised by the metadata's mean and std"}

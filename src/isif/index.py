@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -127,9 +128,9 @@ def build_index(embed_dir: str | Path, kind: str = "auto", seed: int = 0, sample
     return meta
 
 
-def load_index(embed_dir: str | Path):
-    """(faiss index, its metadata) of ``embed_dir``, or None without one; refused when it was built on other
-    embeddings or its file is damaged."""
+def load_index(embed_dir: str | Path) -> tuple[Any, dict] | None:
+    """(faiss index, its metadata) of an ``isif embed`` folder indexed by ``isif index``, or None without an
+    index; a ``UserError`` when it was built on other embeddings or its file is damaged."""
     d = Path(embed_dir)
     if not (d / INDEX_FILE).is_file():
         return None

@@ -81,15 +81,16 @@ def query_files(queries: list[str]) -> list[Path]:
 
 
 def search(query: torch.Tensor, gallery: torch.Tensor, k: int,
-           exclude: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores (q, k), indices (q, k)) of the k most similar gallery rows; ``exclude[i]`` (a query's own gallery
-    row, if it is in the gallery) is left out. Ties go to the lower gallery index.
+           exclude: list[int | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (q, k), indices (q, k)) of the k most similar gallery rows by inner product (cosine for
+    L2-normalised rows), exactly; ``exclude[i]`` (a query's own gallery row, if it is in the gallery) is left
+    out. Ties go to the lower gallery index.
 
     The top k + 1 per query are found by ``topk`` and ordered by (score, index); only a row whose k-th and
     (k + 1)-th scores tie, where the top-k set itself is ambiguous, is sorted in full (stable)."""
     dt = torch.promote_types(torch.promote_types(query.dtype, gallery.dtype), torch.float32)
     sim = query.to(dt) @ gallery.to(dt).t()  # (q, N), at least float32
-    for i, j in enumerate(exclude):
+    for i, j in enumerate(exclude or []):
         if j is not None:
             sim[i, j] = float("-inf")
     n = sim.shape[1]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from .device import autocast
 from .dist import SINGLE, World, gather_views
 from .errors import UserError
 from .evaluate.protocol import Extractor
-from .models import build_model
+from .models import build_model, input_recipe
 from .objectives import build_objective, get_method
 from .optim import build_optimizer
 
@@ -58,10 +59,22 @@ class Parts:
         return Extractor(self.plain, self.device, t.precision, t.channels_last, self.cfg.eval.batch_size, self.world)
 
 
+def input_size(cfg: Config) -> int | None:
+    """The side the network sees: ``--size``, else a timm backbone's own, else None (the stored images')."""
+    recipe = input_recipe(cfg.model)
+    return cfg.data.size or (recipe["size"] if recipe else None)
+
+
+def with_model_normalisation(cfg: Config, splits: Splits) -> Splits:
+    """``splits`` normalised as the backbone expects: a timm model's own mean and std, else the data's moments."""
+    recipe = input_recipe(cfg.model)
+    return dataclasses.replace(splits, mean=recipe["mean"], std=recipe["std"]) if recipe else splits
+
+
 def make_model(cfg: Config) -> nn.Module:
     """The configured network (on the CPU); unknown architectures and unusable weights are UserErrors."""
     try:
-        return build_model(cfg.model)
+        return build_model(cfg.model, input_size(cfg))
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -87,7 +100,8 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     opt = build_optimizer(cfg.optim, params)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    augment, plain = build_transforms(cfg.augment, cfg.data.size, splits)
+    splits = with_model_normalisation(cfg, splits)
+    augment, plain = build_transforms(cfg.augment, input_size(cfg), splits)
     net: nn.Module = model
     if world.active:
         from torch.nn.parallel import DistributedDataParallel

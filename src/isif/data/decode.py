@@ -55,6 +55,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def rgb_array(im: Image.Image) -> np.ndarray:
+    """A PIL image -> upright (H, W, 3) uint8 RGB: its EXIF orientation applied, any mode converted as
+    ``decode_rgb`` converts it."""
+    return np.asarray(_to_rgb(ImageOps.exif_transpose(im)), dtype=np.uint8)
+
+
 def decode_rgb(data: bytes, name: str = "", draft: int | None = None) -> np.ndarray:
     """Decode bytes into an upright (H, W, 3) uint8 RGB array; anything unreadable raises ``BadImage``
     (``TooLarge`` for a decompression bomb)."""
@@ -67,8 +73,7 @@ def decode_rgb(data: bytes, name: str = "", draft: int | None = None) -> np.ndar
                 if draft is not None and im.format == "JPEG":
                     im.draft("RGB", (draft, draft))
                 im.load()
-                im = ImageOps.exif_transpose(im)
-                return np.asarray(_to_rgb(im), dtype=np.uint8)
+                return rgb_array(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise TooLarge(f"{name}: {TOO_LARGE} ({str(e).split(', could')[0][:80]})") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, KeyError,

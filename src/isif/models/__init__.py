@@ -2,8 +2,8 @@
 
 A backbone is one registry entry in ``BACKBONES``: its name, a builder
 ``build(width, weights) -> nn.Module`` returning pooled features (N, F), and
-its output width F at ``width`` 1. ``build_model`` puts the head (FC to
-``dim``, L2 norm) on top.
+its output width F at ``width`` 1; or ``timm:NAME``, any timm model
+(``timm_nets``). ``build_model`` puts the head (FC to ``dim``, L2 norm) on top.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 
 from ..settings import POSITIVE, at_least, setting
 from .resnet_cifar import CifarResNet, resnet18_cifar
+from .timm_nets import data_config, is_timm, model_name, timm_backbone
 from .torchvision_nets import torchvision_backbone
 
 
@@ -27,14 +28,22 @@ class Backbone:
     out_dim: int  # feature width at width 1.0
     summary: str
     widthable: bool = False  # does --width scale it?
-    pretrained: bool = False  # does --weights imagenet|PATH apply?
+    pretrained: bool = False  # does --weights imagenet|PATH apply? (resnet18_cifar: PATH only)
 
     def features(self, width: float) -> int:
         return max(1, round(self.out_dim * width)) if self.widthable else self.out_dim
 
 
 def _cifar(width: float, weights: str | None) -> nn.Module:
-    return resnet18_cifar(width)
+    net = resnet18_cifar(width)
+    if weights == "imagenet":
+        raise ValueError("resnet18_cifar has no pretrained weights to download; --weights PATH loads a local file "
+                         "(e.g. `isif export RUN --format safetensors` of a run at this width), or --weights none")
+    if weights not in (None, "none"):
+        from ..weights import load_backbone_weights
+
+        load_backbone_weights(net, weights, f"resnet18_cifar width {width:g}")
+    return net
 
 
 def _torchvision(arch: str) -> Callable[[float, str | None], nn.Module]:
@@ -43,7 +52,7 @@ def _torchvision(arch: str) -> Callable[[float, str | None], nn.Module]:
 
 BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("resnet18_cifar", _cifar, 512, "ResNet-18 with a CIFAR stem (3x3, no max-pool), any input size",
-             widthable=True),
+             widthable=True, pretrained=True),
     Backbone("googlenet", _torchvision("googlenet"), 1024, "torchvision GoogLeNet / Inception-V1, pool5",
              pretrained=True),
     Backbone("resnet18", _torchvision("resnet18"), 512, "torchvision ResNet-18", pretrained=True),
@@ -54,16 +63,20 @@ ARCHS = tuple(BACKBONES)
 
 @dataclass
 class ModelConfig:
-    arch: str = setting("resnet18_cifar", "backbone: " + ", ".join(BACKBONES))
+    arch: str = setting("resnet18_cifar", "backbone: " + ", ".join(BACKBONES) + ", or timm:NAME (any timm model, "
+                                          "pip install 'isif[timm]')")
     width: float = setting(1.0, "backbone channel multiplier (resnet18_cifar)", check=POSITIVE)
     dim: int = setting(128, "embedding size", check=at_least(1))
-    weights: str | None = setting(None, "torchvision backbones: none, imagenet, or a state-dict path")
+    weights: str | None = setting(None, "torchvision and timm backbones: none, imagenet, or a local file (safetensors "
+                                        "or a state dict)")
     freeze_bn: bool = setting(False, "BatchNorm keeps its running statistics while training (eval mode): for "
                                      "fine-tuning, and batch statistics that do not depend on the process count")
 
     def check(self) -> None:
-        if self.arch not in BACKBONES:
-            raise ValueError(f"unknown --arch {self.arch!r}; known: {', '.join(BACKBONES)}")
+        if is_timm(self.arch):
+            model_name(self.arch)  # a one-line error with the closest names
+        elif self.arch not in BACKBONES:
+            raise ValueError(f"unknown --arch {self.arch!r}; known: {', '.join(BACKBONES)}, or timm:NAME")
 
 
 class EmbeddingHead(nn.Module):
@@ -108,16 +121,26 @@ class EmbeddingNet(nn.Module):
         return self.head(self.backbone(x))  # (N, dim)
 
 
-def build_model(cfg: ModelConfig) -> EmbeddingNet:
-    """Backbone + FC to ``dim`` + L2 norm; ValueError for an unknown backbone or weights it cannot take."""
+def build_model(cfg: ModelConfig, size: int | None = None) -> EmbeddingNet:
+    """Backbone + FC to ``dim`` + L2 norm; ValueError for an unknown backbone or weights it cannot take. ``size``,
+    the input side, matters only to timm models built for one size (ViTs)."""
+    if is_timm(cfg.arch):
+        backbone, out = timm_backbone(cfg.arch, cfg.weights, size)
+        return EmbeddingNet(backbone, out, cfg.dim, cfg.freeze_bn)
     entry = BACKBONES.get(cfg.arch)
     if entry is None:
-        raise ValueError(f"unknown architecture {cfg.arch!r}; known: {', '.join(BACKBONES)}")
+        raise ValueError(f"unknown architecture {cfg.arch!r}; known: {', '.join(BACKBONES)}, or timm:NAME")
     if not entry.pretrained and cfg.weights not in (None, "none"):
         raise ValueError(f"{cfg.arch} has no pretrained weights; use --weights none")
     backbone = entry.build(cfg.width, cfg.weights)
     return EmbeddingNet(backbone, entry.features(cfg.width), cfg.dim, cfg.freeze_bn)
 
 
+def input_recipe(cfg: ModelConfig) -> dict | None:
+    """The backbone's own input recipe ({"size", "mean", "std"}: timm's data config), or None when the data's
+    size and moments apply (the built-in backbones)."""
+    return data_config(cfg.arch) if is_timm(cfg.arch) else None
+
+
 __all__ = ["ARCHS", "BACKBONES", "Backbone", "CifarResNet", "EmbeddingHead", "EmbeddingNet", "ModelConfig",
-           "build_model", "resnet18_cifar"]
+           "build_model", "input_recipe", "is_timm", "resnet18_cifar"]

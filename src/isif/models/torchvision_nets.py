@@ -3,14 +3,14 @@
 GoogLeNet / Inception-V1 (the paper's network; the embedding FC sits on its
 1024-d pool5) and ResNet-18/50. ``weights``: ``None``/``"none"`` for random
 init, ``"imagenet"`` for torchvision's ImageNet weights (downloaded where there
-is internet), or the path of a local state dict of the torchvision model.
+is internet), or a local file (``isif.weights.read_state_dict``): a state dict
+of the torchvision model, as a torch file or ``.safetensors``, or an
+``isif export --format safetensors`` file of the same arch, whose
+``backbone.*`` weights are used (its head is not).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 from torch import nn
 
 from ..errors import UserError
@@ -44,16 +44,14 @@ def torchvision_backbone(arch: str, weights: str | None, out_dim: int) -> nn.Mod
                             "pass --weights PATH to a local state dict, or --weights none") from None
         _load(net, state, arch, "torchvision's ImageNet weights")
     elif pretrained:
-        path = Path(str(weights)).expanduser()
-        if not path.is_file():
-            raise UserError(f"--weights {weights}: no such file; pass a state dict saved from torchvision's {arch}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"--weights {weights}: not a loadable state dict ({type(e).__name__})") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        _load(net, state, arch, str(path))
+        from ..weights import isif_backbone, read_state_dict
+
+        state, meta = read_state_dict(weights)
+        exported = (meta or {}).get("model", {}).get("arch")
+        if exported is not None and exported != arch:
+            raise UserError(f"--weights {weights} holds an isif export of {exported}, not {arch}; pass "
+                            f"--arch {exported}, or weights of {arch}")
+        _load(net, isif_backbone(state, meta), arch, str(weights))
     net.fc = nn.Identity()
     return net
 

@@ -21,6 +21,8 @@ def register(method: Method) -> Method:
 
 
 def methods() -> dict[str, Method]:
+    """{name: ``Method``} of every registered training method: its ``summary``, its ``settings`` dataclass (the
+    fields ``build_objective`` takes as overrides), and ``trains`` (False only for ``random``)."""
     return dict(_REGISTRY)
 
 
@@ -36,10 +38,20 @@ def method_fields(name: str) -> set[str]:
 
 def build_objective(name: str, num_instances: int = 1, dim: int = 128, seed: int = 0, settings: Any = None,
                     engine: str = "torch", **overrides) -> nn.Module:
-    """The objective of method ``name``, from its settings (default: the method's defaults) with ``overrides``.
+    """The objective (an ``nn.Module``, called as ``loss = objective(z, instance_idx)``) of method ``name``, from
+    its settings (default: the method's defaults) with ``overrides``.
+
+    ``num_instances`` is the training-set size (memory banks, one weight per instance), ``dim`` the embedding
+    size, ``seed`` and ``engine`` DeepCluster's k-means. ``z`` holds the views of the batch's B instances,
+    (V*B, D), view v of instance i at row v*B + i; ``objective.views`` says how many views and which.
 
     Raises KeyError for an unknown method, TypeError for a setting the method does not have, ValueError for a
     bad value.
+
+    Example:
+        >>> crit = build_objective("isif", temperature=0.2)
+        >>> crit.views
+        ('augment', 'augment')
     """
     m = get_method(name)
     s = settings if settings is not None else m.settings()
