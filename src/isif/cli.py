@@ -114,7 +114,7 @@ def _apply_on_resume(cfg, overrides: dict[str, Any]) -> None:
         cfg.set(path, value)
 
 
-_ALL = ("data", "model", "method", "augment", "optim", "sampler", "eval", "train")
+_ALL = ("data", "model", "method", "augment", "optim", "sampler", "eval", "train", "log")
 _BENCH = ("model", "method", "augment", "optim", "train")
 
 
@@ -131,6 +131,9 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train an embedding", description="Train an embedding without labels.")
     p.add_argument("--preset", default=None, help="named setting (see `isif presets`); default images-cpu (images-gpu "
                    "on a GPU) when --data holds unlabelled images, else cifar10-cpu")
+    p.add_argument("--config", metavar="FILE", help="settings from a JSON or YAML file, any part of a config (a "
+                   "run's config.json repeats that run): its \"preset\" key (else the default) is applied first, "
+                   "then the file, then the flags; not with --preset or --resume")
     p.add_argument("--out", help="run folder (default runs/PRESET-TIMESTAMP)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (or --out) from its last checkpoint")
@@ -163,9 +166,13 @@ def _train_config(args):
     from .presets import resolve
     from .runlog import RunDir
 
+    if args.resume is not None and args.config:
+        raise UserError("--config starts a new run; --resume continues one with its own config (change what may "
+                        "change with flags), so drop one of them")
     if args.resume is None:
         over = _overrides(args)
-        cfg = resolve(args.preset or _default_preset(over), over)
+        name, file = _config_file(args.config, args.preset, over) if args.config else (args.preset, None)
+        cfg = resolve(name or _default_preset(over), over, file=file)
         return cfg, Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.resume if isinstance(args.resume, str) else (args.out or ""))
     if not str(out):
@@ -176,6 +183,27 @@ def _train_config(args):
     cfg = Config.from_dict(load_checkpoint(run.last)["config"])
     _apply_on_resume(cfg, _overrides(args))
     return cfg, out
+
+
+def _config_file(path: str, preset: str | None, over: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(the preset, the file's settings) of ``--config FILE``: its own "preset" key, else the default preset."""
+    import difflib
+
+    from .config import check_method_keys, read_config_file
+    from .presets import PRESETS, resolve
+
+    if preset is not None:
+        raise UserError("--preset and --config together: the file names its own preset (put \"preset\": NAME in it) "
+                        "and the flags change the rest")
+    name, file = read_config_file(path)
+    if name is not None and name not in PRESETS and name != "custom":
+        near = difflib.get_close_matches(name, list(PRESETS), n=1)
+        raise UserError(f"--config {path}: unknown preset {name!r}" + (f"; did you mean {near[0]}?" if near else
+                                                                         "; see `isif presets`"))
+    name = name or _default_preset({**file, **over})
+    own = file.get("method.name") or resolve(name).method.name
+    check_method_keys(file, {own, over.get("method.name", own)}, path)
+    return name, file
 
 
 def cmd_train(args) -> int:
@@ -393,10 +421,14 @@ def cmd_serve(args) -> int:
 
 
 def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="export the embedding network to TorchScript or ONNX, checked to 1e-5")
+    p = sub.add_parser("export", help="export the embedding network to TorchScript or ONNX, or its weights to "
+                                      "safetensors, checked to 1e-5")
     p.add_argument("checkpoint", help="a .pt file or a run folder")
-    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
-    p.add_argument("--out", help="output file (default CHECKPOINT_NAME.torchscript.pt or .onnx beside it)")
+    p.add_argument("--format", choices=("torchscript", "onnx", "safetensors"), default="torchscript",
+                   help="torchscript or onnx: a graph with the normalisation inside; safetensors: the weights, with "
+                        "the architecture and input recipe in its metadata (isif.load_model and --weights read it)")
+    p.add_argument("--out", help="output file (default CHECKPOINT_NAME.torchscript.pt, .onnx or .safetensors beside "
+                                 "it)")
     p.add_argument("--atol", type=float, default=1e-5, help="largest allowed embedding difference (default 1e-5)")
 
 
@@ -404,8 +436,9 @@ def cmd_export(args) -> int:
     from .export import export
 
     res = export(args.checkpoint, args.format, Path(args.out) if args.out else None, args.atol)
+    what = "architecture and input recipe" if res["format"] == "safetensors" else "preprocessing"
     print(f"exported {res['format']} to {res['out']} (input {res['input']}); max |difference| vs the checkpoint "
-          f"{res['max_abs_diff']:.2e} on {res['checked']} images; preprocessing in {res['spec']}")
+          f"{res['max_abs_diff']:.2e} on {res['checked']} images; {what} in {res['spec']}")
     return 0
 
 
@@ -571,6 +604,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per piece (after 3 warm-up steps)")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the preset's, a timm backbone's own, "
+                                            "else 32)")
     add_setting_flags(p, _BENCH)
 
 
@@ -581,12 +616,17 @@ def cmd_bench(args) -> int:
     cfg = resolve(args.preset, _overrides(args))
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.size is not None and args.size < 8:
+        raise UserError(f"--size must be >= 8 pixels, got {args.size}")
     _set_threads(args.threads)
-    res = run_bench(cfg, steps=args.steps)
+    from .step import input_size
+
+    cfg.data.size = args.size or input_size(cfg) or 32  # the synthetic images are stored at this side
+    res = run_bench(cfg, steps=args.steps, size=cfg.data.size)
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"device {res['device']} ({res['threads']} threads), {res['arch']} width {res['width']}, "
+    print(f"device {res['device']} ({res['threads']} threads), {res['arch']} width {res['width']}, {res['size']} px, "
           f"{res['precision']}{', channels_last' if res['channels_last'] else ''}, "
           f"batch {res['batch_instances']} instances = {res['images_per_step']} images/step")
     print(f"  training step        {res['step_images_per_s']:9.0f} images/s  ({res['step_ms']:.1f} ms)")

@@ -8,18 +8,29 @@
     sampler  SamplerConfig  isif.sampler           how instances are drawn (nearest-neighbour positives)
     eval     EvalConfig     isif.evaluate.protocol the evaluation and its schedule
     train    TrainConfig    here                   the loop: epochs, batch, seed, device, precision
+    log      LogConfig      isif.runlog            the logger and the step-level scalars
 
 A run's resolved config is saved as JSON in its folder and inside every
 checkpoint (``to_dict``), so a run can be resumed or evaluated from the
 folder alone. Configs written before the sections existed load through
-``_migrate_v1``. Named presets are in ``isif.presets``.
+``_migrate_v1``. Named presets are in ``isif.presets``. ``read_config_file``
+reads a JSON or YAML file (``isif train --config``) into checked
+``{"section.field": value}`` settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
+import os
+import re
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .data.augment import AugmentConfig
 from .data.registry import DataConfig
@@ -29,8 +40,9 @@ from .evaluate.protocol import EvalConfig
 from .models import ModelConfig
 from .objectives import MethodConfig, method_fields, methods
 from .optim import OptimConfig
+from .runlog import LogConfig
 from .sampler import SamplerConfig
-from .settings import at_least, check_fields, field_hints, one_of, setting
+from .settings import at_least, check_fields, field_hints, one_of, optional_inner, setting
 
 VERSION = 2
 
@@ -59,7 +71,7 @@ class TrainConfig:
         return int(min(200, max(2, round(self.budget / images))))
 
 
-SECTIONS = ("data", "model", "method", "augment", "optim", "sampler", "eval", "train")
+SECTIONS = ("data", "model", "method", "augment", "optim", "sampler", "eval", "train", "log")
 
 
 @dataclass
@@ -73,6 +85,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def section(self, name: str) -> Any:
         """The dataclass holding a section's fields (for ``method``: the method's settings)."""
@@ -149,6 +162,14 @@ _EVAL_V1 = {"eval_every": "every", "eval_protocol": "protocol", "retrieval_ks": 
             "knn_sigma": "knn_sigma", "eval_batch_size": "batch_size"}
 
 
+def _looks_v1(d: dict) -> bool:
+    """A config without "version": v1 when it holds a key only v1 had (the evaluation inside ``train``, the
+    nearest-neighbour positive inside ``method``); else a current one, written by hand."""
+    train, method = d.get("train"), d.get("method")
+    return ((isinstance(train, dict) and any(k in train for k in _EVAL_V1))
+            or (isinstance(method, dict) and "nn_positive" in method))
+
+
 def _migrate_v1(d: dict) -> dict:
     """A config from before the sections: one flat method dict of every method's fields, the evaluation and the
     nearest-neighbour positive inside ``train`` and ``method``."""
@@ -162,3 +183,153 @@ def _migrate_v1(d: dict) -> dict:
     if d.get("model", {}).get("weights") == "none":
         d["model"]["weights"] = None
     return d
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+def read_config_file(path: str | os.PathLike) -> tuple[str | None, dict[str, Any]]:
+    """(the file's "preset" or None, its settings as {"section.field": value}), from JSON or YAML.
+
+    Any part of a config dict will do (a run's config.json is a whole one; v1 ones migrate). Every mistake is a
+    UserError of one line: a parse error with its line and column, an unknown key with the nearest valid one, a
+    value of the wrong type with its key. Method settings are checked against the method by ``check_method_keys``.
+    """
+    where = f"--config {path}"
+    d = _parse(Path(path), where)
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: expected a mapping of sections ({', '.join(SECTIONS)}), got {_kind(d)}")
+    for key in d:
+        if key not in ("version", "preset", *SECTIONS):
+            raise UserError(f"{where}: unknown key {key}{_nearest(str(key), ('version', 'preset', *SECTIONS))}")
+    version = d.get("version", 1 if _looks_v1(d) else VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
+        raise UserError(f"{where}: version {version!r} is not one this isif reads (1 to {VERSION}); is the file from "
+                        "a newer isif?")
+    d = _migrate_v1(d) if version < 2 else d
+    name = d.get("preset")
+    if name is not None and not isinstance(name, str):
+        raise UserError(f"{where}: preset must be a preset's name, got {name!r}")
+    hints = {sec: _method_hints() if sec == "method" else field_hints(type(Config().section(sec))) for sec in SECTIONS}
+    out: dict[str, Any] = {}
+    for sec in SECTIONS:
+        values = d.get(sec, {})
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: {sec} must be a mapping of its settings, got {_kind(values)}")
+        for key in values:
+            if key not in hints[sec] and not (sec == "method" and key == "name"):
+                other = [f"{o}.{key}" for o in SECTIONS if key in hints[o]]  # a setting in the wrong section
+                near = f"; did you mean {other[0]}?" if other else _nearest(str(key), hints[sec], f"{sec}.")
+                raise UserError(f"{where}: unknown key {sec}.{key}{near}")
+        for key, value in values.items():
+            if sec == "method" and key == "name":
+                if value not in methods():
+                    raise UserError(f"{where}: unknown method {value!r}{_nearest(str(value), methods())}")
+                out["method.name"] = value
+            else:
+                out[f"{sec}.{key}"] = _typed(value, hints[sec][key], f"{where}: {sec}.{key}")
+    return name, out
+
+
+def check_method_keys(settings: dict[str, Any], allowed: set[str], path: str | os.PathLike) -> None:
+    """Refuse a file's method setting that none of the ``allowed`` methods (the file's, and the one a --method
+    flag chose) has."""
+    have = set().union(*(method_fields(m) for m in allowed))
+    for key in settings:
+        sec, name = key.split(".")
+        if sec == "method" and name != "name" and name not in have:
+            owners = [m for m in sorted(methods()) if name in method_fields(m)]
+            raise UserError(f"--config {path}: {key} is a setting of {', '.join(owners)}, not of method "
+                            f"{' or '.join(sorted(allowed))}; drop it or choose one of those methods")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading 1e-3 as a number as YAML 1.2 does (1.1 needs a dot: 1.0e-3)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$"), list("-+0123456789."))
+
+
+def _parse(path: Path, where: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{where}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if path.suffix.lower() == ".json" or (path.suffix.lower() not in (".yaml", ".yml")
+                                          and text.lstrip().startswith("{")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where} is not valid YAML: {what}{at}") from None
+
+
+def _nearest(key: str, valid, prefix: str = "") -> str:
+    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    if near:
+        return f"; did you mean {prefix}{near[0]}?"
+    valid = list(valid)
+    return f"; valid: {', '.join(prefix + v for v in valid[:12])}{', ...' if len(valid) > 12 else ''}"
+
+
+def _method_hints() -> dict[str, Any]:
+    """Every method setting's type (a name means one thing in every method that has it)."""
+    return {k: h for m in methods().values() for k, h in field_hints(m.settings).items()}
+
+
+_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as the setting's type (a list becomes a tuple, an integer a float where a number is wanted; null
+    or "none" clears an optional setting, as ``none`` does on the command line), or a UserError naming ``key``."""
+    inner, optional = optional_inner(hint)
+    if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
+        return None
+    if typing.get_origin(inner) is tuple:
+        args = typing.get_args(inner)
+        n = None if args[-1] is Ellipsis else len(args)
+        if isinstance(value, (list, tuple)) and (n is None or len(value) == n):
+            items = [_scalar(v, args[0]) for v in value]
+            if all(v is not _BAD for v in items):
+                return tuple(items)
+        words = f"a list of {n or ''} {'integers' if args[0] is int else 'numbers'}".replace("  ", " ")
+    else:
+        typed = _scalar(value, inner)
+        if typed is not _BAD:
+            return typed
+        words = _WORDS.get(inner, str(inner))
+    got = "null" if value is None else repr(value)
+    raise UserError(f"{key} must be {words}{' or null' if optional else ''}, got {got}")
+
+
+_BAD = object()
+
+
+def _scalar(value: Any, kind: Any) -> Any:
+    if kind is bool:
+        return value if isinstance(value, bool) else _BAD
+    if isinstance(value, bool):
+        return _BAD
+    if kind is int:
+        return value if isinstance(value, int) else _BAD
+    if kind is float:
+        return float(value) if isinstance(value, (int, float)) else _BAD
+    return value if isinstance(value, kind) else _BAD
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false",
+            type(None): "null"}.get(
+        type(value), type(value).__name__)

@@ -1,11 +1,12 @@
 """Named presets: each a row of differences from its parent, one per table of the paper.
 
 ``resolve(name, overrides)`` builds the config: the defaults, then every row
-from the root down to ``name``, then ``overrides`` (the command line's
-flags). A change of ``method.name`` anywhere switches the method first; the
-other ``method.*`` changes then apply to the chosen method wherever it has
-that setting (a preset's ``method.temperature`` reaches every method of a
-race that has a temperature).
+from the root down to ``name``, then a config file's settings (``isif train
+--config``), then ``overrides`` (the command line's flags). A change of
+``method.name`` anywhere switches the method first; the other ``method.*``
+changes then apply to the chosen method wherever it has that setting (a
+preset's ``method.temperature`` reaches every method of a race that has a
+temperature).
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ def default_preset(data: str | None, dataset: str | None, device_type: str) -> s
 
 
 def lineage(name: str) -> list[Preset]:
-    """The rows from the root down to ``name``."""
+    """The rows from the root down to ``name``; none for "custom" (a config of the defaults, built in Python)."""
+    if name == "custom":
+        return []
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; known: {', '.join(PRESETS)} (see `isif presets`)")
     rows: list[Preset] = []
@@ -113,14 +116,17 @@ def lineage(name: str) -> list[Preset]:
     return rows
 
 
-def resolve(name: str, overrides: dict[str, Any] | None = None, strict_method: bool = True) -> Config:
-    """The config of preset ``name`` with ``overrides`` ({"section.field": value}) applied last.
+def resolve(name: str, overrides: dict[str, Any] | None = None, strict_method: bool = True,
+            file: dict[str, Any] | None = None) -> Config:
+    """The config of preset ``name``, then a config file's settings ``file``, then ``overrides`` (the flags), each
+    {"section.field": value}.
 
     A method setting in ``overrides`` that the chosen method does not have is a UserError when
-    ``strict_method``; preset rows' method settings apply only where the method has them.
+    ``strict_method``; preset rows' and the file's method settings apply only where the method has them.
     """
     overrides = dict(overrides or {})
     rows = [(k, v, False) for p in lineage(name) for k, v in p.changes.items()]
+    rows += [(k, v, False) for k, v in (file or {}).items()]
     rows += [(k, v, True) for k, v in overrides.items()]
     cfg = Config(preset=name)
     names = [v for k, v, _ in rows if k == "method.name"]

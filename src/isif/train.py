@@ -4,9 +4,9 @@
     for each epoch:
         draw the instance order (seeded; a resumed run redraws the same)
         the objective's epoch hook (DeepCluster clusters here)
-        run the steps: views -> z -> loss = objective(z, idx) -> SGD
+        run the steps: views -> z -> loss = objective(z, idx) -> SGD (step-level scalars every --log-every)
         evaluate on schedule (kNN, or Recall@K / NMI on unseen classes)
-        checkpoint (atomic), then metrics.jsonl, TensorBoard, the curve, one console line
+        checkpoint (atomic), then metrics.jsonl, the logger (TensorBoard or wandb), the curve, one console line
 
 The parts it calls: ``step`` (one optimisation step), ``sampler`` (the
 order, the nearest-neighbour positives, the position in the epoch),
@@ -39,7 +39,7 @@ from .evaluate.retrieval import nearest_neighbour
 from .faults import fault_point
 from .objectives import EpochContext, get_method
 from .optim import lr_at, set_lr
-from .runlog import RunDir, RunLog, check_run_dir
+from .runlog import RunDir, RunLog, check_logger, check_run_dir
 from .sampler import InstanceSampler
 from .step import Parts, build_parts, estimate_step_seconds, make_model, train_step
 
@@ -99,7 +99,7 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
                 state.loss_sum, state.loss_steps = 0.0, 0
                 parts.objective.on_epoch_start(EpochContext(
                     epoch, lambda: parts.extractor()(parts.model, images), parts.opt))
-            seconds, rate = run_epoch(s, epoch, images, perm, second, sigint, stop_after_steps, console)
+            seconds, rate = run_epoch(s, epoch, images, perm, second, sigint, stop_after_steps, console, log)
             row = epoch_row(s, epoch, rate)
             if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == t.epochs:
                 t_eval = time.perf_counter()
@@ -117,6 +117,7 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
 def prepare(cfg: Config, out: Path, resume: bool, overwrite: bool) -> Session:
     """Check everything, build the parts and restore the state; nothing on disk changes."""
     cfg.validate()
+    check_logger(cfg.log)
     t = cfg.train
     world = setup(t.device)
     run = check_run_dir(out, resume, overwrite) if world.main else RunDir(out)
@@ -180,7 +181,7 @@ def _minutes(seconds: float) -> str:
 
 
 def run_epoch(s: Session, epoch: int, images, perm: torch.Tensor, second: torch.Tensor | None, sigint: _SigintFlag,
-              stop_after: int | None, console: bool) -> tuple[float, float]:
+              stop_after: int | None, console: bool, log: RunLog) -> tuple[float, float]:
     """The steps of ``epoch`` from ``state.step`` on; returns (seconds, images/s). Stops with ``Interrupted``
     (checkpoint saved) on Ctrl-C, or ``TrainingDiverged`` on a NaN/Inf loss."""
     cfg, parts, state, sampler = s.cfg, s.parts, s.state, s.sampler
@@ -190,11 +191,13 @@ def run_epoch(s: Session, epoch: int, images, perm: torch.Tensor, second: torch.
     acc = torch.zeros((), device=device, dtype=torch.float64)  # loss sum, read every 10 steps only
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     meter = _Meter(first, sampler.batch_size * len(parts.views))
+    log.start_steps(meter.per)
     t0 = time.perf_counter()
     for step in range(first, steps):
         if any_flag(sigint.set or (stop_after is not None and s.steps_done >= stop_after), s.world, device):
             _interrupt(s, epoch, step, float(acc), step - first, time.perf_counter() - t0, bar)
-        set_lr(parts.opt, lr_at(cfg.optim, cfg.train.epochs, epoch + step / steps))
+        lr = lr_at(cfg.optim, cfg.train.epochs, epoch + step / steps)
+        set_lr(parts.opt, lr)
         idx = sampler.batch_indices(perm, step).to(device, non_blocking=True)  # (B,) the global batch
         x, x2 = next(batches)
         loss = train_step(parts, x, idx, parts.aug_gen, x2)
@@ -203,6 +206,7 @@ def run_epoch(s: Session, epoch: int, images, perm: torch.Tensor, second: torch.
         first_bad = torch.where(~torch.isfinite(ld) & (first_bad < 0), epoch * steps + step, first_bad)
         acc += ld
         s.steps_done += 1
+        log.step(epoch * steps + step + 1, ld, lr)
         if (step + 1 - first) % 10 == 0 or step == steps - 1:
             if int(first_bad) >= 0:
                 bar.close()
