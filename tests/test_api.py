@@ -57,9 +57,9 @@ def test_all_is_exactly_the_public_names_and_each_is_documented():
 def test_import_isif_is_light_and_the_functions_stay_functions():
     code = ("import sys, isif; heavy = ('torch', 'faiss', 'onnx', 'onnxruntime', 'timm'); "
             "assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]; "
-            "import isif.embed, isif.search; from isif import *; "
+            "import isif.embedding, isif.gallery; from isif import *; "
             "assert callable(isif.embed) and callable(isif.search) and embed is isif.embed and search is isif.search; "
-            "from isif.embed import Embedder; assert callable(embed) and not isinstance(isif.embed, type(sys)); "
+            "from isif.embedding import Embedder; assert callable(embed) and not isinstance(isif.embed, type(sys)); "
             "assert not [m for m in ('faiss', 'onnx', 'timm') if m in sys.modules]")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from isif.cli import main
-from isif.search import search
+from isif.gallery import search
 
 
 @pytest.fixture(scope="module")

@@ -187,7 +187,7 @@ def test_streamed_training_resumes_exactly_and_workers_do_not_change_it(tmp_path
 def test_embed_uses_the_streamed_test_transform(tmp_path):
     """A checkpoint trained on a streamed set embeds files as its evaluation did: 256x256 resize, centre crop."""
     from isif.checkpoint import load_model
-    from isif.embed import Embedder
+    from isif.embedding import Embedder
     from isif.evaluate import extract_features
 
     root = write_cub(tmp_path / "CUB_200_2011", n_classes=200, per_class=1)

@@ -386,7 +386,7 @@ def test_embed_gives_the_features_training_evaluated(tmp_path):
     from isif.checkpoint import load_model
     from isif.data.augment import PlainTransform
     from isif.data.registry import DataConfig, load_sets
-    from isif.embed import Embedder
+    from isif.embedding import Embedder
     from isif.evaluate import extract_features
 
     root = _photo_folder(tmp_path / "photos", 30)

@@ -19,8 +19,6 @@ imported on first use, so ``import isif`` stays light (no torch, faiss, onnx or 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -58,7 +56,7 @@ _HOME = {
     "isif.evaluate.knn": ("knn_scores", "knn_predict", "knn_accuracy"),
     "isif.evaluate.retrieval": ("recall_at_k", "map_at_r", "nmi"),
     "isif.index": ("exact_topk", "load_index"),
-    "isif.search": ("search",),
+    "isif.gallery": ("search",),
     "isif.errors": ("UserError",),
 }
 _WHERE = {name: module for module, names in _HOME.items() for name in names}
@@ -68,9 +66,9 @@ if TYPE_CHECKING:
     from .errors import UserError
     from .evaluate.knn import knn_accuracy, knn_predict, knn_scores
     from .evaluate.retrieval import map_at_r, nmi, recall_at_k
+    from .gallery import search
     from .index import exact_topk, load_index
     from .objectives import NCE, DeepCluster, Exemplar, InvariantSpreading, NPSoftmax, Triplet, build_objective, methods
-    from .search import search
 
 
 def __getattr__(name: str) -> Any:
@@ -84,16 +82,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-class _Package(types.ModuleType):
-    """``isif.embed`` and ``isif.search`` are the public functions, though modules of those names exist: importing
-    such a module (``from isif.embed import ...``) must not rebind the package's attribute to it."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _WHERE and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

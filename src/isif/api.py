@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from .data.decode import BadImage, rgb_array
-from .embed import decode_for, input_spec, prepare_for, run_network
+from .embedding import decode_for, input_spec, prepare_for, run_network
 from .errors import UserError
 
 if TYPE_CHECKING:

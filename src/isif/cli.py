@@ -304,7 +304,7 @@ def _embed_parser(sub) -> None:
 
 def cmd_embed(args) -> int:
     from .data.stream import default_workers
-    from .embed import embed_folder
+    from .embedding import embed_folder
 
     for flag, v, low in (("--batch-size", args.batch_size, 1), ("--shard-size", args.shard_size, 1),
                          ("--workers", args.workers, 0)):
@@ -338,8 +338,8 @@ def _search_parser(sub) -> None:
 
 def cmd_search(args) -> int:
     from .device import resolve_device
-    from .embed import Embedder
-    from .search import grid, run_search
+    from .embedding import Embedder
+    from .gallery import grid, run_search
 
     if args.k < 1 or args.batch_size < 1 or args.max_rows < 1:
         raise UserError("--k, --batch-size and --max-rows must be >= 1")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_model, resolve_checkpoint
-from .embed import input_spec
+from .embedding import input_spec
 from .errors import UserError
 from .io import atomic_write_bytes, sha256_file
 

@@ -101,8 +101,8 @@ class Collection:
 
     def __init__(self, embed_dir: str | Path, checkpoint: str | None = None, exact: bool = False,
                  device: str = "cpu") -> None:
-        from .embed import Embedder
-        from .search import Gallery, _labels
+        from .embedding import Embedder
+        from .gallery import Gallery, _labels
 
         self.ed = load_embed_dir(embed_dir)
         if not self.ed.root.is_dir():
@@ -159,7 +159,7 @@ class Collection:
         return i
 
     def search(self, query: torch.Tensor, k: int, exclude: int | None = None) -> list[dict]:
-        from .search import search_gallery
+        from .gallery import search_gallery
 
         limit = self._max_k(exclude)
         if limit < 1:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from .data.decode import IMAGE_EXTS, is_image_name
-from .embed import Embedder, list_images
+from .embedding import Embedder, list_images
 from .errors import UserError
 from .io import atomic_write_bytes
 
@@ -173,7 +173,7 @@ def run_search(embedder: Embedder, queries: list[str], gallery: str, k: int, str
     files = query_files(queries)
     gal = load_gallery(embedder, gallery, strict, exact)
     from .data.decode import report_skipped
-    from .embed import embed_files
+    from .embedding import embed_files
 
     z, kept, broken = embed_files(embedder, files, 0, strict)
     if not kept:
