@@ -64,6 +64,14 @@ def test_train_resume_embed_and_export(name, tmp_path, image_tree, capsys):
         assert meta["max_abs_diff"] <= 1e-5 and meta["arch"] == f"timm:{name}"
 
 
+def test_the_banner_names_the_backbone_and_an_ignored_width(tmp_path, image_tree, capsys):
+    cfg = timm_config(image_tree, "test_resnet", epochs=1)
+    cfg.model.width = 0.25  # e.g. from a preset made for the built-in network
+    train(cfg, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert "network timm:test_resnet (--width 0.25 does not apply to it);" in err and "at 32px" in err
+
+
 def test_input_recipe_comes_from_timm_unless_size_is_given(image_tree):
     cfg = timm_config(image_tree, "test_vit", size=None)
     assert input_size(cfg) == 160  # test_vit's own input size

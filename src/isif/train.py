@@ -171,9 +171,17 @@ def announce(s: Session) -> str:
     doc = PRESETS[cfg.preset].doc.split(";")[0].split(": ", 1)[-1] if cfg.preset in PRESETS else "custom settings"
     step_s = estimate_step_seconds(s.parts, s.sets.train.images, s.sampler.batch_size)
     total = step_s * steps * (cfg.train.epochs - s.state.epoch)
-    return (f"isif: {n:,} images{held}, preset {cfg.preset}: {doc}; {cfg.train.epochs} epochs of {steps} steps at "
-            f"{s.parts.plain.size}px, about {_minutes(total)} of training on this machine ({step_s:.2f} s a step, "
-            "measured; evaluations add)")
+    return (f"isif: {n:,} images{held}, preset {cfg.preset}: {doc}; {_backbone(cfg)}; {cfg.train.epochs} epochs of "
+            f"{steps} steps at {s.parts.plain.size}px, about {_minutes(total)} of training on this machine "
+            f"({step_s:.2f} s a step, measured; evaluations add)")
+
+
+def _backbone(cfg: Config) -> str:
+    """The network in the banner; a --width that the backbone does not take is said to be ignored."""
+    m = cfg.model
+    if m.arch == "resnet18_cifar":
+        return f"network resnet18_cifar width {m.width:g}"
+    return f"network {m.arch}" + (f" (--width {m.width:g} does not apply to it)" if m.width != 1 else "")
 
 
 def _minutes(seconds: float) -> str:
