@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageOps
 from .data.decode import IMAGE_EXTS, is_image_name
 from .embedding import Embedder, list_images
 from .errors import UserError
+from .evaluate.engine import order_candidates
 from .io import atomic_write_bytes
 
 GREEN, RED, GREY, BLUE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (50, 110, 220)
@@ -94,11 +95,7 @@ def search(query: torch.Tensor, gallery: torch.Tensor, k: int,
         if j is not None:
             sim[i, j] = float("-inf")
     n = sim.shape[1]
-    vals, idx = torch.topk(sim, min(k + 1, n), dim=1)  # (q, k+1)
-    by_id = torch.argsort(idx, dim=1)
-    vals, idx = torch.gather(vals, 1, by_id), torch.gather(idx, 1, by_id)
-    by_score = torch.sort(vals, dim=1, descending=True, stable=True).indices  # equal scores keep id order
-    vals, idx = torch.gather(vals, 1, by_score), torch.gather(idx, 1, by_score)
+    vals, idx = order_candidates(*torch.topk(sim, min(k + 1, n), dim=1))  # (q, k+1) by score, then by index
     if vals.shape[1] > k:
         tied = torch.nonzero(vals[:, k - 1] == vals[:, k]).squeeze(1)
         vals, idx = vals[:, :k].clone(), idx[:, :k].clone()

@@ -140,18 +140,24 @@ def isif_backbone(state: dict[str, torch.Tensor], meta: dict[str, Any] | None = 
 
 def load_backbone_weights(net: torch.nn.Module, path: str, what: str) -> None:
     """Load a local file (safetensors or a torch state dict; of an isif export its ``backbone.*`` weights) into
-    ``net``, a backbone: every key of ``net`` must be there with its shape (the file's other keys, a
-    classifier's, are ignored); else one line naming the first key that does not fit."""
+    ``net``, a backbone, through ``load_state``."""
     state, meta = read_state_dict(path)
-    state = {k.removeprefix("module."): v for k, v in isif_backbone(state, meta).items()}
+    load_state(net, isif_backbone(state, meta), what, f"--weights {path}")
+
+
+def load_state(net: torch.nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> None:
+    """Load ``state`` into ``net``, a backbone: every key of ``net`` must be there with its shape (a ``module.``
+    prefix is dropped; the state's other keys, a classifier's, are ignored); else one line naming ``source``,
+    ``what`` it should fit, and the first key that does not."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
     mine = net.state_dict()
     bad = [k for k in mine if k in state and tuple(state[k].shape) != tuple(mine[k].shape)]
     if bad:
         k = bad[0]
-        raise UserError(f"--weights {path} does not fit {what}: {k} has shape {tuple(state[k].shape)} in the file, "
+        raise UserError(f"{source} does not fit {what}: {k} has shape {tuple(state[k].shape)} in the file, "
                         f"{tuple(mine[k].shape)} in the model; pass weights of that model (and size)")
     missing = [k for k in mine if k not in state]
     if missing:
-        raise UserError(f"--weights {path} does not fit {what}: {len(missing)} of its keys are missing (the "
-                        f"first: {missing[0]}); pass weights of that model")
+        raise UserError(f"{source} does not fit {what}: {len(missing)} of its keys are missing (the first: "
+                        f"{missing[0]}); pass weights of that model")
     net.load_state_dict({k: state[k] for k in mine}, strict=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UserError
+from ..weights import isif_backbone, load_state, read_state_dict
 
 
 def _imagenet_weights(arch: str):
@@ -36,33 +37,19 @@ def torchvision_backbone(arch: str, weights: str | None, out_dim: int) -> nn.Mod
         net = getattr(tvm, arch)(weights=None)
     if net.fc.in_features != out_dim:
         raise ValueError(f"{arch}: the registry says {out_dim} features, the network has {net.fc.in_features}")
+    net.fc = nn.Identity()  # the classifier is replaced: a state's fc.* keys are not loaded
     if weights == "imagenet":
         try:
             state = _imagenet_weights(arch).get_state_dict(progress=False)
         except Exception as e:  # no internet, no cache
             raise UserError(f"could not fetch torchvision's ImageNet weights for {arch} ({type(e).__name__}); "
                             "pass --weights PATH to a local state dict, or --weights none") from None
-        _load(net, state, arch, "torchvision's ImageNet weights")
+        load_state(net, state, f"torchvision's {arch}", "torchvision's ImageNet weights")
     elif pretrained:
-        from ..weights import isif_backbone, read_state_dict
-
         state, meta = read_state_dict(weights)
         exported = (meta or {}).get("model", {}).get("arch")
         if exported is not None and exported != arch:
             raise UserError(f"--weights {weights} holds an isif export of {exported}, not {arch}; pass "
                             f"--arch {exported}, or weights of {arch}")
-        _load(net, isif_backbone(state, meta), arch, str(weights))
-    net.fc = nn.Identity()
+        load_state(net, isif_backbone(state, meta), f"torchvision's {arch}", str(weights))
     return net
-
-
-def _load(net: nn.Module, state: dict, arch: str, source: str) -> None:
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier is replaced
-    mine = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
-    missing = sorted(set(mine) - set(state))
-    bad = sorted(k for k in set(mine) & set(state) if tuple(mine[k].shape) != tuple(state[k].shape))
-    if missing or bad:
-        what = f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else f"shape mismatch at {bad[0]}"
-        raise UserError(f"{source} does not fit torchvision's {arch}: {what}; pass weights of that architecture")
-    net.load_state_dict(state, strict=False)
