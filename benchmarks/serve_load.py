@@ -1,7 +1,7 @@
 """Load test of `isif serve`: N concurrent clients, M requests each, on the loopback interface only.
 
     python benchmarks/serve_load.py EMBED_DIR [--clients 8] [--requests 200] [--upload-share 0.25]
-    python benchmarks/serve_load.py --synthetic 1000000 --like EMBED_DIR --out DIR [--kind hnsw] ...
+    python benchmarks/serve_load.py EMBED_DIR --synthetic 1000000 [--kind hnsw] [--out DIR] ...
 
 
 Starts `isif serve EMBED_DIR --port 0` (a real server process, bound to 127.0.0.1), waits for it, then each client
@@ -11,9 +11,10 @@ or a thumbnail (GET /api/thumb/ID). Prints p50/p99/max latency per kind, the thr
 status but 200, or a failed connection), which should be zero. Bounded: at most --clients x --requests requests
 and --time-limit seconds; the server is stopped at the end.
 
-``--synthetic N`` first makes DIR, an embed folder of N features from index_scale.py's seeded mixture of
-10,000 clusters, with the checkpoint and image root of the real embed folder ``--like`` (the files named in
-its paths.txt do not exist, so only searches by id are sent), and builds its index with ``isif index``.
+``--synthetic N`` first makes ``--out DIR`` (default: EMBED_DIR-synthetic-N beside EMBED_DIR), an embed folder
+of N features from index_scale.py's seeded mixture of 10,000 clusters, with the checkpoint and image root of the
+real embed folder EMBED_DIR (the files named in its paths.txt do not exist, so only searches by id are sent),
+builds its index with ``isif index --kind KIND`` and serves that folder.
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ def make_synthetic(out: Path, n: int, like: Path, kind: str, seed: int) -> None:
     print(f"isif index: {time.perf_counter() - t0:.1f} s")
 
 
+def synthetic_folder(args: argparse.Namespace) -> Path:
+    """Make the --synthetic folder from the real embed folder EMBED_DIR; the folder to serve."""
+    like = Path(args.embed_dir)
+    if not (like / "index.json").is_file():
+        sys.exit(f"{like}: not an `isif embed` output folder (no index.json); --synthetic takes its checkpoint")
+    out = Path(args.out) if args.out else like.parent / f"{like.name}-synthetic-{args.synthetic}"
+    make_synthetic(out, args.synthetic, like, args.kind, args.seed)
+    return out
+
+
 def client(port: int, jobs: list[tuple[str, str, bytes | None]], out: list, deadline: float) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     for kind, url, body in jobs:
@@ -83,28 +94,8 @@ def client(port: int, jobs: list[tuple[str, str, bytes | None]], out: list, dead
     conn.close()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("embed_dir")
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=200, help="per client")
-    ap.add_argument("--upload-share", type=float, default=0.25)
-    ap.add_argument("--thumb-share", type=float, default=0.25)
-    ap.add_argument("--k", type=int, default=24)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--time-limit", type=float, default=600.0)
-    ap.add_argument("--exact", action="store_true", help="pass --exact to the server")
-    ap.add_argument("--synthetic", type=int, help="make an embed folder of this many synthetic features first")
-    ap.add_argument("--like", help="with --synthetic: the real embed folder whose checkpoint it records")
-    ap.add_argument("--kind", default="auto", help="with --synthetic: the index kind built")
-    args = ap.parse_args()
-    if args.synthetic:
-        make_synthetic(Path(args.embed_dir), args.synthetic, Path(args.like), args.kind, args.seed)
-        args.upload_share = args.thumb_share = 0.0
-    d = Path(args.embed_dir)
-    paths = (d / "paths.txt").read_text().split("\n")
-    paths = [p for p in paths if p]
-    root = Path(json.loads((d / "index.json").read_text())["root"])
+def make_plans(args: argparse.Namespace, paths: list[str], root: Path) -> list[list[tuple[str, str, bytes | None]]]:
+    """Each client's requests, drawn seeded: (kind, url, the upload's bytes or None)."""
     rng = random.Random(args.seed)
     plans = []
     for _ in range(args.clients):
@@ -118,6 +109,31 @@ def main() -> None:
             else:
                 jobs.append(("search id", f"/api/search?id={i}&k={args.k}", None))
         plans.append(jobs)
+    return plans
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("embed_dir")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=200, help="per client")
+    ap.add_argument("--upload-share", type=float, default=0.25)
+    ap.add_argument("--thumb-share", type=float, default=0.25)
+    ap.add_argument("--k", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-limit", type=float, default=600.0)
+    ap.add_argument("--exact", action="store_true", help="pass --exact to the server")
+    ap.add_argument("--synthetic", type=int, help="make and serve an embed folder of this many synthetic features, "
+                                                  "with EMBED_DIR's checkpoint")
+    ap.add_argument("--out", help="with --synthetic: where it goes (default EMBED_DIR-synthetic-N beside EMBED_DIR)")
+    ap.add_argument("--kind", default="auto", help="with --synthetic: the index kind built")
+    args = ap.parse_args(argv)
+    d = Path(args.embed_dir)
+    if args.synthetic:
+        d = synthetic_folder(args)
+        args.upload_share = args.thumb_share = 0.0
+    paths = [p for p in (d / "paths.txt").read_text().split("\n") if p]
+    plans = make_plans(args, paths, Path(json.loads((d / "index.json").read_text())["root"]))
     proc, port = start_server(str(d), ["--exact"] if args.exact else [])
     try:
         warm: list = []

@@ -1,12 +1,18 @@
-"""isif serve: the JSON API against brute-force search, its refusals (path escapes, bad uploads, oversized bodies)
-and the command's one-line errors. The page itself is tested in a real browser in test_serve_browser.py."""
+"""isif serve: the JSON API against brute-force search, its refusals (path escapes, bad uploads, oversized bodies,
+forged Host headers, cross-site requests, decodes beyond its slots) and the command's one-line errors. The page
+itself is tested in a real browser in test_serve_browser.py. CI installs FastAPI and its test client; there (CI
+set) a missing one fails this module instead of skipping it."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -14,12 +20,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("fastapi", reason="FastAPI is not installed (pip install 'isif[serve]')")
+
+def _missing(msg: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(msg + "; CI installs it (pip install -e '.[test]')", pytrace=False)
+    pytest.skip(msg, allow_module_level=True)
+
+
+try:
+    import fastapi  # noqa: F401
+except ImportError:
+    _missing("FastAPI is not installed (pip install 'isif[serve]')")
 try:
     from fastapi.testclient import TestClient
 except RuntimeError:  # its HTTP client is missing
-    pytest.skip("httpx2 (the test client of FastAPI) is not installed", allow_module_level=True)
+    _missing("httpx2 (the test client of FastAPI) is not installed (pip install httpx2)")
 
+import isif.serve  # noqa: E402
 from isif.cli import main  # noqa: E402
 from isif.serve import Collection, bind, create_app, serve  # noqa: E402
 
@@ -27,6 +44,12 @@ from .test_embed_scale import photos, run  # noqa: E402,F401  (the module's trai
 from .test_unlabelled import _png_with_size  # noqa: E402
 
 N = 30
+BASE = "http://127.0.0.1:8000"  # an address create_app answers to by default (TestClient's own is "testserver")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def client_of(app) -> TestClient:
+    return TestClient(app, base_url=BASE)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +63,7 @@ def collection(run, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def client(collection):
-    return TestClient(create_app(Collection(collection), max_upload_mib=1.0, default_k=5))
+    return client_of(create_app(Collection(collection), max_upload_mib=1.0, default_k=5))
 
 
 def brute_force(z: np.ndarray, q: np.ndarray, k: int, exclude: int | None) -> list[int]:
@@ -140,7 +163,7 @@ def test_images_are_served_by_id_and_never_through_a_link_out_of_the_folder(run,
     emb = tmp_path / "emb"
     assert main(["embed", str(run), str(folder), "--out", str(emb), "--quiet", "--workers", "0"]) == 0
     paths = (emb / "paths.txt").read_text().split()
-    c = TestClient(create_app(Collection(emb)))
+    c = client_of(create_app(Collection(emb)))
     ok = paths.index("album1/001.png")
     r = c.get(f"/api/image/{ok}")
     assert r.status_code == 200 and r.content == (folder / "album1" / "001.png").read_bytes()
@@ -163,7 +186,7 @@ def test_images_are_served_by_id_and_never_through_a_link_out_of_the_folder(run,
     lines = paths[:]
     lines[0] = "../secret.png"
     (edited / "paths.txt").write_text("\n".join(lines) + "\n")
-    c2 = TestClient(create_app(Collection(edited)))
+    c2 = client_of(create_app(Collection(edited)))
     r = c2.get("/api/image/0")
     assert r.status_code == 403 and "outside the collection" in r.json()["error"]
 
@@ -172,7 +195,7 @@ def test_clusters_are_browsable_when_isif_cluster_made_them(run, collection, tmp
     emb = tmp_path / "emb"
     shutil.copytree(collection, emb)
     assert main(["cluster", str(emb), "--k", "3", "--per-sheet", "4"]) == 0
-    c = TestClient(create_app(Collection(emb)))
+    c = client_of(create_app(Collection(emb)))
     assert c.get("/api/info").json()["clusters"] == 3
     listing = c.get("/api/clusters").json()
     assert listing["k"] == 3 and sum(x["size"] for x in listing["clusters"]) == N
@@ -187,7 +210,7 @@ def test_clusters_are_browsable_when_isif_cluster_made_them(run, collection, tmp
     # a stale clusters.csv (from before the last embed) is ignored with a warning
     (emb / "clusters.csv").write_text("path,cluster,distance_to_centre\nalbum0/999.png,0,0.1\n")
     capsys.readouterr()
-    c3 = TestClient(create_app(Collection(emb)))
+    c3 = client_of(create_app(Collection(emb)))
     assert "made before the last `isif embed`" in capsys.readouterr().err
     assert c3.get("/api/info").json()["clusters"] is None
 
@@ -197,10 +220,10 @@ def test_the_faiss_index_is_used_when_present(run, collection, tmp_path):  # noq
     emb = tmp_path / "emb"
     shutil.copytree(collection, emb)
     assert main(["index", str(emb), "--kind", "hnsw"]) == 0
-    c = TestClient(create_app(Collection(emb)))
+    c = client_of(create_app(Collection(emb)))
     info = c.get("/api/info").json()
     assert info["index"]["kind"] == "hnsw" and 0.9 <= info["index"]["recall@10"] <= 1.0
-    exact = TestClient(create_app(Collection(emb, exact=True)))
+    exact = client_of(create_app(Collection(emb, exact=True)))
     assert exact.get("/api/info").json()["index"]["kind"].startswith("exact")
     a = [h["id"] for h in c.get("/api/search?id=2&k=5").json()["results"]]
     b = [h["id"] for h in exact.get("/api/search?id=2&k=5").json()["results"]]
@@ -275,6 +298,15 @@ def test_a_real_server_answers_over_http(collection):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(base + "/api/image/..%2F..%2Fetc%2Fpasswd", timeout=5)
         assert 400 <= e.value.code < 500 and "error" in json.loads(e.value.read())
+        # the names it answers to carry the port it was given (0: the one bound), and no other
+        for host, status in ((f"localhost:{box['port']}", 200), ("rebound.example", 421), ("127.0.0.1:8000", 421)):
+            req = urllib.request.Request(base + "/api/info", headers={"Host": host})
+            try:
+                got = urllib.request.urlopen(req, timeout=5).status
+            except urllib.error.HTTPError as err:
+                got = err.code
+                assert f"open http://127.0.0.1:{box['port']}/" in json.loads(err.read())["error"]
+            assert got == status, (host, got)
     finally:
         box["server"].should_exit = True
         t.join(30)
@@ -290,3 +322,210 @@ def test_the_listening_socket_is_tcp_so_keep_alive_responses_are_not_delayed():
         assert sock.proto == socket.IPPROTO_TCP and sock.type == socket.SOCK_STREAM
     finally:
         sock.close()
+
+
+# ----------------------------------------------------------------------------- hosts, other sites, many requests
+
+EVERY_ROUTE = [("GET", "/"), ("GET", "/static/app.js"), ("GET", "/api/info"), ("GET", "/api/search?id=0"),
+               ("POST", "/api/search"), ("GET", "/api/image/0"), ("GET", "/api/thumb/0"), ("GET", "/api/clusters"),
+               ("GET", "/api/clusters/0"), ("GET", "/nothing")]
+
+
+def _send(c: TestClient, method: str, url: str, headers: dict[str, str]):
+    if method == "POST":
+        body = Image.new("RGB", (8, 8))
+        buf = io.BytesIO()
+        body.save(buf, format="PNG")
+        return c.post(url, content=buf.getvalue(), headers={"content-type": "text/plain", **headers})
+    return c.get(url, headers=headers)
+
+
+@pytest.mark.parametrize("method,url", EVERY_ROUTE)
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1:9999", "127.0.0.1.evil.example:8000",
+                                  ""])
+def test_a_forged_host_header_is_refused_on_every_route(client, method, url, host):
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 sends Host: evil.example."""
+    r = _send(client, method, url, {"host": host})
+    assert r.status_code == 421, (method, url, r.status_code, r.text)
+    assert r.headers["content-type"] == "application/json"
+    assert "not this server's address; open http://127.0.0.1:8000/" in r.json()["error"]
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["cache-control"] == "no-store"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "LOCALHOST:8000", "[::1]:8000"])
+def test_the_loopback_names_are_answered(client, host):
+    assert client.get("/api/search?id=0&k=2", headers={"host": host}).status_code == 200
+
+
+def test_the_hosts_are_those_the_server_was_started_for(collection):
+    assert isif.serve.allowed_hosts("127.0.0.1", 5000) == ("127.0.0.1:5000", "localhost:5000", "[::1]:5000")
+    assert isif.serve.allowed_hosts("::1", 80)[:2] == ("[::1]:80", "[::1]")  # browsers leave port 80 out
+    assert isif.serve.allowed_hosts("10.1.2.3", 5000)[0] == "10.1.2.3:5000"  # the one to name in errors
+    wild = isif.serve.allowed_hosts("0.0.0.0", 5000)
+    assert {"0.0.0.0:5000", f"{socket.gethostname().lower()}:5000", "127.0.0.1:5000"} <= set(wild)
+    c = client_of(create_app(Collection(collection), hosts=("photos.lan:9000",)))
+    assert c.get("http://photos.lan:9000/api/info").status_code == 200
+    r = c.get("/api/info")  # 127.0.0.1:8000 is no longer among them
+    assert r.status_code == 421 and "open http://photos.lan:9000/" in r.json()["error"]
+
+
+OTHER_SITE = [{"sec-fetch-site": "cross-site"}, {"sec-fetch-site": "same-site"},  # same-site: another port
+              {"origin": "http://evil.example"}, {"origin": "null"}, {"origin": "http://127.0.0.1:9999"},
+              {"origin": "http://evil.example", "sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors"}]
+
+
+@pytest.mark.parametrize("headers", OTHER_SITE)
+@pytest.mark.parametrize("method,url", [r for r in EVERY_ROUTE if r[1].startswith("/api")] + [("POST", "/")])
+def test_requests_from_another_site_are_refused(client, method, url, headers):
+    """A text/plain form or no-cors fetch posts raw bytes to the decoder without a preflight; an <img> of
+    another site would show the user's photos there."""
+    r = _send(client, method, url, headers)
+    assert r.status_code == 403, (method, url, headers, r.text)
+    assert r.headers["content-type"] == "application/json"
+    assert "cross-site request refused" in r.json()["error"] and "http://127.0.0.1:8000/" in r.json()["error"]
+
+
+def test_the_page_itself_and_same_origin_requests_are_answered(client):
+    nav = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate", "sec-fetch-dest": "document"}
+    assert client.get("/", headers=nav).status_code == 200  # a link from another site opens the page
+    assert client.get("/static/app.js", headers={"sec-fetch-site": "cross-site"}).status_code == 200
+    own = {"origin": BASE, "sec-fetch-site": "same-origin"}
+    for method, url in EVERY_ROUTE[:-3]:  # all but the clusters (none here) and the unknown page
+        r = _send(client, method, url, own)
+        assert r.status_code == 200, (method, url, r.text)
+    assert client.get("/api/info", headers={"sec-fetch-site": "none"}).status_code == 200  # typed in the address bar
+    assert client.get("/api/info", headers={"origin": "http://LOCALHOST:8000"}).status_code == 200
+
+
+def test_every_answer_has_the_security_headers_and_private_caching(client):
+    csp = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+           "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    answers = {url: _send(client, method, url, {}) for method, url in EVERY_ROUTE}
+    answers["413"] = client.post("/api/search", content=b"\0" * (2**20 + 1))
+    answers["421"] = client.get("/api/info", headers={"host": "evil.example"})
+    for url, r in answers.items():
+        assert r.headers["x-content-type-options"] == "nosniff", url
+        assert r.headers["referrer-policy"] == "no-referrer" and r.headers["x-frame-options"] == "DENY", url
+        want = "private, max-age=3600" if url.startswith(("/api/image", "/api/thumb")) else "no-store"
+        assert r.headers["cache-control"] == want, (url, r.headers.get("cache-control"))
+    assert answers["/"].headers["content-security-policy"] == csp
+
+
+def test_the_page_runs_under_its_content_security_policy():
+    """No inline script, style or handler, nothing from another origin: what script-src/style-src 'self' allow."""
+    import re
+
+    web = ROOT / "src" / "isif" / "web"
+    html = (web / "index.html").read_text()
+    assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/static/app.js">']
+    assert "<style" not in html and not re.search(r"\sstyle\s*=", html)
+    assert not re.search(r"\son[a-z]+\s*=", html, re.I) and "javascript:" not in html
+    assert not re.search(r"(src|href)=\"(https?:)?//", html)
+    js = (web / "app.js").read_text()
+    for banned in ("innerHTML", "eval(", "new Function", "setAttribute(\"style", ".style.cssText", "http://", "https://"):
+        assert banned not in js, banned
+
+
+def _blocked_embedder(col: Collection) -> tuple[threading.Event, threading.Event]:
+    """Make col's uploads wait inside the embedder until ``release`` is set; ``entered`` says one is there."""
+    entered, release = threading.Event(), threading.Event()
+    real = col.embedder.image_bytes
+
+    def slow(data, name="upload"):
+        entered.set()
+        assert release.wait(60), "the test never released the upload"
+        return real(data, name)
+
+    col.embedder.image_bytes = slow
+    return entered, release
+
+
+def test_decodes_beyond_the_slots_get_503_and_searches_by_id_do_not_wait(collection, monkeypatch):
+    col = Collection(collection)
+    reads = []
+    real_upload = isif.serve._upload
+
+    async def counted(request):
+        reads.append(1)
+        return await real_upload(request)
+
+    monkeypatch.setattr(isif.serve, "_upload", counted)
+    png = (Path(json.loads((collection / "index.json").read_text())["root"]) /
+           (collection / "paths.txt").read_text().split()[3]).read_bytes()
+    with TestClient(create_app(col, max_upload_mib=1.0, default_k=5, decodes=1, wait_s=0.05), base_url=BASE) as c:
+        assert c.get("/api/thumb/1?size=64").status_code == 200  # cached from now on
+        entered, release = _blocked_embedder(col)
+        first: dict = {}
+        t = threading.Thread(target=lambda: first.update(r=c.post("/api/search?k=3", content=png)))
+        t.start()
+        try:
+            assert entered.wait(60)  # the only slot is held, inside the network
+            for url in ("/api/search?k=3", "/api/thumb/2?size=64"):
+                r = c.post(url, content=png) if url.startswith("/api/search") else c.get(url)
+                assert r.status_code == 503 and r.headers["retry-after"] == "2", (url, r.text)
+                assert r.headers["content-type"] == "application/json" and "busy: 1 image(s)" in r.json()["error"]
+            assert len(reads) == 1  # the refused upload's body was never read into memory
+            assert c.get("/api/search?id=4&k=3").status_code == 200  # no decode: never waits
+            assert c.get("/api/thumb/1?size=64").status_code == 200  # cached: no decode either
+            assert c.get("/api/image/2").status_code == 200
+        finally:
+            release.set()
+            t.join(60)
+        assert first["r"].status_code == 200 and len(first["r"].json()["results"]) == 3
+        assert c.post("/api/search?k=3", content=png).status_code == 200  # the slot is free again
+        assert c.get("/api/thumb/2?size=64").status_code == 200
+
+
+def test_decode_slots_queue_a_few_and_refuse_the_rest_at_once():
+    async def scenario():
+        slots = isif.serve.DecodeSlots(1, wait_s=60, queue=1)
+        await slots.acquire()
+        waiter = asyncio.ensure_future(slots.acquire())
+        await asyncio.sleep(0)
+        assert slots.waiting == 1 and not waiter.done()
+        with pytest.raises(isif.serve.RequestError) as e:  # the queue is full: refused without waiting
+            await slots.acquire()
+        assert e.value.status == 503 and e.value.headers == {"Retry-After": "2"}
+        slots.release()
+        await asyncio.wait_for(waiter, 60)  # the waiting one gets the slot
+        assert slots.waiting == 0
+        slots.release()
+        async with slots.hold():
+            pass
+
+    asyncio.run(scenario())
+    assert isif.serve.decode_slots(2**20) >= 1
+    assert isif.serve.decode_slots(2**50) == 1  # more than the machine holds: still one at a time
+
+
+def _blocked_module(name: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Collect this module in a fresh interpreter where ``import NAME`` fails."""
+    code = (f"import sys; sys.modules.update(dict.fromkeys({name.split(',')!r})); import pytest; "
+            "raise SystemExit(pytest.main(['-q', '--co', '-p', 'no:cacheprovider', 'tests/test_serve.py']))")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_under_ci_a_missing_fastapi_or_test_client_fails_instead_of_skipping():
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    for blocked, words in (("fastapi", "FastAPI is not installed"), ("httpx2,httpx", "httpx2 (the test client")):
+        r = _blocked_module(blocked, {**env, "CI": "true"})
+        assert r.returncode not in (0, 5) and words in r.stdout and "CI installs it" in r.stdout, r.stdout[-2000:]
+    r = _blocked_module("fastapi", env)
+    assert r.returncode in (0, 5) and "SKIPPED" in r.stdout and "FastAPI is not installed" in r.stdout, r.stdout
+
+
+def test_the_load_benchmark_makes_a_synthetic_collection_without_like(collection, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import serve_load
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = tmp_path / "synthetic"
+    serve_load.main([str(collection), "--synthetic", "2000", "--kind", "exact", "--out", str(out),
+                     "--clients", "2", "--requests", "5"])
+    printed = capsys.readouterr().out
+    assert (out / "features.npy").is_file() and len((out / "paths.txt").read_text().split()) == 2000
+    assert "serving 2000 images" in printed and "2 clients x 5 requests" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("search id"))
+    assert row.split()[2] == "10" and row.split()[-1] == "0"  # 10 searches, no errors

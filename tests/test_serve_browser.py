@@ -2,10 +2,14 @@
 
 The server is `isif serve` itself (uvicorn on a free loopback port, in a thread). The browser loads the page,
 uploads a query image through the file input, waits for the results, clicks one (which searches again by its
-id), opens the clusters tab and a cluster. CI installs chromium in .ci/run; there (CI set) a missing browser
-fails the test instead of skipping it.
+id), opens the clusters tab and a cluster; every request the page made was answered (none refused by the
+server's Host, cross-site or Content-Security-Policy checks), while a page of another site (a second loopback
+server, on localhost) cannot show the collection's thumbnails. CI installs chromium in .ci/run; there (CI set)
+a missing browser fails the test instead of skipping it.
 """
 
+import contextlib
+import http.server
 import json
 import os
 import shutil
@@ -117,7 +121,61 @@ def test_upload_search_click_and_clusters_in_a_real_browser(server, tmp_path):
         wait.until(lambda d: "not a decodable image" in d.find_element(By.ID, "status").text)
         assert "error" in driver.find_element(By.ID, "status").get_attribute("class")
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "/api/search" not in e["message"]]
-        assert not errors, errors
+        assert not errors, errors  # a script, style or image blocked by the page's CSP would be logged here
+        assert_every_request_was_answered(driver, base)
+        assert "script-src 'self'" in driver.execute_script(
+            "return fetch('/').then(r => r.headers.get('content-security-policy'))")
+        assert_another_site_cannot_show_the_images(driver, base)
     finally:
         driver.quit()
     assert Path(tmp_path / "serve.png").stat().st_size > 1000
+
+
+def assert_every_request_was_answered(driver, base: str) -> None:
+    """The page's own requests (script, style, API, thumbnails, the upload) all got 200, but the broken upload's
+    400: none was refused as from another host or site."""
+    seen = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => [e.name, e.initiatorType, e.responseStatus])")
+    mine = [(url[len(base):], kind, status) for url, kind, status in seen if url.startswith(base)]
+    kinds = {kind for _, kind, _ in mine}
+    assert {"script", "link", "fetch", "img"} <= kinds, mine
+    assert any(url.startswith("/api/search?k=") and kind == "fetch" and status == 200 for url, kind, status in mine)
+    assert any(url.startswith("/api/search?id=") and status == 200 for url, _, status in mine)
+    refused = [m for m in mine if m[2] != 200]
+    assert len(refused) == 1 and refused[0][0].startswith("/api/search?k=") and refused[0][2] == 400, refused
+
+
+@contextlib.contextmanager
+def other_site(html: str):
+    """Another website (on localhost, a different site from 127.0.0.1) serving one page, on a free loopback port."""
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802  (the name http.server calls)
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://localhost:{srv.server_address[1]}/"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(30)
+
+
+def assert_another_site_cannot_show_the_images(driver, base: str) -> None:
+    html = f'<img id="thumb" src="{base}/api/thumb/0?size=64"><img id="image" src="{base}/api/image/0">'
+    with other_site(html) as url:
+        driver.get(url)
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+            "return [...document.images].every(i => i.complete)"))
+        loaded = driver.execute_script("return [...document.images].map(i => [i.id, i.naturalWidth])")
+    assert loaded == [["thumb", 0], ["image", 0]], loaded  # refused: the browser said cross-site
