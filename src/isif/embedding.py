@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model, resolve_checkpoint
 from .data.augment import normalize
-from .data.decode import IMAGE_EXTS, BadImage, broken_image, decode_rgb, fit_square, report_skipped
+from .data.decode import IMAGE_EXTS, BadImage, broken_image, decode_rgb, fit_square, max_decode_bytes, report_skipped
 from .device import autocast, param_dtype
 from .errors import UserError
 from .faults import fault_point
@@ -134,7 +134,7 @@ class Embedder:
 
     def image_bytes(self, data: bytes, name: str = "upload") -> torch.Tensor:
         """One encoded image (an upload) -> its feature (D,), decoded by the same safe decoder and test transform
-        as the files; raises ``BadImage`` (``TooLarge`` for a decompression bomb)."""
+        as the files; raises ``BadImage`` (``TooLarge`` for a decompression bomb or one over the decode limit)."""
         return self.forward([prepare_for(decode_for(data, name, self.spec), self.spec)])[0]
 
 
@@ -169,6 +169,7 @@ def embed_files(embedder: Embedder, files: list[Path], workers: int = 0, strict:
                 progress=None) -> tuple[np.ndarray, list[int], dict[int, str]]:
     """(features (n, D) float32, the indices of ``files`` embedded, {index: reason} of the broken ones), the
     files decoded by ``workers`` DataLoader workers, in order, ``embedder.batch_size`` at a time."""
+    max_decode_bytes()  # a malformed ISIF_MAX_DECODE_MIB: refused here in one line, not in every worker
     sp = embedder.spec
     loader = torch.utils.data.DataLoader(_Prepared(files, sp), batch_size=embedder.batch_size, num_workers=workers,
                                          collate_fn=_collate, generator=torch.Generator().manual_seed(0))

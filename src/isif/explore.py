@@ -401,12 +401,13 @@ def map_folder(embed_dir: str, method: str = "auto", out: str | None = None, thu
 
 
 def thumbnails(paths: list[Path], tile: int, bad: list[str]) -> list[Image.Image | None]:
-    """tile x tile RGB thumbnails (centre-cropped), decoded safely; None (and the path added to ``bad``) for a
-    file that cannot be read."""
+    """tile x tile RGB thumbnails (centre-cropped), decoded safely and drafted near ``tile`` (a JPEG decoded at a
+    reduced scale, anything else reduced once decoded); None (and the path added to ``bad``) for a file that cannot
+    be read."""
     out: list[Image.Image | None] = []
     for p in paths:
         try:
-            arr = decode_rgb(p.read_bytes(), str(p))
+            arr = decode_rgb(p.read_bytes(), str(p), draft=tile)
         except (BadImage, OSError):
             bad.append(str(p))
             out.append(None)

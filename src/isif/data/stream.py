@@ -31,7 +31,17 @@ from PIL import Image
 from ..errors import UserError
 from ..io import atomic_write_bytes, default_cache_dir
 from .class_split import Listing
-from .decode import TOO_LARGE, BadImage, broken_image, decode_rgb, fit_square, report_skipped
+from .decode import (
+    DEFAULT_MAX_DECODE_BYTES,
+    TOO_LARGE,
+    BadImage,
+    broken_image,
+    decode_rgb,
+    fit_square,
+    max_decode_bytes,
+    report_skipped,
+    too_large_kind,
+)
 from .types import ArrayDataset, Request, Splits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -247,10 +257,13 @@ def scan_files(paths: list[str], strict: bool = False, workers: int | None = Non
                what: str = "", reader: FileReader = FILES, draft: int | None = None) -> ScanResult:
     """Decode every file once (in parallel, with a progress bar); cached by the files' paths, sizes and
     modification times (for an archive: its members' CRCs). With ``strict``, raise ``UserError`` naming the
-    first broken file. Broken files are reported in one line, decompression bombs in another."""
+    first broken file. Broken files are reported in one line, images too large to decode (``TooLarge``) in
+    another."""
+    limit = max_decode_bytes()  # here: a malformed ISIF_MAX_DECODE_MIB is refused in one line, before the workers
+    tag = "" if limit == DEFAULT_MAX_DECODE_BYTES else f"-{limit >> 20}m"  # another limit refuses other files
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = reader.fingerprint(paths)
-    cache = cache_dir / f"scan2-{key[:24]}-{draft or 0}.json"
+    cache = cache_dir / f"scan2-{key[:24]}-{draft or 0}{tag}.json"
     res: ScanResult | None = None
     if cache.is_file():
         try:
@@ -270,8 +283,7 @@ def scan_files(paths: list[str], strict: bool = False, workers: int | None = Non
         raise broken_image(paths[min(res.bad)], res.bad[min(res.bad)])
     big = [paths[i] for i in sorted(res.bad) if TOO_LARGE in res.bad[i]]
     report_skipped([paths[i] for i in sorted(res.bad) if TOO_LARGE not in res.bad[i]], what)
-    report_skipped(big, what, kind=f"{TOO_LARGE} (over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} "
-                                   "pixels)")
+    report_skipped(big, what, kind=too_large_kind(limit))
     return res
 
 
