@@ -32,15 +32,19 @@ from .device import autocast, resolve_device
 from .device import sync as _sync
 from .dist import gather_views
 from .evaluate import extract_features, knn_predict
-from .step import build_parts, forward_backward, make_views, train_step
+from .step import build_parts, forward_backward, kernel_choice, make_views, train_step
 
 
 def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, size: int = 32, pool: int = 4096,
               eval_query: int = 10_000, eval_bank: int = 50_000) -> dict:
     cfg.validate()
+    with kernel_choice(cfg.train.deterministic):  # cuDNN autotuning, or deterministic kernels only
+        return _bench(cfg, steps, warmup, size, pool, eval_query, eval_bank)
+
+
+def _bench(cfg: Config, steps: int, warmup: int, size: int, pool: int, eval_query: int, eval_bank: int) -> dict:
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.train.seed)
     g = torch.Generator().manual_seed(0)
@@ -53,7 +57,8 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, size: int = 32, poo
     out = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(), "precision": cfg.train.precision,
-        "channels_last": cfg.train.channels_last, "arch": cfg.model.arch, "width": cfg.model.width, "size": size,
+        "channels_last": cfg.train.channels_last, "deterministic": cfg.train.deterministic, "arch": cfg.model.arch,
+        "width": cfg.model.width, "size": size,
         "batch_instances": cfg.train.batch_size, "images_per_step": n_img, "steps_timed": steps,
         "step_images_per_s": n_img / med["step"], "limit_images_per_s": n_img / med["limit"],
         "ratio_step_to_limit": med["limit"] / med["step"],

@@ -59,6 +59,8 @@ class TrainConfig:
     precision: str = setting("fp32", "fp32, bf16, fp16, or fp64 (reference checks)", check=one_of(*PRECISIONS))
     channels_last: bool = setting(False, "channels_last memory format", resume=True)
     compile: bool = setting(False, "torch.compile the network", resume=True)
+    deterministic: bool = setting(False, "deterministic algorithms (torch.use_deterministic_algorithms, no cuDNN "
+                                         "benchmark): GPU runs resume bit-exact, slower", resume=True)
     sync_bn: bool = setting(False, "under torchrun on GPUs: BatchNorm statistics over the global batch")
 
 

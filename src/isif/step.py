@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +118,41 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
     aug_gen = torch.Generator().manual_seed(t.seed + 2)
     return Parts(cfg, device, model, net, objective, opt, scaler, augment, plain, tuple(objective.views), aug_gen,
                  spec, world)
+
+
+@contextlib.contextmanager
+def kernel_choice(deterministic: bool) -> Iterator[None]:
+    """The process-wide kernel settings of a run (``--deterministic``), put back as they were after it.
+
+    deterministic: deterministic algorithms only (``torch.use_deterministic_algorithms``, cuDNN deterministic,
+    no cuDNN autotuning; cuBLAS gets the fixed workspace it needs, ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, unless
+    one is set), so a GPU run resumes bit-exact; an operation without a deterministic kernel is a UserError
+    naming the fix. Else cuDNN autotunes (``benchmark``): the fastest kernels, chosen anew by every process.
+    """
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.benchmark, cudnn.deterministic)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS is first used
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    cudnn.benchmark, cudnn.deterministic = not deterministic, deterministic
+    try:
+        yield
+    except RuntimeError as e:
+        if deterministic and "use_deterministic_algorithms(True)" in str(e):
+            raise UserError(_not_deterministic(str(e))) from None
+        raise
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.benchmark, cudnn.deterministic = saved[2], saved[3]
+
+
+def _not_deterministic(message: str) -> str:
+    if "CUBLAS_WORKSPACE_CONFIG" in message:
+        return (f"--deterministic needs CUBLAS_WORKSPACE_CONFIG=:4096:8 or :16:8 for cuBLAS (it is "
+                f"{os.environ.get('CUBLAS_WORKSPACE_CONFIG')!r}); set one of them, or drop --deterministic")
+    op = message.split(" does not have a deterministic implementation")[0].strip().splitlines()[-1][:120]
+    return f"--deterministic: {op} has no deterministic kernel on this device; drop --deterministic to run it"
 
 
 def make_views(parts: Parts, x: torch.Tensor, gen: torch.Generator, second: torch.Tensor | None = None) -> torch.Tensor:

@@ -41,7 +41,7 @@ from .objectives import EpochContext, get_method
 from .optim import lr_at, set_lr
 from .runlog import RunDir, RunLog, check_logger, check_run_dir
 from .sampler import InstanceSampler
-from .step import Parts, build_parts, estimate_step_seconds, make_model, train_step
+from .step import Parts, build_parts, estimate_step_seconds, kernel_choice, make_model, train_step
 
 
 class TrainingDiverged(Exception):
@@ -73,15 +73,23 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
 
     Everything is checked (config, folder, device, data, objective) before the folder is touched; ``dry_run``
     stops there. ``stop_after_steps`` interrupts the run (as SIGINT would) after that many optimiser steps in
-    this call: for tests of mid-epoch resume.
+    this call: for tests of mid-epoch resume. The run's kernel settings (``--deterministic``) hold inside this
+    call only.
     """
-    s = prepare(cfg, Path(out), resume, overwrite)
-    if dry_run:
-        return []
-    if progress and s.world.main and not resume:
-        print(announce(s), file=sys.stderr, flush=True)
-    if not get_method(cfg.method.name).trains:
-        return evaluate_untrained(s, progress)
+    with kernel_choice(cfg.train.deterministic):
+        s = prepare(cfg, Path(out), resume, overwrite)
+        if dry_run:
+            return []
+        if progress and s.world.main and not resume:
+            print(announce(s), file=sys.stderr, flush=True)
+        if not get_method(cfg.method.name).trains:
+            return evaluate_untrained(s, progress)
+        return run_session(s, progress, stop_after_steps)
+
+
+def run_session(s: Session, progress: bool, stop_after_steps: int | None) -> list[dict]:
+    """The epochs of a prepared run, from its restored position to the last; returns the metrics history."""
+    cfg = s.cfg
     t, state, sampler, parts = cfg.train, s.state, s.sampler, s.parts
     console = progress and s.world.main
     log = RunLog(s.run, f"{cfg.preset}: {cfg.method.name}", t.epochs, sampler.steps_per_epoch, console)
@@ -124,8 +132,6 @@ def prepare(cfg: Config, out: Path, resume: bool, overwrite: bool) -> Session:
     barrier(world)
     saved = load_checkpoint(run.last) if resume else None
     device = resolve_device(device_for(world, t.device))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     torch.manual_seed(t.seed)
     model = make_model(cfg)  # before the data: unreachable or unfitting weights fail before a long scan
     sets = load_sets(cfg.data)
