@@ -18,6 +18,7 @@ from PIL import Image
 from isif.cli import main
 from isif.explore import (
     PALETTE,
+    UMAP_MISSING,
     class_labels,
     cluster_features,
     cluster_order,
@@ -298,8 +299,8 @@ def test_map_command_draws_pca_coloured_by_folder_and_writes_the_coordinates(emb
     shown = re.search(r"\((\d+) thumbnails", capsys.readouterr().out)
     assert shown and int(shown.group(1)) in (4, 5)  # 5 drawn at random, one may be the broken file
     assert (tmp_path / "m" / "x.png").is_file() and len(read_csv(tmp_path / "m" / "map.csv")) == 24
-    assert main(["map", str(emb), "--method", "umap"]) == 2
-    one_line_error(capsys, "pip install umap-learn")
+    assert main(["map", str(emb), "--method", "umap"]) == 2  # asked for explicitly: refused, naming the install
+    assert one_line_error(capsys) == f"isif: error: {UMAP_MISSING}\n" and "pip install umap-learn" in UMAP_MISSING
 
 
 def test_map_of_a_flat_folder_is_not_coloured(tmp_path, capsys):
@@ -360,24 +361,42 @@ def test_the_image_folder_is_left_exactly_as_it_was(emb, images, capsys):
         p.name for p in emb.iterdir()}
 
 
-def test_auto_map_uses_umap_when_installed_with_the_seed_and_cosine(monkeypatch):
-    """umap-learn is an optional extra: a stand-in module checks that `auto` calls it as documented."""
-    import types
+def neighbour_purity(xy: np.ndarray, groups: np.ndarray, k: int) -> float:
+    """The share of each point's k nearest 2-D neighbours (Euclidean, itself left out) in its own group."""
+    d = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    nn = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return float((groups[nn] == groups[:, None]).mean())
 
-    from isif import explore
 
-    calls = {}
+@pytest.mark.slow  # numba compiles UMAP on its first call in a process: about 30 s here, then 0.3 s a map
+@pytest.mark.filterwarnings("ignore:n_jobs value 1 overridden:UserWarning")  # a seeded UMAP runs on one thread
+def test_real_umap_separates_planted_groups_with_the_seed_and_cosine(emb, capsys):
+    umap = pytest.importorskip("umap", reason="umap-learn is not installed (pip install -e '.[umap]')")
+    from isif.explore import embed_2d, load_embed_dir
 
-    class FakeUMAP:
-        def __init__(self, **kw):
-            calls.update(kw)
-
-        def fit_transform(self, z):
-            return np.asarray(z)[:, :2] * 2.0
-
-    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
-    z = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
-    xy, used = explore.embed_2d(z, "auto", seed=5)
-    assert used == "umap" and calls["random_state"] == 5 and calls["metric"] == "cosine"
-    assert np.allclose(xy, z[:, :2] * 2.0)
-    assert explore.embed_2d(z, "pca")[1] == "pca"
+    rng = np.random.default_rng(11)
+    centres = np.linalg.qr(rng.normal(size=(128, 3)))[0].T  # 3 orthonormal directions in 128-d
+    groups = np.repeat(np.arange(3), 40)
+    z = unit(centres[groups] + rng.normal(0, 0.05, size=(120, 128))).astype(np.float32)
+    xy, used = embed_2d(z, "umap", seed=0)
+    assert used == "umap" and xy.shape == (120, 2) and xy.dtype == np.float64 and np.isfinite(xy).all()
+    # a map that kept the groups apart: each point's 5 nearest map neighbours are of its group (chance: 39/119)
+    assert neighbour_purity(xy, groups, 5) >= 0.95
+    assert neighbour_purity(xy, rng.permutation(groups), 5) < 0.5  # the measure on the same map, groups shuffled
+    assert np.array_equal(embed_2d(z, "auto", seed=0)[0], xy)  # auto: UMAP when installed, with the seed
+    assert np.array_equal(embed_2d(z, "umap", seed=0)[0], xy) and not np.allclose(embed_2d(z, "umap", seed=1)[0], xy)
+    # the cosine metric: rows scaled by powers of two (exact in float32) give the very same map; Euclidean does not
+    scaled = z * (2.0 ** rng.integers(-3, 4, size=(120, 1))).astype(np.float32)
+    assert np.array_equal(embed_2d(scaled, "umap", seed=0)[0], xy)
+    euclid = umap.UMAP(n_components=2, metric="euclidean", random_state=0, n_neighbors=15).fit_transform(scaled)
+    assert not np.allclose(euclid, xy)
+    assert embed_2d(z[:3], "umap")[1] == "pca"  # too few points for a neighbour graph
+    # the command: the same map of the fixture's features in map.csv, its 3 folders apart
+    assert main(["map", str(emb), "--method", "umap", "--thumbs", "0"]) == 0
+    assert capsys.readouterr().out.startswith("UMAP map of 24 images (0 thumbnails, coloured by 3 folders) -> ")
+    rows = read_csv(emb / "map.csv")
+    got = np.array([[float(r["x"]), float(r["y"])] for r in rows])
+    assert np.allclose(got, embed_2d(load_embed_dir(emb).features, "umap", seed=0)[0], rtol=1e-5, atol=1e-5)
+    folders = np.array([r["path"].split("/")[0] for r in rows])
+    assert neighbour_purity(got, folders, 3) >= 0.9  # chance: 7/23

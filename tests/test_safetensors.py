@@ -58,11 +58,19 @@ def test_export_then_load_gives_identical_outputs(run, exported):
     assert torch.equal(embed(a, files), embed(b, files))  # bf16 autocast and channels_last, as the run
 
 
-def test_the_default_output_lies_beside_the_checkpoint(run, capsys):
+def test_the_default_output_lies_beside_the_checkpoint(run, exported, capsys):
+    capsys.readouterr()
     assert main(["export", str(run[0]), "--format", "safetensors"]) == 0
     path = run[0] / "checkpoints" / "last.safetensors"
-    assert path.is_file() and (run[0] / "checkpoints" / "last.safetensors.json").is_file()
-    assert "exported safetensors to" in capsys.readouterr().out
+    spec = run[0] / "checkpoints" / "last.safetensors.json"
+    # the same checkpoint exported to --out: the same tensors and metadata (the safetensors header's key order
+    # is not fixed, so not byte for byte), and the same JSON beside it
+    (got, got_meta), (want, want_meta) = read_state_dict(path, need_metadata=True), read_state_dict(exported)
+    assert got_meta == want_meta and sorted(got) == sorted(want)
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    assert spec.read_bytes() == exported.with_name(exported.name + ".json").read_bytes()
+    out = capsys.readouterr().out
+    assert out.startswith(f"exported safetensors to {path} ") and f"input recipe in {spec}\n" in out
 
 
 def _tv_meta(arch: str) -> dict:

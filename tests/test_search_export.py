@@ -135,7 +135,29 @@ def test_export_refuses_bad_input(tiny_run, tmp_path, capsys):
     _, run = tiny_run
     assert main(["export", str(tmp_path / "missing.pt")]) == 2
     assert main(["export", str(run), "--format", "keras"]) == 2
-    assert main(["export", str(run), "--out", str(tmp_path / "m.pt"), "--atol", "-1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(x.startswith("isif: error: ") for x in err), err
+    assert "missing.pt" in err[0] and "invalid choice: 'keras'" in err[1]
+
+
+@pytest.mark.parametrize("fmt, name", [("torchscript", "m.pt"), ("onnx", "m.onnx"), ("safetensors", "m.safetensors")])
+def test_an_export_that_fails_its_check_writes_nothing(tiny_run, tmp_path, capsys, fmt, name):
+    """--atol -1 fails every check (a difference is >= 0): one line, exit 2, and neither the model nor its JSON
+    written, nor a temporary file left; an earlier export at --out stays as it was."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="pip install 'isif[onnx]' for the ONNX export")
+    _, run = tiny_run
+    fresh, kept = tmp_path / "fresh", tmp_path / "kept"
+    fresh.mkdir()
+    assert main(["export", str(run), "--format", fmt, "--out", str(fresh / name), "--atol", "-1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 3 and "differs from the checkpoint" in err
-    assert not (tmp_path / "m.pt").exists()
+    assert err.count("\n") == 1 and err.startswith(f"isif: error: the {fmt} export differs from the checkpoint by ")
+    assert "(> --atol -1); nothing was kept" in err
+    assert sorted(p.name for p in fresh.iterdir()) == []  # no model, no .json, no hidden temporary file
+    assert main(["export", str(run), "--format", fmt, "--out", str(kept / name)]) == 0
+    before = {p.name: p.read_bytes() for p in kept.iterdir()}
+    assert sorted(before) == [name, f"{name}.json"]
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", fmt, "--out", str(kept / name), "--atol", "-1"]) == 2
+    assert "nothing was kept" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before

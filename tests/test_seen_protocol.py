@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from isif.data.registry import load_dataset as _load_dataset
 from isif.errors import UserError
 from isif.evaluate.linear import LinearRecipe, linear_probe
 from isif.presets import preset
+
+from .conftest import write_image_tree
 
 
 def load_dataset(name, path, split="train"):
@@ -46,10 +49,17 @@ def test_stl10_binary_reader_orientation_labels_and_splits(tmp_path):
     y = np.fromfile(folder / "train_y.bin", dtype=np.uint8)
     assert s.train.labels.tolist() == (y.astype(int) - 1).tolist()
     assert s.train.classes[7] == "monkey" and s.bank is None
+    labels = torch.from_numpy(y.astype(np.int64) - 1)
+    # train+unlabeled (the 105K set): training on the labelled images then the unlabelled ones (label -1), the kNN
+    # bank exactly the labelled images with their labels, the test set unchanged
     both = load_dataset("stl10", str(folder), split="train+unlabeled")
-    assert len(both.train) == 11 and len(both.bank) == 6 and (both.train.labels[6:] == -1).all()
+    assert torch.equal(both.train.images, torch.from_numpy(np.concatenate([images["train"], images["unlabeled"]])))
+    assert torch.equal(both.train.labels, torch.cat([labels, torch.full((5,), -1)]))
+    assert torch.equal(both.bank.images, torch.from_numpy(images["train"])) and torch.equal(both.bank.labels, labels)
+    assert torch.equal(both.test.images, s.test.images) and torch.equal(both.test.labels, s.test.labels)
     unl = load_dataset("stl10", str(folder), split="unlabeled")
-    assert len(unl.train) == 5 and torch.equal(unl.train.images, torch.from_numpy(images["unlabeled"]))
+    assert torch.equal(unl.train.images, torch.from_numpy(images["unlabeled"])) and (unl.train.labels == -1).all()
+    assert torch.equal(unl.bank.images, torch.from_numpy(images["train"])) and torch.equal(unl.bank.labels, labels)
 
 
 def test_stl10_errors(tmp_path):
@@ -132,12 +142,37 @@ def test_race_trains_every_method_and_writes_figure_and_table(capsys, tmp_path, 
     for m in ("isif", "npsoftmax"):
         rows = [json.loads(x) for x in (out / m / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [1, 2]
+        name = "**isif**" if m == "isif" else m  # each method's row: its own kNN after each epoch
+        assert f"| {name} | {rows[0]['knn_top1']:.2f} | {rows[1]['knn_top1']:.2f} | " in table, (m, table)
+    (untrained,) = [json.loads(x) for x in (out / "random" / "metrics.jsonl").read_text().splitlines()]
+    k = untrained["knn_top1"]
+    assert untrained["epoch"] == 0 and f"| random (untrained) | {k:.2f} | {k:.2f} | 0 |" in table
     # a rerun reuses finished runs: same table, no retraining
     mtime = (out / "isif" / "checkpoints" / "last.pt").stat().st_mtime_ns
     code, stdout2, err = _cli(capsys, *args)
     assert code == 0 and (out / "isif" / "checkpoints" / "last.pt").stat().st_mtime_ns == mtime
     code, _, err = _cli(capsys, "race", "--methods", "isif,nope", "--out", str(tmp_path / "x"))
     assert code == 2 and "unknown method(s) nope" in err
+
+
+def _tree(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, 32, 32) floats in [0, 1], class index) of the PNGs under ``folder``: classes in sorted name order."""
+    from PIL import Image
+
+    files = sorted(folder.rglob("*.png"))
+    names = sorted({f.parent.name for f in files})
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+    return x.float() / 255, torch.tensor([names.index(f.parent.name) for f in files])
+
+
+def _checkpoint_net(run: Path):
+    """(the run's network in eval mode, a function normalising [0, 1] images by its recorded input recipe)."""
+    from isif.checkpoint import load_model, resolve_checkpoint
+
+    model, _, state = load_model(resolve_checkpoint(run), "cpu")
+    mean = torch.tensor(state["input"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(state["input"]["std"]).view(1, 3, 1, 1)
+    return model.eval(), lambda x: (x - mean.to(x.dtype)) / std.to(x.dtype)
 
 
 def test_linear_eval_and_similarity_plot_from_a_run(capsys, tmp_path, image_tree):
@@ -149,27 +184,86 @@ def test_linear_eval_and_similarity_plot_from_a_run(capsys, tmp_path, image_tree
     code, out, err = _cli(capsys, "eval", "linear", "--checkpoint", str(run), "--epochs", "5", "--json")
     assert code == 0, err
     res = json.loads(out)
-    assert res["backbone_unchanged"] is True and 0 <= res["linear_top1"] <= 100 and res["feature_dim"] == 16
+    assert res["backbone_unchanged"] is True and res["feature_dim"] == 16 and res["features"] == "backbone"
+    # the probe of the pooled backbone features of the train images (the bank), tested on the test images
+    model, norm = _checkpoint_net(run)
+    (xb, yb), (xt, yt) = _tree(image_tree / "train"), _tree(image_tree / "test")
+    with torch.no_grad():
+        fb, ft = model.backbone(norm(xb)), model.backbone(norm(xt))
+    want = linear_probe(fb, yb, ft, yt, 4, LinearRecipe(epochs=5))
+    assert (res["linear_top1"], res["linear_train_top1"]) == pytest.approx((want["test_top1"], want["train_top1"]))
     code, out, err = _cli(capsys, "plot", "similarity", str(run), "--compare", str(run), "--images", "20",
                           "--out", str(tmp_path / "sim.png"))
     assert code == 0, err
-    assert (tmp_path / "sim.png").stat().st_size > 1000 and "positives mean" in out
+    assert (tmp_path / "sim.png").stat().st_size > 1000 and out.count(f"{run.name}: positives mean ") == 1
     code, _, err = _cli(capsys, "plot", "similarity", str(tmp_path / "missing"))
     assert code == 2 and "does not exist" in err
 
 
-def test_stl10_105k_style_training_uses_labelled_bank(tmp_path):
-    from isif.train import train
+def test_similarity_means_are_the_cosines_of_the_features(capsys, tmp_path):
+    """Without augmentation both views of an image are its test view: every positive is cos(z, z) = 1; with two
+    test images the negatives pair one with the other, so their mean is z0 . z1."""
+    from isif.similarity import similarity_figure
 
-    folder, _ = write_stl10(tmp_path, n_train=6, n_test=4, n_unl=10)
+    tree = write_image_tree(tmp_path / "tree", n_classes=2, train_per_class=8, test_per_class=1)
+    run = tmp_path / "run"
+    code, _, err = _cli(capsys, "train", "--preset", "cifar10-tiny", "--dataset", "folder", "--data", str(tree),
+                        "--width", "0.03125", "--batch-size", "8", "--knn-k", "5", "--epochs", "1", "--crop-scale",
+                        "none", "--jitter", "none", "--grayscale-p", "0", "--no-flip", "--out", str(run), "--quiet")
+    assert code == 0, err
+    model, norm = _checkpoint_net(run)
+    x, _ = _tree(tree / "test")
+    with torch.no_grad():
+        z = model.double()(norm(x.double()))
+    neg = float(z[0] @ z[1])
+    assert abs(neg) < 0.999  # two distinct embeddings: a negative mean unlike the positives'
+    stats = similarity_figure([str(run)], tmp_path / "a.png", images=2)
+    assert stats == {"run": {"pos_mean": pytest.approx(1.0, abs=1e-5), "neg_mean": pytest.approx(neg, abs=1e-5)}}
+    code, out, err = _cli(capsys, "plot", "similarity", str(run), "--images", "2", "--out", str(tmp_path / "b.png"))
+    assert code == 0, err
+    lines = out.splitlines()
+    printed = re.fullmatch(r"run: positives mean (-?[0-9.]+), negatives mean (-?[0-9.]+)", lines[0])
+    assert printed and lines[1:] == [f"wrote {tmp_path / 'b.png'}"], out
+    assert float(printed[1]) == pytest.approx(1.0, abs=6e-4) and float(printed[2]) == pytest.approx(neg, abs=6e-4)
+
+
+def test_stl10_105k_style_training_uses_labelled_bank(tmp_path, monkeypatch):
+    """stl10-105k trains on train + unlabeled (5K + 100K images on the real data; 6 + 10 here) and evaluates kNN
+    against the labelled train images only."""
+    import isif.evaluate.protocol as protocol
+    import isif.train as train_mod
+
+    folder, images = write_stl10(tmp_path, n_train=6, n_test=4, n_unl=10)
     cfg = preset("stl10-105k")
     cfg.data.path = str(folder)
     cfg.model.width = 0.03125
     cfg.train.batch_size = 4
     cfg.train.epochs = 1
     cfg.eval.knn_k = 3
-    hist = train(cfg, tmp_path / "run", progress=False)
-    assert hist[-1]["knn_top1"] is not None
+    trained, evaluated = [], []
+    real_step, real_knn = train_mod.train_step, protocol.evaluate_knn
+
+    def step(parts, x, idx, gen, second=None):
+        trained.append((x.cpu().clone(), idx.cpu().clone()))
+        return real_step(parts, x, idx, gen, second)
+
+    def knn(model, bank, test, ex, k, sigma, engine="auto"):
+        evaluated.append((bank, test, k))
+        return real_knn(model, bank, test, ex, k, sigma, engine)
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(protocol, "evaluate_knn", knn)
+    hist = train_mod.train(cfg, tmp_path / "run", progress=False)
+    # trained on all 16 images once (4 steps of 4), each batch the train + unlabeled images at its indices
+    pool = torch.from_numpy(np.concatenate([images["train"], images["unlabeled"]]))
+    assert len(trained) == 4 and sorted(torch.cat([i for _, i in trained]).tolist()) == list(range(16))
+    assert all(torch.equal(x, pool[i]) for x, i in trained)
+    # evaluated once, against exactly the 6 labelled images with their labels
+    (bank, test, k), = evaluated
+    labels = torch.from_numpy(np.fromfile(folder / "train_y.bin", dtype=np.uint8).astype(np.int64) - 1)
+    assert torch.equal(bank.images, torch.from_numpy(images["train"])) and torch.equal(bank.labels, labels)
+    assert torch.equal(test.images, torch.from_numpy(images["test"])) and k == 3
+    assert hist[-1]["knn_top1"] in {100 * c / 4 for c in range(5)}  # 4 test images
     cfg.eval.knn_k = 7  # larger than the 6 labelled images, though there are 16 training images
-    with pytest.raises(UserError, match="larger than the kNN bank"):
-        train(cfg, tmp_path / "run2", progress=False)
+    with pytest.raises(UserError, match=r"--knn-k 7 is larger than the kNN bank \(6 labelled images\)"):
+        train_mod.train(cfg, tmp_path / "run2", progress=False)

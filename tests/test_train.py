@@ -9,6 +9,7 @@ import torch
 
 from isif.checkpoint import load_checkpoint
 from isif.config import Config
+from isif.data.augment import PlainTransform
 from isif.errors import UserError
 from isif.objectives import methods
 from isif.optim import lr_at as _lr_at
@@ -82,11 +83,33 @@ def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, image_tree, sto
     assert strip_times([json.loads(x) for x in lines]) == strip_times(full)
 
 
-def test_paper_variant_trains_with_plain_anchor_view(tmp_path, image_tree):
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_paper_variant_trains_with_plain_anchor_view(tmp_path, image_tree, monkeypatch, variant):
+    """The paper's anchor (rows 0..B-1 of every step's network input) is the un-augmented test view of the batch,
+    exactly; its positive (rows B..2B-1) is augmented. The official variant augments both."""
+    import isif.step as step
+    from isif.data.registry import load_sets
+
+    fed, real = [], step.forward_backward
+
+    def forward_backward(parts, inp, idx, grad=None):
+        fed.append((inp.detach().clone(), idx.detach().cpu().clone()))
+        return real(parts, inp, idx, grad)
+
+    monkeypatch.setattr(step, "forward_backward", forward_backward)
     cfg = tiny_config(image_tree, epochs=1)
-    cfg.set("method.variant", "paper")
+    cfg.set("method.variant", variant)
     hist = train(cfg, tmp_path / "run", progress=False)
-    assert hist[-1]["knn_top1"] is not None
+    assert [r["epoch"] for r in hist] == [1]
+    sets = load_sets(cfg.data)
+    plain = PlainTransform(32, sets.splits.mean, sets.splits.std)  # the test transform, built independently
+    assert len(fed) == 8  # 64 images, batch 8
+    for inp, idx in fed:
+        b = len(idx)
+        want = plain(sets.train.images[idx])
+        assert inp.shape == (2 * b, 3, 32, 32)
+        assert torch.equal(inp[:b], want) == (variant == "paper")  # the anchor: plain in the paper variant only
+        assert (inp[b:] - want).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every positive is augmented
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_tree, monkeypatch):

@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -59,24 +61,39 @@ def _onnx_modules():
     return onnxruntime, dynamo
 
 
-def _onnx(net: nn.Module, example: torch.Tensor, check: torch.Tensor, out: Path) -> torch.Tensor:
-    """Write ``net`` traced on ``example`` as ONNX to ``out``; its output on ``check`` through onnxruntime."""
+def _onnx(net: nn.Module, example: torch.Tensor, check: torch.Tensor, out: Path) -> tuple[bytes, torch.Tensor]:
+    """(``net`` traced on ``example`` as an ONNX file's bytes, that file's output on ``check`` through
+    onnxruntime); nothing is left on disk (the exporter's scratch file beside ``out`` is removed)."""
     ort, dynamo = _onnx_modules()
-    tmp = out.with_name(f".{out.name}.export")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        if dynamo:
-            torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["embedding"],
-                              dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True,
-                              external_data=False, verbose=False)
-        else:
-            torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["embedding"],
-                              dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}}, dynamo=False)
-    data = tmp.read_bytes()
-    tmp.unlink()
-    atomic_write_bytes(out, lambda f: f.write(data))
-    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: check.numpy()})[0])
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".export", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            if dynamo:
+                torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["embedding"],
+                                  dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True,
+                                  external_data=False, verbose=False)
+            else:
+                torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["embedding"],
+                                  dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}}, dynamo=False)
+        data = tmp.read_bytes()
+    finally:
+        tmp.unlink(missing_ok=True)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return data, torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: check.numpy()})[0])
+
+
+def _keep(out: Path, write_model, spec_path: Path, meta: dict) -> None:
+    """Write the checked export (``write_model()`` puts it at ``out`` atomically), then its JSON atomically; a
+    failure writing the JSON removes the model again, so the two are kept together or not at all."""
+    write_model()
+    try:
+        atomic_write_bytes(spec_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
 
 
 FORMATS = ("torchscript", "onnx", "safetensors")
@@ -105,7 +122,7 @@ def export(checkpoint: str, fmt: str, out: Path | None = None, atol: float = 1e-
     with torch.no_grad():
         want = net(check)
     try:
-        got = _torchscript(net, example, check, out) if fmt == "torchscript" else _onnx(net, example, check, out)
+        data, got = _torchscript(net, example, check) if fmt == "torchscript" else _onnx(net, example, check, out)
     except UserError:
         raise
     except Exception as e:  # a network the tracer or the ONNX exporter cannot take
@@ -115,32 +132,30 @@ def export(checkpoint: str, fmt: str, out: Path | None = None, atol: float = 1e-
                         f"--format safetensors works for every network (weights and input recipe, read by "
                         f"isif.load_model), and --format {other} may") from None
     diff = float((got.float() - want).abs().max())
+    if not diff <= atol:  # checked before anything is written: a failed export leaves --out as it was
+        raise UserError(f"the {fmt} export differs from the checkpoint by {diff:.2e} (> --atol {atol:g}); "
+                        "nothing was kept")
     meta = {"format": fmt, "input": [None, 3, size, size], "value_range": [0.0, 1.0],
             "resize": [spec["resize"], spec["resize"]] if spec["resize"] else f"shorter side to {size}",
             "crop": f"centre {size}x{size}", "normalisation": "inside the model", "mean": list(spec["mean"]),
             "std": list(spec["std"]), "output": [None, cfg.model.dim], "l2_normalised": True,
             "checkpoint": str(path), "arch": cfg.model.arch, "max_abs_diff": diff}
     spec_path = out.with_name(out.name + ".json")
-    atomic_write_bytes(spec_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
-    if not diff <= atol:
-        out.unlink()
-        raise UserError(f"the {fmt} export differs from the checkpoint by {diff:.2e} (> --atol {atol:g}); "
-                        "nothing was kept")
+    _keep(out, lambda: atomic_write_bytes(out, lambda f: f.write(data)), spec_path, meta)
     return {"format": fmt, "out": str(out), "spec": str(spec_path), "max_abs_diff": diff, "checked": check_batch,
             "input": f"(N, 3, {size}, {size}) floats in [0, 1]"}
 
 
-def _torchscript(net: nn.Module, example: torch.Tensor, check: torch.Tensor, out: Path) -> torch.Tensor:
-    """Trace ``net`` on ``example``, save it to ``out`` and run the saved graph on ``check``."""
+def _torchscript(net: nn.Module, example: torch.Tensor, check: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    """(``net`` traced on ``example`` as a saved TorchScript file's bytes, that file loaded back and run on
+    ``check``); nothing is written to disk."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(net, example)
         buf = io.BytesIO()
         torch.jit.save(traced, buf)
-    atomic_write_bytes(out, lambda f: f.write(buf.getvalue()))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        return torch.jit.load(str(out))(check)
+        data = buf.getvalue()
+        return data, torch.jit.load(io.BytesIO(data))(check)
 
 
 def safetensors_metadata(path: Path, cfg, spec: dict) -> dict:
@@ -170,18 +185,24 @@ def export_safetensors(checkpoint: str, out: Path | None = None, atol: float = 1
         raise UserError(f"--out {out}: a safetensors export must end in .safetensors (load_model and --weights "
                         "tell the formats by their suffix)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out, model.state_dict(), meta)
-    spec_path = out.with_name(out.name + ".json")
-    atomic_write_bytes(spec_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
-    size, dtype = spec["size"], next(model.parameters()).dtype
-    check = torch.rand(check_batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
-    with torch.no_grad():
-        want, got = model(check), load_public(out).network(check)
-    diff = float((got.double() - want.double()).abs().max())
-    if not diff <= atol:
-        out.unlink()
-        spec_path.unlink()
-        raise UserError(f"the safetensors export differs from the checkpoint by {diff:.2e} (> --atol {atol:g}); "
-                        "nothing was kept")
+    # written under a temporary name (load_model tells the format by the suffix) and moved to --out only once the
+    # file read back agrees with the checkpoint: a failed export leaves --out as it was
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".unchecked.safetensors", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write_safetensors(tmp, model.state_dict(), meta)
+        size, dtype = spec["size"], next(model.parameters()).dtype
+        check = torch.rand(check_batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+        with torch.no_grad():
+            want, got = model(check), load_public(tmp).network(check)
+        diff = float((got.double() - want.double()).abs().max())
+        if not diff <= atol:
+            raise UserError(f"the safetensors export differs from the checkpoint by {diff:.2e} (> --atol "
+                            f"{atol:g}); nothing was kept")
+        spec_path = out.with_name(out.name + ".json")
+        _keep(out, lambda: os.replace(tmp, out), spec_path, meta)
+    finally:
+        tmp.unlink(missing_ok=True)
     return {"format": "safetensors", "out": str(out), "spec": str(spec_path), "max_abs_diff": diff,
             "checked": check_batch, "input": f"(N, 3, {size}, {size}), normalised by the metadata's mean and std"}
