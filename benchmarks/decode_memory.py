@@ -16,7 +16,7 @@ before the call (``peak MiB``; ``VmHWM`` is the whole process's peak, interprete
 wall time and, for the current decoder, its estimate from the header (``decode_estimate``), which is what
 the limit ``max_bytes`` is compared with: it should never be below the peak. ``--impl`` loads
 ``decode_rgb`` from another file instead, e.g. the previous version:
-``git show HEAD~1:src/isif/data/decode.py | sed 's/from \\.\\.errors/from isif.errors/' > /tmp/old/decode.py``.
+``git show HEAD~1:src/isif/data/decode.py | sed 's/from \\.\\.errors/from isif.base.errors/' > /tmp/old/decode.py``.
 A refused image prints its one-line refusal instead of figures.
 """
 

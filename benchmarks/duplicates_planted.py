@@ -28,9 +28,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageOps
 
-from isif.cli import main as isif_main
+from isif.cli.main import main as isif_main
+from isif.collection.duplicates import duplicate_groups, grouped_pair_scores
+from isif.collection.embed_dir import load_embed_dir
 from isif.data.decode import decode_rgb, is_image_name
-from isif.explore import duplicate_groups, grouped_pair_scores, load_embed_dir
 
 KINDS = ("jpeg50", "resize40", "hflip")
 REPO = Path(__file__).resolve().parents[1]

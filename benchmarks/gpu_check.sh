@@ -55,7 +55,7 @@ python - "$OUT" "$SMOKE" <<'PY'
 import json, sys
 from pathlib import Path
 import torch
-from isif.checkpoint import load_checkpoint
+from isif.training.checkpoint import load_checkpoint
 out, smoke = Path(sys.argv[1]), sys.argv[2] == "1"
 def pair(name):
     """(bit-exact or None when a run is missing, what differs, epoch 2's images/s of the straight run)"""

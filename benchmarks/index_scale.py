@@ -7,7 +7,7 @@ The embeddings are drawn from a seeded mixture of --clusters Gaussian clusters o
 nearest neighbours are meaningful, unlike uniform noise), made here and never stored. Queries are fresh draws
 from the same mixture. For each kind: build seconds, the index's size in memory (its serialised bytes), the
 latency of single queries (p50, p99 over --queries one-row searches) and of one batch of --queries rows, and
-Recall@10 against brute force (float32 matrix products, ``isif.index.exact_topk``).
+Recall@10 against brute force (float32 matrix products, ``isif.collection.index.exact_topk``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> int:
     args = ap.parse_args()
     import faiss
 
-    from isif.index import build, exact_topk
+    from isif.collection.index import build, exact_topk
 
     t0 = time.perf_counter()
     both = mixture(args.n + args.queries, args.dim, args.clusters, 0)

@@ -16,7 +16,7 @@ from PIL import Image
 
 import isif
 from isif import UserError, embed, load_model
-from isif.cli import main
+from isif.cli.main import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PUBLIC = {
@@ -57,9 +57,10 @@ def test_all_is_exactly_the_public_names_and_each_is_documented():
 def test_import_isif_is_light_and_the_functions_stay_functions():
     code = ("import sys, isif; heavy = ('torch', 'faiss', 'onnx', 'onnxruntime', 'timm'); "
             "assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]; "
-            "import isif.embedding, isif.gallery; from isif import *; "
+            "import isif.collection.embedding, isif.collection.search; from isif import *; "
             "assert callable(isif.embed) and callable(isif.search) and embed is isif.embed and search is isif.search; "
-            "from isif.embedding import Embedder; assert callable(embed) and not isinstance(isif.embed, type(sys)); "
+            "from isif.collection.embedding import Embedder; "
+            "assert callable(embed) and not isinstance(isif.embed, type(sys)); "
             "assert not [m for m in ('faiss', 'onnx', 'timm') if m in sys.modules]")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -78,7 +78,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert len(graph) > 40 and "isif.train" in graph["isif.cli"]
+    assert len(graph) > 40 and "isif.training.loop" in graph["isif.cli.main"]
     assert cycles(graph) == []
 
 
@@ -86,16 +86,40 @@ def test_the_cycle_check_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_lower_layers_do_not_import_upper_ones():
+# The layers of docs/layout.md, from the bottom up: a module imports only from its own layer or below.
+LAYERS = (
+    ("isif.base",),
+    ("isif.data", "isif.models", "isif.objectives", "isif.evaluate"),
+    ("isif.training",),
+    ("isif.collection",),
+    ("isif.serve",),
+    ("isif.api", "isif"),
+    ("isif.cli", "isif.__main__"),
+)
+
+
+def layer_of(module: str) -> int:
+    for i, names in enumerate(LAYERS):
+        if any(module == n or module.startswith(n + ".") for n in names if n != "isif") or module in names:
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS (add its folder there and to docs/layout.md)")
+
+
+def test_imports_run_one_way_down_the_layers():
     graph = import_graph()
-    below = {"isif.io", "isif.errors", "isif.faults", "isif.settings", "isif.device", "isif.dist"}
-    for m in below:
-        assert not {t for t in graph[m] if t not in below}, m
-    for m, targets in graph.items():
-        parts = ("isif.data", "isif.models", "isif.objectives", "isif.evaluate")
-        if m.startswith(parts) and m != "isif.evaluate.report":
-            upper = {"isif.train", "isif.cli", "isif.config", "isif.presets", "isif.step", "isif.checkpoint"}
-            assert not targets & upper, (m, targets & upper)
+    up = sorted((m, t) for m, targets in graph.items() for t in targets if layer_of(t) > layer_of(m))
+    assert up == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    assert layer_of("isif.base.errors") < layer_of("isif.data.decode") < layer_of("isif.training.loop")
+    assert layer_of("isif.training.loop") < layer_of("isif.collection.index") < layer_of("isif.serve.app")
+    assert layer_of("isif.serve.app") < layer_of("isif") < layer_of("isif.cli.main")
+
+
+def test_the_package_has_no_flat_modules_but_its_facade():
+    flat = sorted(p.name for p in SRC.glob("*.py"))
+    assert flat == ["__init__.py", "__main__.py", "api.py"]
 
 
 def test_every_function_fits_on_a_screen():
@@ -129,7 +153,7 @@ def test_every_method_satisfies_the_contract():
 
 
 def test_every_setting_has_one_flag_and_help():
-    from isif.cli import _ALL, _setting_fields
+    from isif.cli.main import _ALL, _setting_fields
 
     flags = _setting_fields(_ALL)
     for flag, owners in flags.items():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from isif.errors import UserError
+from isif.base.errors import UserError
 from isif.models import ModelConfig
 from isif.models import build_model as _build
 

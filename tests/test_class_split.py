@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from isif.base.errors import UserError
 from isif.data.class_split import read_cars, read_class_folders, read_cub, read_sop
-from isif.errors import UserError
 
 
 def test_cub_layout_splits_classes_1_100_and_101_200(tmp_path):

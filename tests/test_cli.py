@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from isif.cli import main
+from isif.cli.main import main
 
 from .conftest import CIFAR_ZIP, requires_cifar
 
@@ -168,7 +168,7 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, image_tree):
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 130, err
     assert "isif: interrupted" in err and "--resume" in err and "Traceback" not in err
-    from isif.checkpoint import load_checkpoint
+    from isif.training.checkpoint import load_checkpoint
 
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert 1 <= state["epoch"] < 400

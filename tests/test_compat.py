@@ -21,10 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-from isif.checkpoint import load_checkpoint, load_model
-from isif.cli import main
-from isif.config import Config
-from isif.presets import PRESETS, preset
+from isif.cli.main import main
+from isif.training.checkpoint import load_checkpoint, load_model
+from isif.training.config import Config
+from isif.training.presets import PRESETS, preset
 
 from .conftest import write_image_tree
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from isif.cli import main
-from isif.config import Config
-from isif.presets import preset
+from isif.cli.main import main
+from isif.training.config import Config
+from isif.training.presets import preset
 
 from .test_cli import assert_one_line_error
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from isif.base.errors import UserError
 from isif.data import cifar
 from isif.data.decode import BadImage, decode_rgb
 from isif.data.types import Request
-from isif.errors import UserError
 
 from .conftest import CIFAR_ZIP, requires_cifar, write_cifar_batches, write_image_tree
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
+from isif.base.errors import UserError
 from isif.data import decode
 from isif.data.decode import BadImage, TooLarge, decode_rgb
-from isif.errors import UserError
 
 ENV = "ISIF_MAX_DECODE_MIB"
 
@@ -171,10 +171,10 @@ def test_scan_reports_over_limit_files_in_one_line_and_strict_refuses_in_one(tmp
 
 
 def test_map_thumbnails_decode_with_a_draft(tmp_path, monkeypatch):
-    from isif import explore
+    from isif.collection import render
 
     Image.fromarray(np.zeros((400, 300, 3), np.uint8)).save(tmp_path / "a.png")
     seen = []
-    monkeypatch.setattr(explore, "decode_rgb", lambda data, name, **kw: seen.append(kw) or decode_rgb(data, name, **kw))
-    tiles = explore.thumbnails([tmp_path / "a.png"], 24, [])
+    monkeypatch.setattr(render, "decode_rgb", lambda data, name, **kw: seen.append(kw) or decode_rgb(data, name, **kw))
+    tiles = render.thumbnails([tmp_path / "a.png"], 24, [])
     assert seen == [{"draft": 24}] and tiles[0].size == (24, 24)

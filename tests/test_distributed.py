@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from isif.dist import World, gather_rows, gather_views, shard
+from isif.base.dist import World, gather_rows, gather_views, shard
 from isif.objectives import build_objective, method_fields, methods
 
 B, V, IN, D = 8, 2, 6, 5
@@ -55,7 +55,7 @@ def _single(method):
 def _worker(rank, world_size, port, method, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
-    from isif.dist import setup
+    from isif.base.dist import setup
 
     world = setup("cpu")
     from torch.nn.parallel import DistributedDataParallel
@@ -113,8 +113,8 @@ def _real_step(method: str, world: World) -> dict:
     share of a global batch of 8: the loss, the updated weights and the objective's state."""
     from isif.data.types import ArrayDataset, Splits
     from isif.objectives import EpochContext
-    from isif.presets import resolve
-    from isif.step import build_parts, train_step
+    from isif.training.presets import resolve
+    from isif.training.step import build_parts, train_step
 
     from .conftest import use_method
 
@@ -139,7 +139,7 @@ def _real_step(method: str, world: World) -> dict:
 def _step_worker(rank, world_size, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
-    from isif.dist import setup
+    from isif.base.dist import setup
 
     world = setup("cpu")
     results = {m: _real_step(m, world) for m in TRAINABLE}
@@ -170,8 +170,8 @@ def test_real_training_step_of_every_method_on_two_processes_equals_one_process(
 
 
 def _real_step_init(method: str) -> dict:
-    from isif.presets import resolve
-    from isif.step import make_model
+    from isif.training.presets import resolve
+    from isif.training.step import make_model
 
     from .conftest import use_method
 
@@ -232,7 +232,7 @@ def test_gpu_scripts_run_end_to_end_on_cpu_with_smoke(tmp_path, script):
 def test_torchrun_two_processes_stream_files(tmp_path):
     """A streamed source under torchrun: each process decodes its share of every batch; the sharded pass over
     the training files (the nearest-neighbour positives) equals one process's; rank 0 alone reports."""
-    from isif.checkpoint import load_checkpoint
+    from isif.training.checkpoint import load_checkpoint
 
     from .test_stream import write_cub
 
@@ -271,7 +271,7 @@ def test_torchrun_first_step_equals_one_process_through_the_command(tmp_path, im
                           str(_free_port()), *args, "--out", str(tmp_path / "two")], capture_output=True, text=True,
                          env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
-    from isif.checkpoint import load_checkpoint
+    from isif.training.checkpoint import load_checkpoint
 
     a = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from isif.checkpoint import load_model
-from isif.cli import main
+from isif.cli.main import main
 from isif.data.augment import PlainTransform
 from isif.evaluate import extract_features
+from isif.training.checkpoint import load_model
 
 
 def test_embed_folder_matches_the_model_and_handles_broken_files(tmp_path, image_tree, capsys):

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 import isif.evaluate.kmeans as km
 import isif.evaluate.knn as knn_mod
 import isif.evaluate.retrieval as ret
-from isif.config import Config
-from isif.errors import UserError
+from isif.base.errors import UserError
 from isif.evaluate.engine import reference_batches, resolve_engine
 from isif.evaluate.kmeans import kmeans, kmeans_pp
 from isif.evaluate.knn import knn_scores
 from isif.evaluate.retrieval import map_at_r, nmi, recall_at_k
+from isif.training.config import Config
 
 try:
     import faiss  # noqa: F401
@@ -256,7 +256,7 @@ def test_without_faiss_auto_is_torch_and_faiss_names_the_install(monkeypatch):
 def test_eval_engine_is_a_setting_and_old_configs_load_without_it(tmp_path, image_tree, capsys):
     import json
 
-    from isif.cli import main
+    from isif.cli.main import main
 
     d = Config().to_dict()
     assert d["eval"]["engine"] == "auto"

@@ -15,20 +15,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from isif.cli import main
-from isif.explore import (
-    PALETTE,
-    UMAP_MISSING,
-    class_labels,
-    cluster_features,
-    cluster_order,
+from isif.cli.main import main
+from isif.collection.cluster import cluster_features, cluster_order
+from isif.collection.duplicates import (
     duplicate_groups,
     group_pairs,
     grouped_pair_scores,
-    pca_2d,
     planted_pair_scores,
     similar_pairs,
 )
+from isif.collection.maps import UMAP_MISSING, class_labels, pca_2d
+from isif.collection.render import PALETTE
 
 CLASSES, PER_CLASS, DIM = 3, 8, 32
 EXACT = ("cls0/0000.png", "cls0/0001.png")  # identical features
@@ -373,7 +370,8 @@ def neighbour_purity(xy: np.ndarray, groups: np.ndarray, k: int) -> float:
 @pytest.mark.filterwarnings("ignore:n_jobs value 1 overridden:UserWarning")  # a seeded UMAP runs on one thread
 def test_real_umap_separates_planted_groups_with_the_seed_and_cosine(emb, capsys):
     umap = pytest.importorskip("umap", reason="umap-learn is not installed (pip install -e '.[umap]')")
-    from isif.explore import embed_2d, load_embed_dir
+    from isif.collection.embed_dir import load_embed_dir
+    from isif.collection.maps import embed_2d
 
     rng = np.random.default_rng(11)
     centres = np.linalg.qr(rng.normal(size=(128, 3)))[0].T  # 3 orthonormal directions in 128-d

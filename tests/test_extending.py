@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from isif.cli import main
+from isif.base.settings import POSITIVE, check_fields, setting
+from isif.cli.main import main
 from isif.data import registry as data_registry
 from isif.data import stream
 from isif.data.class_split import Listing, listing
 from isif.models import BACKBONES, Backbone, _torchvision
 from isif.objectives import Method, build_objective, registry
-from isif.settings import POSITIVE, check_fields, setting
 
 # ----------------------------------------------------------------------------- a method (README example)
 

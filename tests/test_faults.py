@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from isif.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
-from isif.cli import main
-from isif.errors import UserError
+from isif.base.errors import UserError
+from isif.cli.main import main
+from isif.training.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -155,7 +155,7 @@ def test_truncated_checkpoint_is_never_accepted(tmp_path, reference):
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, image_tree, monkeypatch):
-    from isif.train import train
+    from isif.training.loop import train
 
     from .test_train import tiny_config
 
@@ -234,7 +234,7 @@ def test_checkpoint_that_runs_code_is_refused_and_the_code_does_not_run(tmp_path
 
 
 def test_checkpoint_of_another_architecture_or_method_is_refused(tmp_path, image_tree, capsys):
-    from isif.train import train
+    from isif.training.loop import train
 
     from .test_train import tiny_config
 
@@ -258,7 +258,7 @@ def test_checkpoint_of_another_architecture_or_method_is_refused(tmp_path, image
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_divergence_names_the_step_and_keeps_the_checkpoint(tmp_path, image_tree, monkeypatch, bad):
     import isif.objectives.isif as mod
-    from isif.train import Interrupted, TrainingDiverged, train
+    from isif.training.loop import Interrupted, TrainingDiverged, train
 
     from .test_train import tiny_config
 

@@ -12,9 +12,9 @@ import types
 import pytest
 import torch
 
-from isif.cli import main
-from isif.config import Config
-from isif.train import Interrupted, train
+from isif.cli.main import main
+from isif.training.config import Config
+from isif.training.loop import Interrupted, train
 
 from .test_train import strip_times, tiny_config, weights
 
@@ -36,7 +36,7 @@ def next_second() -> None:
 
 
 def test_logger_and_log_every_are_settings_that_may_change_on_resume():
-    from isif.cli import _ALL, _setting_fields
+    from isif.cli.main import _ALL, _setting_fields
 
     flags = _setting_fields(_ALL)
     for flag in ("--logger", "--log-every"):
@@ -140,7 +140,7 @@ def test_a_failing_logger_is_one_warning_and_the_run_goes_on(tmp_path, image_tre
 
 
 def test_a_failing_tensorboard_is_one_warning(tmp_path, image_tree, monkeypatch, capsys):
-    from isif import runlog
+    from isif.training import runlog
 
     def broken(self, values, step, flush):
         raise OSError(28, "No space left on device")
@@ -214,7 +214,7 @@ def test_real_wandb_offline_run_holds_the_config_and_the_metrics(tmp_path, image
     config.json as config, and per step the scalars of metrics.jsonl (the epochs) and the step-level ones. (An
     offline wandb.init takes about 0.7 s here, finish under 0.1 s: the training is most of the test's time.)"""
     pytest.importorskip("wandb", reason="wandb is not installed (pip install 'isif[wandb]')")
-    from isif.optim import lr_at
+    from isif.training.optim import lr_at
 
     for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "data")):
         monkeypatch.setenv(var, str(tmp_path / "wandb" / sub))

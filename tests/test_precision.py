@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from isif.checkpoint import load_checkpoint, save_checkpoint
-from isif.cli import main
+from isif.cli.main import main
 from isif.data.types import ArrayDataset, Splits
-from isif.presets import resolve
-from isif.step import build_parts, train_step
-from isif.train import Interrupted, train
+from isif.training.checkpoint import load_checkpoint, save_checkpoint
+from isif.training.loop import Interrupted, train
+from isif.training.presets import resolve
+from isif.training.step import build_parts, train_step
 
 from .conftest import train_tiny_run, write_image_tree
 from .test_train import assert_same_run, strip_times, tiny_config
@@ -112,7 +112,7 @@ def test_bf16_and_fp64_runs_resume_bit_exact(tmp_path, image_tree, precision):
 
 def _record_kernel_settings(monkeypatch) -> list[tuple]:
     """Patch the loop's step to record the process-wide kernel settings it runs under."""
-    import isif.train as loop
+    import isif.training.loop as loop
 
     seen: list[tuple] = []
     real = loop.train_step

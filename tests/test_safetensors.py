@@ -11,11 +11,11 @@ import torchvision
 from safetensors.torch import save_file
 
 from isif import UserError, embed, load_model
-from isif.checkpoint import load_checkpoint
-from isif.cli import main
-from isif.io import sha256_file
+from isif.base.files import sha256_file
+from isif.cli.main import main
 from isif.models import ModelConfig, build_model
-from isif.weights import read_state_dict, write_safetensors
+from isif.models.weights import read_state_dict, write_safetensors
+from isif.training.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from isif.cli import main
-from isif.gallery import search
+from isif.cli.main import main
+from isif.collection.search import search
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +100,8 @@ def test_search_cli_prints_neighbours_and_writes_a_grid(tiny_run, tmp_path, caps
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_gives_the_checkpoints_embeddings(tiny_run, tmp_path, fmt, capsys):
-    from isif.checkpoint import load_model
     from isif.data.augment import normalize
+    from isif.training.checkpoint import load_model
 
     if fmt == "onnx":
         pytest.importorskip("onnxruntime", reason="pip install 'isif[onnx]' for the ONNX export")

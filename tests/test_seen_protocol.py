@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from isif.cli import main
+from isif.base.errors import UserError
+from isif.cli.main import main
 from isif.data.registry import DataConfig
 from isif.data.registry import load_dataset as _load_dataset
-from isif.errors import UserError
 from isif.evaluate.linear import LinearRecipe, linear_probe
-from isif.presets import preset
+from isif.training.presets import preset
 
 from .conftest import write_image_tree
 
@@ -167,7 +167,7 @@ def _tree(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _checkpoint_net(run: Path):
     """(the run's network in eval mode, a function normalising [0, 1] images by its recorded input recipe)."""
-    from isif.checkpoint import load_model, resolve_checkpoint
+    from isif.training.checkpoint import load_model, resolve_checkpoint
 
     model, _, state = load_model(resolve_checkpoint(run), "cpu")
     mean = torch.tensor(state["input"]["mean"]).view(1, 3, 1, 1)
@@ -203,7 +203,7 @@ def test_linear_eval_and_similarity_plot_from_a_run(capsys, tmp_path, image_tree
 def test_similarity_means_are_the_cosines_of_the_features(capsys, tmp_path):
     """Without augmentation both views of an image are its test view: every positive is cos(z, z) = 1; with two
     test images the negatives pair one with the other, so their mean is z0 . z1."""
-    from isif.similarity import similarity_figure
+    from isif.collection.similarity import similarity_figure
 
     tree = write_image_tree(tmp_path / "tree", n_classes=2, train_per_class=8, test_per_class=1)
     run = tmp_path / "run"
@@ -231,7 +231,7 @@ def test_stl10_105k_style_training_uses_labelled_bank(tmp_path, monkeypatch):
     """stl10-105k trains on train + unlabeled (5K + 100K images on the real data; 6 + 10 here) and evaluates kNN
     against the labelled train images only."""
     import isif.evaluate.protocol as protocol
-    import isif.train as train_mod
+    import isif.training.loop as train_mod
 
     folder, images = write_stl10(tmp_path, n_train=6, n_test=4, n_unl=10)
     cfg = preset("stl10-105k")

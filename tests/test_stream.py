@@ -10,13 +10,13 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from isif.cli import main
+from isif.base.errors import UserError
+from isif.cli.main import main
 from isif.data.augment import BatchAugment, PlainTransform, sample_fixed_crop_params
 from isif.data.registry import DataConfig, load_dataset
 from isif.data.stream import FileImages, load_file, scan
-from isif.errors import UserError
 from isif.evaluate.retrieval import nearest_neighbour
-from isif.sampler import epoch_batches, positive_sources
+from isif.training.sampler import epoch_batches, positive_sources
 
 
 def load_streaming(name, path, strict=False, workers=None):
@@ -155,9 +155,9 @@ def _train_cub(root, out, *extra):
 def test_streamed_training_resumes_exactly_and_workers_do_not_change_it(tmp_path, capsys):
     """cub200 preset end to end on the fixture (with the nearest-neighbour positive): workers 0 and 2 give the
     same run, and a run stopped mid-epoch and resumed ends bit-identical."""
-    from isif import train as train_mod
-    from isif.checkpoint import load_checkpoint
-    from isif.config import Config
+    from isif.training import loop as train_mod
+    from isif.training.checkpoint import load_checkpoint
+    from isif.training.config import Config
 
     root = write_cub(tmp_path / "CUB_200_2011", n_classes=200, per_class=1)
     assert _train_cub(root, tmp_path / "w0", "--workers", "0") == 0
@@ -186,9 +186,9 @@ def test_streamed_training_resumes_exactly_and_workers_do_not_change_it(tmp_path
 
 def test_embed_uses_the_streamed_test_transform(tmp_path):
     """A checkpoint trained on a streamed set embeds files as its evaluation did: 256x256 resize, centre crop."""
-    from isif.checkpoint import load_model
-    from isif.embedding import Embedder
+    from isif.collection.embedding import Embedder
     from isif.evaluate import extract_features
+    from isif.training.checkpoint import load_model
 
     root = write_cub(tmp_path / "CUB_200_2011", n_classes=200, per_class=1)
     assert _train_cub(root, tmp_path / "run", "--workers", "0", "--epochs", "1", "--nn-positive", "0") == 0

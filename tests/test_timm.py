@@ -15,11 +15,11 @@ import torch
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install 'isif[timm]')")
 
-from isif.cli import main  # noqa: E402
-from isif.errors import UserError  # noqa: E402
+from isif.base.errors import UserError  # noqa: E402
+from isif.cli.main import main  # noqa: E402
 from isif.models import ModelConfig, build_model, input_recipe, timm_nets  # noqa: E402
-from isif.step import input_size  # noqa: E402
-from isif.train import Interrupted, train  # noqa: E402
+from isif.training.loop import Interrupted, train  # noqa: E402
+from isif.training.step import input_size  # noqa: E402
 
 from .test_train import assert_same_run, tiny_config  # noqa: E402
 

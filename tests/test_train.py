@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from isif.checkpoint import load_checkpoint
-from isif.config import Config
+from isif.base.errors import UserError
 from isif.data.augment import PlainTransform
-from isif.errors import UserError
 from isif.objectives import methods
-from isif.optim import lr_at as _lr_at
-from isif.presets import preset
-from isif.train import Interrupted, TrainingDiverged, train
+from isif.training.checkpoint import load_checkpoint
+from isif.training.config import Config
+from isif.training.loop import Interrupted, TrainingDiverged, train
+from isif.training.optim import lr_at as _lr_at
+from isif.training.presets import preset
 
 from .conftest import use_method
 
@@ -87,7 +87,7 @@ def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, image_tree, sto
 def test_paper_variant_trains_with_plain_anchor_view(tmp_path, image_tree, monkeypatch, variant):
     """The paper's anchor (rows 0..B-1 of every step's network input) is the un-augmented test view of the batch,
     exactly; its positive (rows B..2B-1) is augmented. The official variant augments both."""
-    import isif.step as step
+    import isif.training.step as step
     from isif.data.registry import load_sets
 
     fed, real = [], step.forward_backward

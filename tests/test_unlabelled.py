@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from isif.cli import main
+from isif.cli.main import main
 from isif.data import stream
 from isif.data.decode import BadImage, TooLarge, decode_rgb
 from isif.data.evaldata import load_eval_data
@@ -24,7 +24,7 @@ from isif.data.registry import holdout_count, labelled_layout, split_holdout
 from isif.data.stream import FileReader, scan_files
 from isif.data.types import ArrayDataset
 from isif.data.unlabelled import find_images
-from isif.presets import default_preset
+from isif.training.presets import default_preset
 
 from .conftest import CIFAR_ZIP, requires_cifar, write_image_tree
 
@@ -273,7 +273,7 @@ def test_eval_protocol_none_evaluates_nothing(tmp_path):
 
 
 def test_budget_sets_the_epochs():
-    from isif.presets import resolve
+    from isif.training.presets import resolve
 
     t = resolve("images-cpu").train
     assert t.epochs is None and t.resolve_epochs(10_000) == 40 and t.resolve_epochs(1_000_000) == 2
@@ -359,9 +359,9 @@ def _photo_folder(root: Path, n: int = 60) -> Path:
 
 
 def test_unlabelled_run_resumes_exactly_with_its_label_free_metrics(tmp_path):
-    from isif import train as train_mod
-    from isif.checkpoint import load_checkpoint
-    from isif.config import Config
+    from isif.training import loop as train_mod
+    from isif.training.checkpoint import load_checkpoint
+    from isif.training.config import Config
 
     root = _photo_folder(tmp_path / "photos")
     flags = [*TINY, "--epochs", "2", "--holdout", "12", "--workers", "1"]
@@ -383,11 +383,11 @@ def test_unlabelled_run_resumes_exactly_with_its_label_free_metrics(tmp_path):
 def test_embed_gives_the_features_training_evaluated(tmp_path):
     """``isif embed`` on an unlabelled run's images computes what its evaluation computed: the same decoding
     (JPEG draft), the same shorter-side fit and centre square, the same normalisation."""
-    from isif.checkpoint import load_model
+    from isif.collection.embedding import Embedder
     from isif.data.augment import PlainTransform
     from isif.data.registry import DataConfig, load_sets
-    from isif.embedding import Embedder
     from isif.evaluate import extract_features
+    from isif.training.checkpoint import load_model
 
     root = _photo_folder(tmp_path / "photos", 30)
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *TINY]) == 0
@@ -459,7 +459,7 @@ def test_training_from_a_zip(tmp_path):
             zf.write(p, f"album/{p.name}")
     assert main(["train", "--data", str(z), "--out", str(tmp_path / "r"), *TINY]) == 0
     assert main(["train", "--data", str(z), "--out", str(tmp_path / "s"), "--memory-gib", "0", *TINY]) == 0
-    from isif.checkpoint import load_checkpoint
+    from isif.training.checkpoint import load_checkpoint
 
     a = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "s" / "checkpoints" / "last.pt")["model"]

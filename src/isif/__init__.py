@@ -55,19 +55,19 @@ _HOME = {
     "isif.api": ("LoadedModel", "ImageTransform", "load_model", "embed", "build_index"),
     "isif.evaluate.knn": ("knn_scores", "knn_predict", "knn_accuracy"),
     "isif.evaluate.retrieval": ("recall_at_k", "map_at_r", "nmi"),
-    "isif.index": ("exact_topk", "load_index"),
-    "isif.gallery": ("search",),
-    "isif.errors": ("UserError",),
+    "isif.collection.index": ("exact_topk", "load_index"),
+    "isif.collection.search": ("search",),
+    "isif.base.errors": ("UserError",),
 }
 _WHERE = {name: module for module, names in _HOME.items() for name in names}
 
 if TYPE_CHECKING:
     from .api import ImageTransform, LoadedModel, build_index, embed, load_model
-    from .errors import UserError
+    from .base.errors import UserError
+    from .collection.index import exact_topk, load_index
+    from .collection.search import search
     from .evaluate.knn import knn_accuracy, knn_predict, knn_scores
     from .evaluate.retrieval import map_at_r, nmi, recall_at_k
-    from .gallery import search
-    from .index import exact_topk, load_index
     from .objectives import NCE, DeepCluster, Exemplar, InvariantSpreading, NPSoftmax, Triplet, build_objective, methods
 
 

@@ -19,13 +19,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .base.errors import UserError
+from .collection.embedding import decode_for, input_spec, prepare_for, run_network
 from .data.decode import BadImage, rgb_array
-from .embedding import decode_for, input_spec, prepare_for, run_network
-from .errors import UserError
 
 if TYPE_CHECKING:
-    from .config import Config
     from .models import ModelConfig
+    from .training.config import Config
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 """An image: a file path, a PIL image, or an (H, W, 3) uint8 RGB array."""
@@ -123,14 +123,14 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu") ->
         >>> network, transform = load_model("runs/my-run")  # doctest: +SKIP
         >>> z = network(transform("photo.jpg")[None])        # (1, 128)  # doctest: +SKIP
     """
-    from .device import resolve_device
+    from .base.device import resolve_device
 
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     p = Path(source)
     if p.suffix.lower() == ".safetensors":
         return _from_safetensors(p, dev)
-    from .checkpoint import load_model as load_checkpoint_model
-    from .checkpoint import resolve_checkpoint
+    from .training.checkpoint import load_model as load_checkpoint_model
+    from .training.checkpoint import resolve_checkpoint
 
     path = resolve_checkpoint(p)
     model, cfg, state = load_checkpoint_model(path, dev)
@@ -140,9 +140,9 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 
 def _from_safetensors(p: Path, device: torch.device) -> LoadedModel:
-    from .device import PRECISIONS, param_dtype
+    from .base.device import PRECISIONS, param_dtype
     from .models import build_model
-    from .weights import EXPORT, read_state_dict
+    from .models.weights import EXPORT, read_state_dict
 
     state, meta = read_state_dict(p, need_metadata=True)
     mc = _model_config(meta["model"], p)
@@ -208,7 +208,7 @@ def build_index(embeddings: torch.Tensor | np.ndarray, kind: str = "auto", seed:
     below 100,000 rows, else hnsw). Needs faiss (``pip install 'isif[search]'``); ``search`` and ``exact_topk``
     search exactly without it.
     """
-    from .index import build, default_kind
+    from .collection.index import build, default_kind
 
     z = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
     z = np.ascontiguousarray(z, dtype=np.float32)

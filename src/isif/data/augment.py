@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from ..settings import PROBABILITY, one_of, setting
+from ..base.errors import UserError
+from ..base.settings import PROBABILITY, one_of, setting
 from .types import Splits
 
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L") and torchvision

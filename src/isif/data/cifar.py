@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..io import atomic_write_bytes, default_cache_dir, hash_files
+from ..base.errors import UserError
+from ..base.files import atomic_write_bytes, default_cache_dir, hash_files
 from .decode import BadImage, decode_rgb, is_image_name, report_skipped
 from .types import ArrayDataset, Request, Splits
 

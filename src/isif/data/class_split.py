@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from ..base.errors import UserError
 from .decode import is_image_name
 
 

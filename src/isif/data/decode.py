@@ -56,7 +56,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import ExifTags, Image
 
-from ..errors import UserError
+from ..base.errors import UserError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..base.errors import UserError
 from . import cifar
 from .class_split import listing
 from .stream import FileImages, FileReader, scan_files

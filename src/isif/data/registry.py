@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..settings import NON_NEGATIVE, at_least, setting
+from ..base.errors import UserError
+from ..base.settings import NON_NEGATIVE, at_least, setting
 from . import cifar, class_split, stl10, stream, unlabelled
 from .evaldata import load_eval_data
 from .types import ArrayDataset, Request, Sets, Splits

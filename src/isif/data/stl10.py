@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..io import default_cache_dir
+from ..base.errors import UserError
+from ..base.files import default_cache_dir
 from .types import ArrayDataset, Request, Splits
 
 STL10_MEAN = (0.4467, 0.4398, 0.4066)

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import UserError
-from ..io import atomic_write_bytes, default_cache_dir
+from ..base.errors import UserError
+from ..base.files import atomic_write_bytes, default_cache_dir
 from .class_split import Listing
 from .decode import (
     DEFAULT_MAX_DECODE_BYTES,

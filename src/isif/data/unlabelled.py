@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..io import atomic_write_bytes, default_cache_dir
+from ..base.errors import UserError
+from ..base.files import atomic_write_bytes, default_cache_dir
 from .decode import is_image_name
 from .stream import FileImages, FileReader, scan_files
 from .types import ArrayDataset, Images, Request, Splits

@@ -41,7 +41,7 @@ def spare(length: int) -> int:
 
 def resolve_engine(engine: str, *tensors: torch.Tensor) -> str:
     """"torch" or "faiss" for ``engine`` in ENGINES, given the tensors it would search."""
-    from ..index import faiss_module
+    from ..base.extras import faiss_module
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -71,7 +71,7 @@ def faiss_knn(query: torch.Tensor, base: torch.Tensor, k: int, metric: str = "ip
     Shape: query (Q, D), base (N, D), k <= N -> (values (Q, k) float32, ids (Q, k) int64), sorted best first, on
     the CPU.
     """
-    from ..index import faiss_module
+    from ..base.extras import faiss_module
 
     faiss = faiss_module()
     m = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2

@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from ..base.device import autocast, param_dtype
+from ..base.dist import SINGLE, World, gather_rows, shard
 from ..data.types import Images, LazyImages
-from ..device import autocast, param_dtype
-from ..dist import SINGLE, World, gather_rows, shard
 
 
 def image_batches(images: Images, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:

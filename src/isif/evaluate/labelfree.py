@@ -31,8 +31,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..base.device import autocast, param_dtype
 from ..data.types import Images
-from ..device import autocast, param_dtype
 from .features import image_batches
 
 LABEL_FREE = ("view_top1", "view_top5", "alignment", "uniformity", "rankme", "pos_cos", "neg_cos")

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..base.dist import SINGLE, World
+from ..base.faults import fault_point
+from ..base.settings import POSITIVE, at_least, one_of, setting
 from ..data.types import ArrayDataset, Sets
-from ..dist import SINGLE, World
-from ..faults import fault_point
-from ..settings import POSITIVE, at_least, one_of, setting
 from .engine import ENGINES
 from .features import extract_features, sharded_features
 from .knn import knn_accuracy

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..settings import POSITIVE, at_least, setting
+from ..base.settings import POSITIVE, at_least, setting
 from .resnet_cifar import CifarResNet, resnet18_cifar
 from .timm_nets import data_config, is_timm, model_name, timm_backbone
 from .torchvision_nets import torchvision_backbone
@@ -40,7 +40,7 @@ def _cifar(width: float, weights: str | None) -> nn.Module:
         raise ValueError("resnet18_cifar has no pretrained weights to download; --weights PATH loads a local file "
                          "(e.g. `isif export RUN --format safetensors` of a run at this width), or --weights none")
     if weights not in (None, "none"):
-        from ..weights import load_backbone_weights
+        from .weights import load_backbone_weights
 
         load_backbone_weights(net, weights, f"resnet18_cifar width {width:g}")
     return net

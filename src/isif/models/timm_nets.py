@@ -22,7 +22,7 @@ import functools
 
 from torch import nn
 
-from ..errors import UserError
+from ..base.errors import UserError
 
 PREFIX = "timm:"
 INSTALL = "--arch timm:NAME needs timm: pip install 'isif[timm]' (or pip install timm)"
@@ -92,7 +92,7 @@ def timm_backbone(arch: str, weights: str | None, size: int | None = None) -> tu
     else:
         net = _create(timm, name, size, pretrained=False)
         if weights not in (None, "none"):
-            from ..weights import load_backbone_weights
+            from .weights import load_backbone_weights
 
             load_backbone_weights(net, str(weights), f"timm's {name}")
     return net, int(net.num_features)

@@ -3,7 +3,7 @@
 GoogLeNet / Inception-V1 (the paper's network; the embedding FC sits on its
 1024-d pool5) and ResNet-18/50. ``weights``: ``None``/``"none"`` for random
 init, ``"imagenet"`` for torchvision's ImageNet weights (downloaded where there
-is internet), or a local file (``isif.weights.read_state_dict``): a state dict
+is internet), or a local file (``isif.models.weights.read_state_dict``): a state dict
 of the torchvision model, as a torch file or ``.safetensors``, or an
 ``isif export --format safetensors`` file of the same arch, whose
 ``backbone.*`` weights are used (its head is not).
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UserError
-from ..weights import isif_backbone, load_state, read_state_dict
+from ..base.errors import UserError
+from .weights import isif_backbone, load_state, read_state_dict
 
 
 def _imagenet_weights(arch: str):

@@ -2,7 +2,7 @@
 
 A method is an ``nn.Module`` (the objective) plus a settings dataclass,
 registered together as one ``Method`` line in ``objectives/__init__.py``.
-The one training loop (``isif.train``) treats every method alike:
+The one training loop (``isif.training.loop``) treats every method alike:
 
     z = model(cat(views))                 # (V*B, D) L2-normalised; view v of instance i at row v*B + i
     loss = objective(z, instance_idx)     # instance_idx: (B,) dataset indices of the global batch
@@ -24,7 +24,7 @@ The objective declares what the loop must feed it and when it must be called:
 
 The ``Method`` entry adds what the loop needs before any objective exists:
 its name and one-line summary, its settings class (each field made with
-``isif.settings.setting``: default, help, check; every field becomes a
+``isif.base.settings.setting``: default, help, check; every field becomes a
 command-line flag), how to build the objective from settings and a
 ``BuildContext``, and whether it trains at all (``random`` does not: the run
 evaluates the untrained network once).

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base.settings import POSITIVE, at_least, check_fields, setting
 from ..evaluate.kmeans import kmeans
-from ..settings import POSITIVE, at_least, check_fields, setting
 from .contract import EpochContext
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..settings import POSITIVE, check_fields, setting
+from ..base.settings import POSITIVE, check_fields, setting
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..settings import MOMENTUM, POSITIVE, at_least, check_fields, setting
+from ..base.settings import MOMENTUM, POSITIVE, at_least, check_fields, setting
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..settings import FRACTION, POSITIVE, at_least, check_fields, one_of, setting
+from ..base.settings import FRACTION, POSITIVE, at_least, check_fields, one_of, setting
 
 VARIANTS = ("official", "paper")
 NEGATIVES = ("all", "hard", "easy")

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..settings import check_fields
+from ..base.settings import check_fields
 from .contract import BuildContext, Method, Objective
 
 _REGISTRY: dict[str, Method] = {}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..settings import NON_NEGATIVE, check_fields, setting
+from ..base.settings import NON_NEGATIVE, check_fields, setting
 
 
 @dataclass

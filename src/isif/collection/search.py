@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from .data.decode import IMAGE_EXTS, is_image_name
+from ..base.errors import UserError
+from ..base.files import atomic_write_bytes
+from ..data.decode import IMAGE_EXTS, is_image_name
+from ..evaluate.engine import order_candidates
 from .embedding import Embedder, list_images
-from .errors import UserError
-from .evaluate.engine import order_candidates
-from .io import atomic_write_bytes
 
 GREEN, RED, GREY, BLUE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (50, 110, 220)
 
@@ -169,7 +169,7 @@ def run_search(embedder: Embedder, queries: list[str], gallery: str, k: int, str
         raise UserError(f"--gallery {gallery}: no such folder; pass a folder of images or an isif embed output")
     files = query_files(queries)
     gal = load_gallery(embedder, gallery, strict, exact)
-    from .data.decode import report_skipped
+    from ..data.decode import report_skipped
     from .embedding import embed_files
 
     z, kept, broken = embed_files(embedder, files, 0, strict)

@@ -27,21 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
-from .io import atomic_write_bytes, sha256_file
+from ..base.errors import UserError
+from ..base.extras import FAISS_INSTALL, faiss_module
+from ..base.files import atomic_write_bytes, sha256_file
 
 KINDS = ("exact", "ivf", "hnsw")
 EXACT_BELOW = 100_000  # exact search's single-query p50 reaches 2 ms here (see the module docstring)
 INDEX_FILE, META_FILE = "index.faiss", "index-meta.json"
-INSTALL = "faiss is not installed: pip install 'isif[search]' (or pip install faiss-cpu); --exact searches without it"
-
-
-def faiss_module():
-    try:
-        import faiss
-    except ImportError:
-        raise UserError(INSTALL) from None
-    return faiss
+INSTALL = FAISS_INSTALL
 
 
 def default_kind(n: int) -> str:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..checkpoint import load_model, resolve_checkpoint
+from ..base.device import resolve_device
+from ..base.errors import UserError
 from ..data.augment import PlainTransform, build_transforms
 from ..data.evaldata import load_eval_data
 from ..data.registry import load_sets
 from ..data.types import Sets
-from ..device import resolve_device
-from ..errors import UserError
-from .linear import LinearRecipe
-from .protocol import Extractor, evaluate_knn, evaluate_linear, evaluate_retrieval
+from ..evaluate.linear import LinearRecipe
+from ..evaluate.protocol import Extractor, evaluate_knn, evaluate_linear, evaluate_retrieval
+from ..training.checkpoint import load_model, resolve_checkpoint
 
 
 class Loaded:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from ..base.errors import UserError
 
 FORMAT_VERSION = 1
 META_KEY = "isif"
@@ -42,7 +42,7 @@ def _safetensors():
 def write_safetensors(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write ``state`` (every tensor contiguous, on the CPU) and ``meta`` as the ``"isif"`` metadata entry,
     atomically."""
-    from .io import atomic_write_bytes
+    from ..base.files import atomic_write_bytes
 
     st = _safetensors()
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}

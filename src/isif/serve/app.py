@@ -71,9 +71,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.decode import BadImage, TooLarge, decode_rgb, is_image_name, max_decode_bytes
-from .errors import UserError
-from .explore import EmbedDir, load_embed_dir
+from ..base.errors import UserError
+from ..collection.embed_dir import EmbedDir, load_embed_dir
+from ..data.decode import BadImage, TooLarge, decode_rgb, is_image_name, max_decode_bytes
 
 INSTALL = ("isif serve needs FastAPI and uvicorn: pip install 'isif[serve]' (or pip install fastapi uvicorn "
            "python-multipart)")
@@ -170,8 +170,8 @@ class Collection:
 
     def __init__(self, embed_dir: str | Path, checkpoint: str | None = None, exact: bool = False,
                  device: str = "cpu") -> None:
-        from .embedding import Embedder
-        from .gallery import Gallery, _labels
+        from ..collection.embedding import Embedder
+        from ..collection.search import Gallery, _labels
 
         self.ed = load_embed_dir(embed_dir)
         if not self.ed.root.is_dir():
@@ -192,7 +192,7 @@ class Collection:
                             f"{self.ed.features.shape[1]}-d; re-run `isif embed`")
         loaded = None
         if not exact:
-            from .index import load_index
+            from ..collection.index import load_index
 
             try:
                 loaded = load_index(self.ed.folder)
@@ -228,7 +228,7 @@ class Collection:
         return i
 
     def search(self, query: torch.Tensor, k: int, exclude: int | None = None) -> list[dict]:
-        from .gallery import search_gallery
+        from ..collection.search import search_gallery
 
         limit = self._max_k(exclude)
         if limit < 1:
@@ -544,7 +544,7 @@ def _json_errors(app) -> None:
 def _page(app) -> None:
     from fastapi.responses import Response
 
-    web = resources.files("isif") / "web"
+    web = resources.files("isif.serve") / "web"
 
     @app.get("/", include_in_schema=False)
     def page():

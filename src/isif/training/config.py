@@ -4,16 +4,16 @@
     model    ModelConfig    isif.models            backbone, width, embedding size, weights
     method   MethodConfig   isif.objectives        the method's name and its own settings dataclass
     augment  AugmentConfig  isif.data.augment      the training views
-    optim    OptimConfig    isif.optim             SGD and the lr schedule
-    sampler  SamplerConfig  isif.sampler           how instances are drawn (nearest-neighbour positives)
+    optim    OptimConfig    isif.training.optim             SGD and the lr schedule
+    sampler  SamplerConfig  isif.training.sampler           how instances are drawn (nearest-neighbour positives)
     eval     EvalConfig     isif.evaluate.protocol the evaluation and its schedule
     train    TrainConfig    here                   the loop: epochs, batch, seed, device, precision
-    log      LogConfig      isif.runlog            the logger and the step-level scalars
+    log      LogConfig      isif.training.runlog            the logger and the step-level scalars
 
 A run's resolved config is saved as JSON in its folder and inside every
 checkpoint (``to_dict``), so a run can be resumed or evaluated from the
 folder alone. Configs written before the sections existed load through
-``_migrate_v1``. Named presets are in ``isif.presets``. ``read_config_file``
+``_migrate_v1``. Named presets are in ``isif.training.presets``. ``read_config_file``
 reads a JSON or YAML file (``isif train --config``) into checked
 ``{"section.field": value}`` settings.
 """
@@ -32,17 +32,17 @@ from typing import Any
 
 import yaml
 
-from .data.augment import AugmentConfig
-from .data.registry import DataConfig
-from .device import PRECISIONS
-from .errors import UserError
-from .evaluate.protocol import EvalConfig
-from .models import ModelConfig
-from .objectives import MethodConfig, method_fields, methods
+from ..base.device import PRECISIONS
+from ..base.errors import UserError
+from ..base.settings import at_least, check_fields, field_hints, one_of, optional_inner, setting
+from ..data.augment import AugmentConfig
+from ..data.registry import DataConfig
+from ..evaluate.protocol import EvalConfig
+from ..models import ModelConfig
+from ..objectives import MethodConfig, method_fields, methods
 from .optim import OptimConfig
 from .runlog import LogConfig
 from .sampler import SamplerConfig
-from .settings import at_least, check_fields, field_hints, one_of, optional_inner, setting
 
 VERSION = 2
 

@@ -26,12 +26,12 @@ import time
 
 import torch
 
+from ..base.device import autocast, resolve_device
+from ..base.device import sync as _sync
+from ..base.dist import gather_views
+from ..data.types import ArrayDataset, Splits
+from ..evaluate import extract_features, knn_predict
 from .config import Config
-from .data.types import ArrayDataset, Splits
-from .device import autocast, resolve_device
-from .device import sync as _sync
-from .dist import gather_views
-from .evaluate import extract_features, knn_predict
 from .step import build_parts, forward_backward, kernel_choice, make_views, train_step
 
 

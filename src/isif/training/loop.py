@@ -27,17 +27,17 @@ from typing import Any
 
 import torch
 
+from ..base.device import peak_memory_mib, resolve_device
+from ..base.dist import World, any_flag, barrier, check_batch, device_for, setup
+from ..base.errors import UserError
+from ..base.faults import fault_point
+from ..data.registry import load_sets
+from ..data.types import LazyImages, Sets
+from ..evaluate.protocol import evaluate_sets, protocol_for
+from ..evaluate.retrieval import nearest_neighbour
+from ..objectives import EpochContext, get_method
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .config import Config
-from .data.registry import load_sets
-from .data.types import LazyImages, Sets
-from .device import peak_memory_mib, resolve_device
-from .dist import World, any_flag, barrier, check_batch, device_for, setup
-from .errors import UserError
-from .evaluate.protocol import evaluate_sets, protocol_for
-from .evaluate.retrieval import nearest_neighbour
-from .faults import fault_point
-from .objectives import EpochContext, get_method
 from .optim import lr_at, set_lr
 from .runlog import RunDir, RunLog, check_logger, check_run_dir
 from .sampler import InstanceSampler

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..base.errors import UserError
+from ..base.files import atomic_write_bytes
+from ..objectives import get_method
+from ..objectives import methods as registered
 from .checkpoint import load_checkpoint
 from .config import Config
-from .errors import UserError
-from .io import atomic_write_bytes
-from .objectives import get_method
-from .objectives import methods as registered
+from .loop import train
 from .plots import is_retrieval_metric, plot_race, primary_metric
 from .runlog import RunDir
-from .train import train
 
 DEFAULT_METHODS = tuple(registered())  # every registered method, in registry order
 

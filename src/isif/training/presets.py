@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..base.errors import UserError
 from .config import Config
-from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 def default_preset(data: str | None, dataset: str | None, device_type: str) -> str:
     """The preset of ``isif train`` without --preset: images-cpu / images-gpu for unlabelled images (a --data
     path in none of the labelled layouts, or --dataset unlabelled), else cifar10-cpu."""
-    from .data.registry import labelled_layout
+    from ..data.registry import labelled_layout
 
     if dataset == "unlabelled" or (dataset is None and data is not None and not labelled_layout(data)):
         return "images-gpu" if device_type == "cuda" else "images-cpu"
@@ -151,7 +151,7 @@ def preset(name: str) -> Config:
 
 
 def not_a_setting(key: str, method: str) -> str:
-    from .objectives import method_fields, methods
+    from ..objectives import method_fields, methods
 
     field_name = key.split(".", 1)[1]
     owners = [m for m in methods() if field_name in method_fields(m)]

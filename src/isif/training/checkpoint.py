@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import UserError
-from .io import atomic_write_bytes, fsync_dir
+from ..base.errors import UserError
+from ..base.files import atomic_write_bytes, fsync_dir
 
 if TYPE_CHECKING:
     from .sampler import InstanceSampler
@@ -204,9 +204,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """(model in eval mode on ``device``, its Config, the checkpoint dict) from a checkpoint or run folder."""
+    from ..base.device import param_dtype
+    from ..models import build_model
     from .config import Config
-    from .device import param_dtype
-    from .models import build_model
 
     p = resolve_checkpoint(path)
     state = load_checkpoint(p)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .data.types import Images, LazyImages
-from .dist import SINGLE, World
-from .settings import PROBABILITY, setting
+from ..base.dist import SINGLE, World
+from ..base.settings import PROBABILITY, setting
+from ..data.types import Images, LazyImages
 
 
 @dataclass

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model, resolve_checkpoint
-from .data.augment import build_transforms
-from .data.registry import load_sets
-from .device import resolve_device
-from .errors import UserError
-from .evaluate.protocol import Extractor
-from .plots import plot_similarity
+from ..base.device import resolve_device
+from ..base.errors import UserError
+from ..data.augment import build_transforms
+from ..data.registry import load_sets
+from ..evaluate.protocol import Extractor
+from ..training.checkpoint import load_model, resolve_checkpoint
+from ..training.plots import plot_similarity
 
 
 @torch.no_grad()

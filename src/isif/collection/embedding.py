@@ -12,13 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model, resolve_checkpoint
-from .data.augment import normalize
-from .data.decode import IMAGE_EXTS, BadImage, broken_image, decode_rgb, fit_square, max_decode_bytes, report_skipped
-from .device import autocast, param_dtype
-from .errors import UserError
-from .faults import fault_point
-from .io import atomic_write_bytes, sha256_file
+from ..base.device import autocast, param_dtype
+from ..base.errors import UserError
+from ..base.faults import fault_point
+from ..base.files import atomic_write_bytes, sha256_file
+from ..data.augment import normalize
+from ..data.decode import IMAGE_EXTS, BadImage, broken_image, decode_rgb, fit_square, max_decode_bytes, report_skipped
+from ..training.checkpoint import load_model, resolve_checkpoint
 
 
 def input_spec(state: dict, cfg) -> dict:
@@ -29,7 +29,7 @@ def input_spec(state: dict, cfg) -> dict:
         return {"size": int(spec["size"]), "mean": tuple(spec["mean"]), "std": tuple(spec["std"]),
                 "resize": int(spec["resize"]) if spec.get("center_crop") else None,
                 "fit": spec.get("fit", "square")}
-    from .data.registry import load_dataset
+    from ..data.registry import load_dataset
 
     splits = load_dataset(cfg.data)
     return {"size": int(splits.train.images.shape[-1]), "mean": splits.mean, "std": splits.std, "resize": None,
@@ -48,7 +48,7 @@ def prepare(arr: np.ndarray, size: int, resize: int | None = None, fit: str = "s
     if fit == "crop" and resize is None:
         return torch.from_numpy(np.array(fit_square(arr, size))).permute(2, 0, 1).float().div_(255)
     if resize is not None:
-        from .data.stream import load_file_array
+        from ..data.stream import load_file_array
 
         x = load_file_array(arr, resize).float().div_(255)
         top, left = int(round((resize - size) / 2.0)), int(round((resize - size) / 2.0))
@@ -89,7 +89,7 @@ def run_network(model: torch.nn.Module, x: torch.Tensor, device: torch.device, p
 
 def list_images(folder: str) -> list[Path]:
     """Every image under ``folder`` (any depth; hidden files and folder-link loops left out), sorted."""
-    from .data.unlabelled import find_images
+    from ..data.unlabelled import find_images
 
     root = Path(folder)
     if not root.is_dir():
@@ -282,8 +282,8 @@ def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256,
     process embeds every W-th shard and the first consolidates."""
     from tqdm.auto import tqdm
 
-    from .device import resolve_device
-    from .dist import barrier, device_for, setup
+    from ..base.device import resolve_device
+    from ..base.dist import barrier, device_for, setup
 
     world = setup(device)
     device = str(resolve_device(device_for(world, device)))

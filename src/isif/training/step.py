@@ -18,15 +18,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..base.device import autocast
+from ..base.dist import SINGLE, World, gather_views
+from ..base.errors import UserError
+from ..data.augment import BatchAugment, PlainTransform, build_transforms
+from ..data.types import Splits
+from ..evaluate.protocol import Extractor
+from ..models import build_model, input_recipe
+from ..objectives import build_objective, get_method
 from .config import Config
-from .data.augment import BatchAugment, PlainTransform, build_transforms
-from .data.types import Splits
-from .device import autocast
-from .dist import SINGLE, World, gather_views
-from .errors import UserError
-from .evaluate.protocol import Extractor
-from .models import build_model, input_recipe
-from .objectives import build_objective, get_method
 from .optim import build_optimizer
 
 
@@ -224,8 +224,8 @@ def estimate_step_seconds(parts: Parts, images, batch_size: int, repeats: int = 
     import copy
     import time
 
-    from .data.types import LazyImages
-    from .device import param_dtype, sync
+    from ..base.device import param_dtype, sync
+    from ..data.types import LazyImages
 
     w, dev, t = parts.world, parts.device, parts.cfg.train
     b, size = max(1, batch_size // w.size), parts.plain.size

@@ -3,7 +3,7 @@ wandb), the curve, and the console line.
 
     RUN/config.json            the resolved config
     RUN/metrics.jsonl          one JSON object per epoch, rewritten whole and atomically
-    RUN/checkpoints/last.pt    (isif.checkpoint)
+    RUN/checkpoints/last.pt    (isif.training.checkpoint)
     RUN/tensorboard/           TensorBoard events (--logger tensorboard, the default)
     RUN/wandb-id, RUN/wandb/   the W&B run's id, kept for --resume, and its files, or in $WANDB_DIR (--logger wandb)
     RUN/curve.png              loss and the evaluation metric against epoch
@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .evaluate.protocol import summary
-from .io import atomic_write_bytes
+from ..base.errors import UserError
+from ..base.files import atomic_write_bytes
+from ..base.settings import at_least, one_of, setting
+from ..evaluate.protocol import summary
 from .plots import is_eval_metric, plot_curve
-from .settings import at_least, one_of, setting
 
 LOGGERS = ("tensorboard", "wandb", "none")
 

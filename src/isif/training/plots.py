@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .evaluate.labelfree import LABEL_FREE
-from .io import atomic_write_bytes
+from ..base.files import atomic_write_bytes
+from ..evaluate.labelfree import LABEL_FREE
 
 
 def _plt():

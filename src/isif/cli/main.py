@@ -1,6 +1,6 @@
 """Command-line interface: ``isif train | race | eval | bench | embed | search | export | plot | presets | methods``.
 
-The flags of every setting are generated from the settings dataclasses (``isif.settings``); this module
+The flags of every setting are generated from the settings dataclasses (``isif.base.settings``); this module
 parses, dispatches and prints. Every user mistake ends in one line on stderr, ``isif: error: ...``, and
 exit code 2. A run stopped by Ctrl-C saves a checkpoint and exits with 130; a run whose loss diverges exits
 with 3; a checkpoint that cannot be written, with 1.
@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..base.errors import UserError
 
 _NONE = object()  # "none" given for an optional setting: distinct from "not given"
 
@@ -32,9 +32,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _setting_fields(sections: tuple[str, ...]) -> dict[str, list[tuple[str, dataclasses.Field, Any]]]:
     """flag -> [(section, field, type hint)], over the sections' dataclasses; ``method`` spans every method."""
-    from .config import Config
-    from .objectives import methods
-    from .settings import field_hints, flag_name
+    from ..base.settings import field_hints, flag_name
+    from ..objectives import methods
+    from ..training.config import Config
 
     base = Config()
     out: dict[str, list[tuple[str, dataclasses.Field, Any]]] = {}
@@ -49,7 +49,7 @@ def _setting_fields(sections: tuple[str, ...]) -> dict[str, list[tuple[str, data
 
 
 def _flag_type(hint: Any) -> dict[str, Any]:
-    from .settings import optional_inner
+    from ..base.settings import optional_inner
 
     inner, optional = optional_inner(hint)
     if inner is bool:
@@ -70,7 +70,7 @@ def _named(fn, name: str):
 
 def add_setting_flags(p: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
     """One flag per setting of the sections, dest "section.field"; for ``method``, also ``--method``."""
-    from .objectives import methods
+    from ..objectives import methods
 
     groups = {sec: p.add_argument_group(f"{sec} settings") for sec in sections}
     if "method" in sections:
@@ -99,7 +99,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _apply_on_resume(cfg, overrides: dict[str, Any]) -> None:
     """Apply flags to a resumed run's config: only settings marked resumable may change."""
-    from .presets import not_a_setting
+    from ..training.presets import not_a_setting
 
     fields = {f"{sec}.{f.name}": (flag, f) for flag, owners in _setting_fields(_ALL).items() for sec, f, _ in owners}
     for path, value in overrides.items():
@@ -149,8 +149,8 @@ def _check_data_path(cfg) -> None:
 
 
 def _default_preset(over: dict[str, Any]) -> str:
-    from .device import resolve_device
-    from .presets import default_preset
+    from ..base.device import resolve_device
+    from ..training.presets import default_preset
 
     data = over.get("data.path")
     if data is not None and not Path(data).expanduser().exists():
@@ -161,10 +161,10 @@ def _default_preset(over: dict[str, Any]) -> str:
 def _train_config(args):
     """(config, run folder): from the preset and flags, or from the run's checkpoint and the flags that may
     change on --resume."""
-    from .checkpoint import load_checkpoint
-    from .config import Config
-    from .presets import resolve
-    from .runlog import RunDir
+    from ..training.checkpoint import load_checkpoint
+    from ..training.config import Config
+    from ..training.presets import resolve
+    from ..training.runlog import RunDir
 
     if args.resume is not None and args.config:
         raise UserError("--config starts a new run; --resume continues one with its own config (change what may "
@@ -189,8 +189,8 @@ def _config_file(path: str, preset: str | None, over: dict[str, Any]) -> tuple[s
     """(the preset, the file's settings) of ``--config FILE``: its own "preset" key, else the default preset."""
     import difflib
 
-    from .config import check_method_keys, read_config_file
-    from .presets import PRESETS, resolve
+    from ..training.config import check_method_keys, read_config_file
+    from ..training.presets import PRESETS, resolve
 
     if preset is not None:
         raise UserError("--preset and --config together: the file names its own preset (put \"preset\": NAME in it) "
@@ -207,10 +207,10 @@ def _config_file(path: str, preset: str | None, over: dict[str, Any]) -> tuple[s
 
 
 def cmd_train(args) -> int:
-    from .device import resolve_device
-    from .dist import check_batch, device_for, setup, teardown
-    from .evaluate.protocol import summary
-    from .train import train
+    from ..base.device import resolve_device
+    from ..base.dist import check_batch, device_for, setup, teardown
+    from ..evaluate.protocol import summary
+    from ..training.loop import train
 
     _set_threads(args.threads)
     resuming = args.resume is not None
@@ -251,7 +251,7 @@ def cmd_train(args) -> int:
 
 
 def _race_parser(sub) -> None:
-    from .race import DEFAULT_METHODS
+    from ..training.race import DEFAULT_METHODS
 
     p = sub.add_parser("race", help="train every method under one budget; plot kNN against epoch (Fig. 3)")
     p.add_argument("--preset", default="cifar10-race", help="the shared setting (default cifar10-race)")
@@ -262,8 +262,8 @@ def _race_parser(sub) -> None:
 
 
 def cmd_race(args) -> int:
-    from .presets import resolve
-    from .race import check_methods, race, race_table
+    from ..training.presets import resolve
+    from ..training.race import check_methods, race, race_table
 
     over = _overrides(args)
     if "method.name" in over:
@@ -303,8 +303,8 @@ def _embed_parser(sub) -> None:
 
 
 def cmd_embed(args) -> int:
-    from .data.stream import default_workers
-    from .embedding import embed_folder
+    from ..collection.embedding import embed_folder
+    from ..data.stream import default_workers
 
     for flag, v, low in (("--batch-size", args.batch_size, 1), ("--shard-size", args.shard_size, 1),
                          ("--workers", args.workers, 0)):
@@ -337,9 +337,9 @@ def _search_parser(sub) -> None:
 
 
 def cmd_search(args) -> int:
-    from .device import resolve_device
-    from .embedding import Embedder
-    from .gallery import grid, run_search
+    from ..base.device import resolve_device
+    from ..collection.embedding import Embedder
+    from ..collection.search import grid, run_search
 
     if args.k < 1 or args.batch_size < 1 or args.max_rows < 1:
         raise UserError("--k, --batch-size and --max-rows must be >= 1")
@@ -378,7 +378,7 @@ def _index_parser(sub) -> None:
 
 
 def cmd_index(args) -> int:
-    from .index import build_index
+    from ..collection.index import build_index
 
     for flag in ("nlist", "nprobe", "m", "ef_search", "recall_queries"):
         v = getattr(args, flag)
@@ -410,8 +410,8 @@ def _serve_parser(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    from .device import resolve_device
-    from .serve import serve
+    from ..base.device import resolve_device
+    from ..serve.app import serve
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0 to 65535, got {args.port}")
@@ -433,7 +433,7 @@ def _export_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from ..collection.export import export
 
     res = export(args.checkpoint, args.format, Path(args.out) if args.out else None, args.atol)
     what = "architecture and input recipe" if res["format"] == "safetensors" else "preprocessing"
@@ -456,7 +456,7 @@ def _plot_parser(sub) -> None:
 
 
 def cmd_plot(args) -> int:
-    from .similarity import similarity_figure
+    from ..collection.similarity import similarity_figure
 
     if args.images < 2:
         raise UserError(f"--images must be >= 2, got {args.images}")
@@ -499,7 +499,7 @@ def _explore_parsers(sub) -> None:
 
 
 def cmd_cluster(args) -> int:
-    from .explore import cluster_folder
+    from ..collection.cluster import cluster_folder
 
     res = cluster_folder(args.embed_dir, args.k, args.seed, args.out, args.per_sheet, args.tile)
     print(f"{res['k']} clusters (sizes {', '.join(map(str, res['sizes']))}; inertia {res['inertia']:.4f}) -> "
@@ -508,7 +508,7 @@ def cmd_cluster(args) -> int:
 
 
 def cmd_duplicates(args) -> int:
-    from .explore import duplicates_folder
+    from ..collection.duplicates import duplicates_folder
 
     res = duplicates_folder(args.embed_dir, args.threshold, args.out, args.max_groups, args.tile, args.block)
     print(f"{res['groups']} near-duplicate groups, {res['images']} images at cosine >= {args.threshold:g} -> "
@@ -517,7 +517,7 @@ def cmd_duplicates(args) -> int:
 
 
 def cmd_map(args) -> int:
-    from .explore import map_folder
+    from ..collection.maps import map_folder
 
     res = map_folder(args.embed_dir, args.method, args.out, args.thumbs, args.seed)
     colour = f", coloured by {res['classes']} folders" if res["classes"] else ""
@@ -557,9 +557,9 @@ def _checkpoint_flags(p):
 
 
 def cmd_eval(args) -> int:
-    from .evaluate.linear import LinearRecipe
-    from .evaluate.protocol import summary
-    from .evaluate.report import Loaded, knn_result, linear_result, retrieval_result
+    from ..collection.evaluation import Loaded, knn_result, linear_result, retrieval_result
+    from ..evaluate.linear import LinearRecipe
+    from ..evaluate.protocol import summary
 
     if args.protocol == "linear" and (args.epochs < 1 or not args.lr > 0):
         raise UserError("--epochs must be >= 1 and --lr > 0")
@@ -610,8 +610,8 @@ def _bench_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
-    from .presets import resolve
+    from ..training.bench import run_bench
+    from ..training.presets import resolve
 
     cfg = resolve(args.preset, _overrides(args))
     if args.steps < 1:
@@ -619,7 +619,7 @@ def cmd_bench(args) -> int:
     if args.size is not None and args.size < 8:
         raise UserError(f"--size must be >= 8 pixels, got {args.size}")
     _set_threads(args.threads)
-    from .step import input_size
+    from ..training.step import input_size
 
     cfg.data.size = args.size or input_size(cfg) or 32  # the synthetic images are stored at this side
     res = run_bench(cfg, steps=args.steps, size=cfg.data.size)
@@ -654,7 +654,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_presets(args) -> int:
-    from .presets import PRESETS, resolve
+    from ..training.presets import PRESETS, resolve
 
     for name, p in PRESETS.items():
         doc = p.doc.split(";")[0] if len(p.doc) > 100 else p.doc
@@ -666,7 +666,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .objectives import methods
+    from ..objectives import methods
 
     for name, m in sorted(methods().items()):
         print(f"{name:16s} {m.summary}")
@@ -674,7 +674,7 @@ def cmd_methods(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(prog="isif", description="Unsupervised embedding learning via Invariant and Spreading "
                                               "Instance Feature (Ye et al., CVPR 2019).")
@@ -690,8 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointWriteError
-    from .train import Interrupted, TrainingDiverged
+    from ..training.checkpoint import CheckpointWriteError
+    from ..training.loop import Interrupted, TrainingDiverged
 
     commands = {"train": cmd_train, "race": cmd_race, "eval": cmd_eval, "bench": cmd_bench, "embed": cmd_embed,
                 "index": cmd_index, "search": cmd_search, "serve": cmd_serve, "export": cmd_export, "plot": cmd_plot,

@@ -6,7 +6,7 @@ embedding. How to get from a photo to that tensor (the resize and crop) is
 written beside the model as ``<out>.json``.
 
 ``safetensors`` writes the weights only (``model.state_dict()``, no optimiser, no pickle) with the
-architecture and input recipe as the file's ``"isif"`` metadata (see ``isif.weights``), and the same JSON
+architecture and input recipe as the file's ``"isif"`` metadata (see ``isif.models.weights``), and the same JSON
 beside it; ``isif.load_model`` and ``--weights`` read it back.
 """
 
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_model, resolve_checkpoint
+from ..base.errors import UserError
+from ..base.files import atomic_write_bytes, sha256_file
+from ..training.checkpoint import load_model, resolve_checkpoint
 from .embedding import input_spec
-from .errors import UserError
-from .io import atomic_write_bytes, sha256_file
 
 
 class Exportable(nn.Module):
@@ -160,8 +160,8 @@ def _torchscript(net: nn.Module, example: torch.Tensor, check: torch.Tensor) -> 
 
 def safetensors_metadata(path: Path, cfg, spec: dict) -> dict:
     """The ``"isif"`` metadata of a safetensors export: architecture, input recipe, precision, provenance."""
-    from . import __version__
-    from .weights import FORMAT_VERSION
+    from .. import __version__
+    from ..models.weights import FORMAT_VERSION
 
     return {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(cfg.model),
             "input": {"size": spec["size"], "mean": list(spec["mean"]), "std": list(spec["std"]),
@@ -173,8 +173,8 @@ def safetensors_metadata(path: Path, cfg, spec: dict) -> dict:
 def export_safetensors(checkpoint: str, out: Path | None = None, atol: float = 1e-5, check_batch: int = 4) -> dict:
     """The network's weights as stored (no optimiser) in ``out`` (default CHECKPOINT.safetensors) with the
     metadata inside and in ``<out>.json``; read back with ``isif.load_model`` and compared on a fresh batch."""
-    from .api import load_model as load_public
-    from .weights import write_safetensors
+    from ..api import load_model as load_public
+    from ..models.weights import write_safetensors
 
     path = resolve_checkpoint(checkpoint)
     model, cfg, state = load_model(path, "cpu")

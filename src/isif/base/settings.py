@@ -3,7 +3,7 @@
 Every part of isif that has settings (the data source, the backbone, each
 method, augmentation, the optimiser, the sampler, evaluation, the loop)
 declares them as a small dataclass whose fields are made with ``setting``.
-From those fields the command line gets its flags (``isif.cli``), the config
+From those fields the command line gets its flags (``isif.cli.main``), the config
 its validation, and ``--resume`` its rule of what may change.
 """
 

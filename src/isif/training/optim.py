@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .settings import MOMENTUM, NON_NEGATIVE, POSITIVE, one_of, setting
+from ..base.settings import MOMENTUM, NON_NEGATIVE, POSITIVE, one_of, setting
 
 
 @dataclass
