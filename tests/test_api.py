@@ -18,7 +18,7 @@ import isif
 from isif import UserError, embed, load_model
 from isif.cli.main import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "api.md"  # the examples of the Python API page
 PUBLIC = {
     "InvariantSpreading", "NPSoftmax", "NCE", "Exemplar", "Triplet", "DeepCluster", "build_objective", "methods",
     "LoadedModel", "ImageTransform", "load_model", "embed",
@@ -36,9 +36,9 @@ def run(tmp_path_factory):
 
 
 def readme_example(name: str) -> str:
-    """The python block after ``<!-- example: NAME -->`` in README.md."""
+    """The python block after ``<!-- example: NAME -->`` in docs/api.md."""
     m = re.search(rf"<!-- example: {name} -->\n```python\n(.*?)```", README.read_text(), re.S)
-    assert m, f"README.md has no example {name}"
+    assert m, f"docs/api.md has no example {name}"
     return m.group(1)
 
 
