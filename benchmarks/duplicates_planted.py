@@ -19,22 +19,49 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import shutil
 import sys
 import time
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from isif.cli.main import main as isif_main
-from isif.collection.duplicates import duplicate_groups, grouped_pair_scores
+from isif.cli import main as isif_main
+from isif.collection.duplicates import duplicate_groups
 from isif.collection.embed_dir import load_embed_dir
 from isif.data.decode import decode_rgb, is_image_name
 
 KINDS = ("jpeg50", "resize40", "hflip")
 REPO = Path(__file__).resolve().parents[1]
+
+
+def planted_pair_scores(found_pairs: Iterable, planted_pairs: Iterable) -> tuple[float, float]:
+    """(precision, recall) of found pairs against planted pairs, both unordered ((a, b) == (b, a)).
+
+    A found pair is true when it is a planted pair. Found pairs usually come from ``group_pairs`` of the groups
+    (``isif.collection.duplicates``), so a group of n counts as all its n(n-1)/2 pairs: a planted pair whose
+    members share a group is recalled, and every other pair in that group counts against precision. Precision is
+    nan when nothing was found, recall nan when nothing was planted.
+    """
+    found = {frozenset(p) for p in found_pairs}
+    planted = {frozenset(p) for p in planted_pairs}
+    hits = len(found & planted)
+    return (hits / len(found) if found else math.nan), (hits / len(planted) if planted else math.nan)
+
+
+def grouped_pair_scores(groups: Iterable[Iterable], planted_pairs: Iterable) -> tuple[float, float]:
+    """``planted_pair_scores(group_pairs(groups), planted_pairs)`` without listing the pairs (a group of n holds
+    n(n-1)/2 of them, too many to list when a poor embedding makes one giant group). Groups must be disjoint."""
+    groups = [list(g) for g in groups]
+    where = {m: gi for gi, g in enumerate(groups) for m in g}
+    found = sum(len(g) * (len(g) - 1) // 2 for g in groups)
+    planted = {frozenset(p) for p in planted_pairs}
+    hits = sum(1 for p in planted if len(p) == 2 and len({where.get(m, ("alone", m)) for m in p}) == 1)
+    return (hits / found if found else math.nan), (hits / len(planted) if planted else math.nan)
 
 
 def round_robin_test_images(zf: zipfile.ZipFile, limit: int | None) -> list[str]:

@@ -209,7 +209,7 @@ def latency(rows: list) -> str:
 
 
 def report(before: dict, after: dict, base: list, hostile: list, during: list, wall: float, args) -> int:
-    from isif.serve.app import decode_slots
+    from isif.serve.guard import decode_slots
 
     slots = decode_slots(int(args.max_upload_mib * 2**20))
     print(f"{args.clients} attackers x {args.requests} uploads, {len(hostile)} sent in {wall:.1f} s on 127.0.0.1, "

@@ -53,7 +53,7 @@ def write_image_tree(root: Path, n_classes: int = 4, train_per_class: int = 16, 
 def train_tiny_run(base: Path, *flags: str) -> tuple[Path, Path]:
     """(a run folder trained for one epoch of cifar10-tiny at 1/32 width on a small 3-class image tree, the
     tree): seconds; ``flags`` are added to the train command."""
-    from isif.cli.main import main
+    from isif.cli import main
 
     tree = write_image_tree(base / "tree", n_classes=3, train_per_class=8, test_per_class=4)
     run = base / "run"

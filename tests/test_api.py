@@ -16,7 +16,7 @@ from PIL import Image
 
 import isif
 from isif import UserError, embed, load_model
-from isif.cli.main import main
+from isif.cli import main
 
 README = Path(__file__).resolve().parents[1] / "docs" / "api.md"  # the examples of the Python API page
 PUBLIC = {

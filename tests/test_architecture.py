@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert len(graph) > 40 and "isif.training.loop" in graph["isif.cli.main"]
+    assert len(graph) > 40 and "isif.training.loop" in graph["isif.cli.train"]
     assert cycles(graph) == []
 
 
@@ -114,7 +115,7 @@ def test_imports_run_one_way_down_the_layers():
 def test_the_layer_check_finds_an_upward_import():
     assert layer_of("isif.base.errors") < layer_of("isif.data.decode") < layer_of("isif.training.loop")
     assert layer_of("isif.training.loop") < layer_of("isif.collection.index") < layer_of("isif.serve.app")
-    assert layer_of("isif.serve.app") < layer_of("isif") < layer_of("isif.cli.main")
+    assert layer_of("isif.serve.app") < layer_of("isif") < layer_of("isif.cli.train")
 
 
 def test_the_package_has_no_flat_modules_but_its_facade():
@@ -153,10 +154,60 @@ def test_every_method_satisfies_the_contract():
 
 
 def test_every_setting_has_one_flag_and_help():
-    from isif.cli.main import _ALL, _setting_fields
+    from isif.training.config import SECTIONS
+    from isif.training.options import setting_fields
 
-    flags = _setting_fields(_ALL)
+    flags = setting_fields(SECTIONS)
     for flag, owners in flags.items():
         assert flag.startswith("--") and owners[0][1].metadata.get("help"), flag
         types = {str(h) for _, _, h in owners}
         assert len(types) == 1, (flag, types)  # a flag shared by several methods means one thing
+
+
+def _commands():
+    from isif.cli import COMMANDS
+
+    for cmd in COMMANDS:
+        yield from ((f"{cmd.name} {c.name}", c) for c in cmd.sub) if cmd.sub else [(cmd.name, cmd)]
+
+
+@pytest.mark.parametrize("name, cmd", list(_commands()), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_commands_options_are_settings_with_help_and_a_uniform_check(name, cmd):
+    """Each command's options: a dataclass of ``setting`` fields, each with help; the flags are generated from
+    them (argparse refuses a flag given twice, so a clash with a config setting fails the parser), and a value
+    outside a field's check is refused in the one wording."""
+    import dataclasses
+
+    from isif.base.settings import check_fields, flag_name
+    from isif.cli import build_parser
+
+    build_parser()
+    assert cmd.run is not None, name
+    if cmd.options is None:
+        return
+    seen = set()
+    for f in dataclasses.fields(cmd.options):
+        if not f.metadata.get("cli", True):
+            continue
+        assert f.metadata.get("help"), (name, f.name)
+        assert flag_name(f) not in seen, (name, f.name)
+        seen.add(flag_name(f))
+        check = f.metadata.get("check")
+        if check is not None and not f.metadata.get("positional"):
+            required = {g.name: "x" for g in dataclasses.fields(cmd.options) if g.default is dataclasses.MISSING
+                        and g.default_factory is dataclasses.MISSING}
+            low = -(10 ** 9)
+            value = "not-a-value" if check.choices else (low,) if "tuple" in str(f.type) else low
+            bad = cmd.options(**{**required, f.name: value})
+            with pytest.raises(ValueError, match=f"^{flag_name(f)} must be {re.escape(check.words)}, got "):
+                check_fields(bad)
+
+
+def test_one_list_of_commands_and_the_docstring_does_not_repeat_it():
+    import isif.cli
+    from isif.cli import COMMANDS, build_parser
+
+    names = [c.name for c in COMMANDS]
+    parser_names = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert list(parser_names) == names and len(set(names)) == len(names) == 15
+    assert "COMMANDS" in isif.cli.__doc__

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from isif.cli.main import main
+from isif.cli import main
 
 from .conftest import CIFAR_ZIP, requires_cifar
 
@@ -53,6 +53,53 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     assert_one_line_error(code, err, needle)
 
 
+# Every command's options are settings: a value outside a field's check is refused before anything is read, in the
+# one wording "FLAG must be ..., got VALUE" (the paths below need not exist).
+@pytest.mark.parametrize("argv, needle", [
+    (["embed", "c.pt", "f", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["embed", "c.pt", "f", "--workers", "-1"], "--workers must be >= 0, got -1"),
+    (["search", "c.pt", "q.png", "--gallery", "g", "--k", "0"], "--k must be >= 1, got 0"),
+    (["search", "c.pt", "q.png", "--gallery", "g", "--tile", "16"], "--tile must be >= 32, got 16"),
+    (["search", "c.pt", "q.png"], "the following arguments are required: --gallery"),
+    (["index", "e", "--kind", "flat"], "--kind must be one of auto, exact, ivf, hnsw, got 'flat'"),
+    (["index", "e", "--ef-search", "0"], "--ef-search must be >= 1, got 0"),
+    (["serve", "e", "--port", "70000"], "--port must be in [0, 65535], got 70000"),
+    (["export", "c.pt", "--format", "keras"], "--format must be one of torchscript, onnx, safetensors, got 'keras'"),
+    (["cluster", "e", "--k", "2", "--tile", "8"], "--tile must be >= 16, got 8"),
+    (["duplicates", "e", "--block", "0"], "--block must be >= 1, got 0"),
+    (["map", "e", "--method", "tsne"], "--method must be one of auto, umap, pca, got 'tsne'"),
+    (["eval", "knn", "--checkpoint", "c.pt", "--sigma", "0"], "--sigma must be > 0, got 0.0"),
+    (["eval", "retrieval", "--checkpoint", "c.pt", "--ks", "0,4"], "--ks must be one or more values, each >= 1"),
+    (["eval", "retrieval", "--checkpoint", "c.pt", "--ks", "a,b"], "expected comma-separated integers"),
+    (["eval", "linear", "--checkpoint", "c.pt", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["eval", "linear", "--checkpoint", "c.pt", "--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["eval"], "required: protocol"),
+    (["plot", "similarity", "r", "--images", "1"], "--images must be >= 2, got 1"),
+    (["race", "--method", "isif"], "isif race takes --methods A,B,C, not --method"),
+    (["race", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["bench", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["train", "--config", "a.json", "--resume", "r"], "--config starts a new run"),
+    (["train", "--milestones", "x"], "argument --milestones: expected comma-separated integers, got 'x'"),
+])
+def test_every_commands_range_errors_read_the_same(capsys, argv, needle):
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, needle)
+
+
+def test_options_build_from_their_defaults_and_the_flags():
+    from isif.cli import build_parser
+    from isif.cli.flags import options_from
+
+    args = build_parser().parse_args(["plot", "similarity", "r", "--compare", "a", "--compare", "b"])
+    o = options_from(args, args.command_)
+    assert (o.run, o.compare, o.images, o.seed, o.out) == ("r", ["a", "b"], 5000, 0, None)
+    args = build_parser().parse_args(["train", "--resume", "--out", "x", "--epochs", "3", "--no-flip"])
+    o = options_from(args, args.command_)
+    assert (o.resume, o.out, o.settings) == (True, "x", {"train.epochs": 3, "augment.flip": False})
+    args = build_parser().parse_args(["search", "c.pt", "q1", "q2", "--gallery", "g"])
+    assert options_from(args, args.command_).queries == ["q1", "q2"]
+
+
 def test_cuda_device_without_cuda_is_a_user_error(capsys, image_tree, tmp_path):
     import torch
 
@@ -83,8 +130,10 @@ def test_train_resume_eval_on_a_folder(capsys, tmp_path, image_tree):
     # resume may extend the epochs but not change the model
     code, _, err = run_cli(capsys, "train", "--resume", str(out), "--width", "0.5")
     assert_one_line_error(code, err, "cannot change on --resume")
-    code, stdout, err = run_cli(capsys, "train", "--resume", str(out), "--epochs", "2", "--quiet")
+    code, stdout, err = run_cli(capsys, "train", "--resume", str(out), "--epochs", "2")
     assert code == 0, err
+    assert err.count("isif: resuming") == 1 and "isif: training" not in err  # one banner, the loop's
+    assert stdout.count("kNN top-1") == 1 and stdout.strip().endswith(f"run folder: {out}")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     code, stdout, err = run_cli(capsys, "eval", "knn", "--checkpoint", str(out), "--json")

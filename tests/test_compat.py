@@ -21,10 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-from isif.cli.main import main
-from isif.training.checkpoint import load_checkpoint, load_model
+from isif.cli import main
+from isif.training.checkpoint import load_checkpoint, load_trained
 from isif.training.config import Config
-from isif.training.presets import PRESETS, preset
+from isif.training.presets import PRESETS, resolve
 
 from .conftest import write_image_tree
 
@@ -36,7 +36,7 @@ def test_every_preset_of_the_previous_release_resolves_to_the_same_config():
     old = json.loads((FIX / "presets-main-c7df253.json").read_text())
     assert set(old) <= set(PRESETS)  # presets added since are new; none of the old ones may go or change
     for name, d in old.items():
-        assert Config.from_dict(d).to_dict() == preset(name).to_dict(), name
+        assert Config.from_dict(d).to_dict() == resolve(name).to_dict(), name
 
 
 def test_old_checkpoint_resumes_to_the_numbers_the_old_code_gave(tmp_path, capsys):
@@ -79,7 +79,7 @@ def test_old_checkpoint_evaluates_and_exports(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert (res["epoch"], res["k"], res["sigma"], res["train_images"], res["test_images"]) == (1, 20, 0.1, 64, 24)
     # the checkpoint's network in float64 on the PNGs, normalised by its recorded input recipe
-    model, _, state = load_model(OLD, "cpu")
+    model, _, state = load_trained(OLD, "cpu")
     net = model.double().eval()
     mean = torch.tensor(state["input"]["mean"], dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor(state["input"]["std"], dtype=torch.float64).view(1, 3, 1, 1)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from isif.cli.main import main
+from isif.cli import main
 from isif.training.config import Config
-from isif.training.presets import preset
+from isif.training.presets import resolve
 
 from .test_cli import assert_one_line_error
 
@@ -66,7 +66,7 @@ method: {{temperature: 0.2}}
 log: {{logger: none, every: 5}}
 """)
     got = dry_run(capsys, "--config", str(file), "--out", str(tmp_path / "r"))
-    want = preset("cifar10-tiny")
+    want = resolve("cifar10-tiny")
     want.data.dataset, want.data.path, want.data.test_subset = "folder", str(image_tree), None
     want.optim.lr, want.optim.milestones, want.method.settings.temperature = 0.01, (3, 6), 0.2
     want.log.logger, want.log.every = "none", 5
@@ -100,7 +100,7 @@ def test_an_old_v1_config_and_a_custom_config_are_valid_files(tmp_path, image_tr
     old = json.loads((FIX / "presets-main-c7df253.json").read_text())["cifar10-tiny"]  # no "version": v1
     old["data"].update(dataset="folder", path=str(image_tree))
     got = dry_run(capsys, "--config", str(write(tmp_path / "v1.json", json.dumps(old))), "--out", str(tmp_path / "a"))
-    want = preset("cifar10-tiny")
+    want = resolve("cifar10-tiny")
     want.data.dataset, want.data.path = "folder", str(image_tree)
     assert Config.from_dict(got) == want
     custom = Config()  # built in Python: preset "custom", the defaults

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ import torch
 from isif.base.errors import UserError
 from isif.data import cifar
 from isif.data.decode import BadImage, decode_rgb
+from isif.data.registry import SOURCES, labelled_layout
 from isif.data.types import Request
+from isif.training.presets import default_preset
 
 from .conftest import CIFAR_ZIP, requires_cifar, write_cifar_batches, write_image_tree
 
@@ -144,3 +147,41 @@ def test_stratified_subset(tmp_path):
     sub = s.train.subset(8)
     assert torch.bincount(sub.labels).tolist() == [2, 2, 2, 2]
     assert s.train.subset(None) is s.train and s.train.subset(10_000) is s.train
+
+
+# ----------------------------------------------------------------------------- layout detection, by the registry
+
+MARKED = sorted(n for n, s in SOURCES.items() if s.markers)
+
+
+@pytest.mark.parametrize("name", MARKED)
+def test_a_folder_with_a_sources_markers_is_its_layout(tmp_path, name):
+    src = SOURCES[name]
+    for m in src.markers:
+        (tmp_path / m).touch()
+    assert src.detects(tmp_path) and labelled_layout(str(tmp_path)) == src.labelled
+    (tmp_path / src.markers[-1]).unlink()  # every marker is needed
+    assert not src.detects(tmp_path)
+
+
+def test_detection_asks_each_of_the_sources(tmp_path):
+    def which(p) -> list[str]:
+        return sorted(n for n, s in SOURCES.items() if s.detects(p))
+
+    batches = write_cifar_batches(tmp_path / "c", per_batch=10)
+    tree = write_image_tree(tmp_path / "tree", n_classes=2, train_per_class=1, test_per_class=1)
+    archive = shutil.make_archive(str(tmp_path / "tree"), "zip", tree)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(next((tree / "train" / "class0").iterdir()), flat / "a.png")
+    (tmp_path / "x.txt").write_text("hi")
+    assert which(batches) == which(batches.parent) == ["cifar10", "folder"]
+    assert which(tree) == ["cifar10", "folder", "images"] and which(Path(archive)) == ["cifar10", "folder"]
+    assert which(flat) == which(tmp_path / "x.txt") == which(tmp_path / "nope") == []
+    assert [labelled_layout(str(p)) for p in (batches, tree, archive, flat)] == [True, True, True, False]
+
+
+def test_the_sources_say_which_have_labels():
+    assert [n for n, s in SOURCES.items() if not s.labelled] == ["unlabelled"]
+    assert default_preset(None, "unlabelled", "cpu") == "images-cpu" and default_preset(None, "csv", "cpu") == (
+        "cifar10-cpu")  # an unknown name is the config's error to report, not the preset's

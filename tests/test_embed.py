@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from isif.cli.main import main
+from isif.cli import main
 from isif.data.augment import PlainTransform
 from isif.evaluate import extract_features
-from isif.training.checkpoint import load_model
+from isif.training.checkpoint import load_trained
 
 
 def test_embed_folder_matches_the_model_and_handles_broken_files(tmp_path, image_tree, capsys):
@@ -34,7 +34,7 @@ def test_embed_folder_matches_the_model_and_handles_broken_files(tmp_path, image
     assert z.shape == (4, 128) and paths == ["0.png", "1.png", "sub/2.png", "wide.jpg"]
     assert np.allclose(np.linalg.norm(z, axis=1), 1, atol=1e-5)
     # the same images through the training-time feature extractor give the same embeddings
-    model, cfg, state = load_model(run)
+    model, cfg, state = load_trained(run)
     spec = state["input"]
     ref = extract_features(model, torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(),
                            PlainTransform(spec["size"], tuple(spec["mean"]), tuple(spec["std"])))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from isif.cli.main import main
+from isif.cli import main
 
 from .conftest import write_image_tree
 

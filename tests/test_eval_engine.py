@@ -256,7 +256,7 @@ def test_without_faiss_auto_is_torch_and_faiss_names_the_install(monkeypatch):
 def test_eval_engine_is_a_setting_and_old_configs_load_without_it(tmp_path, image_tree, capsys):
     import json
 
-    from isif.cli.main import main
+    from isif.cli import main
 
     d = Config().to_dict()
     assert d["eval"]["engine"] == "auto"

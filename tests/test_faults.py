@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from isif.base.errors import UserError
-from isif.cli.main import main
+from isif.cli import main
 from isif.training.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]

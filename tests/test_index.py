@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install 'isif[search]')")
 
+from isif.cli import main  # noqa: E402
 from isif.collection import index as ix  # noqa: E402
-from isif.cli.main import main  # noqa: E402
 
 from .test_embed_scale import photos, run  # noqa: E402,F401  (the module's trained checkpoint)
 

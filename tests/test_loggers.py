@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from isif.cli.main import main
+from isif.cli import main
 from isif.training.config import Config
 from isif.training.loop import Interrupted, train
 
@@ -36,9 +36,10 @@ def next_second() -> None:
 
 
 def test_logger_and_log_every_are_settings_that_may_change_on_resume():
-    from isif.cli.main import _ALL, _setting_fields
+    from isif.training.config import SECTIONS
+    from isif.training.options import setting_fields
 
-    flags = _setting_fields(_ALL)
+    flags = setting_fields(SECTIONS)
     for flag in ("--logger", "--log-every"):
         (sec, f, _), = flags[flag]
         assert sec == "log" and f.metadata["resume"], flag

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from isif.cli.main import main
+from isif.cli import main
 from isif.data.types import ArrayDataset, Splits
 from isif.training.checkpoint import load_checkpoint, save_checkpoint
 from isif.training.loop import Interrupted, train

@@ -99,7 +99,7 @@ def test_nmi_matches_reference_and_closed_forms():
 def test_eval_retrieval_command_on_a_folder_run(tmp_path, image_tree, capsys):
     import json
 
-    from isif.cli.main import main
+    from isif.cli import main
 
     run = tmp_path / "run"
     assert main(["train", "--preset", "cifar10-tiny", "--dataset", "folder", "--data", str(image_tree), "--width",

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from isif import UserError, embed, load_model
 from isif.base.files import sha256_file
-from isif.cli.main import main
+from isif.cli import main
 from isif.models import ModelConfig, build_model
 from isif.models.weights import read_state_dict, write_safetensors
 from isif.training.checkpoint import load_checkpoint

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from isif.cli.main import main
+from isif.cli import main
 from isif.collection.search import search
 
 
@@ -101,7 +101,7 @@ def test_search_cli_prints_neighbours_and_writes_a_grid(tiny_run, tmp_path, caps
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_gives_the_checkpoints_embeddings(tiny_run, tmp_path, fmt, capsys):
     from isif.data.augment import normalize
-    from isif.training.checkpoint import load_model
+    from isif.training.checkpoint import load_trained
 
     if fmt == "onnx":
         pytest.importorskip("onnxruntime", reason="pip install 'isif[onnx]' for the ONNX export")
@@ -111,7 +111,7 @@ def test_export_gives_the_checkpoints_embeddings(tiny_run, tmp_path, fmt, capsys
     assert "max |difference|" in capsys.readouterr().out
     spec = json.loads((tmp_path / f"model.{fmt}.json").read_text())
     assert spec["input"] == [None, 3, 32, 32] and spec["max_abs_diff"] <= 1e-5
-    model, _, state = load_model(run)
+    model, _, state = load_trained(run)
     x = torch.rand(7, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     mean = torch.tensor(state["input"]["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(state["input"]["std"]).view(1, 3, 1, 1)
@@ -137,7 +137,7 @@ def test_export_refuses_bad_input(tiny_run, tmp_path, capsys):
     assert main(["export", str(run), "--format", "keras"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(x.startswith("isif: error: ") for x in err), err
-    assert "missing.pt" in err[0] and "invalid choice: 'keras'" in err[1]
+    assert "missing.pt" in err[0] and "--format must be one of torchscript, onnx, safetensors, got 'keras'" in err[1]
 
 
 @pytest.mark.parametrize("fmt, name", [("torchscript", "m.pt"), ("onnx", "m.onnx"), ("safetensors", "m.safetensors")])

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from isif.base.errors import UserError
-from isif.cli.main import main
+from isif.cli import main
 from isif.data.registry import DataConfig
 from isif.data.registry import load_dataset as _load_dataset
 from isif.evaluate.linear import LinearRecipe, linear_probe
-from isif.training.presets import preset
+from isif.training.presets import resolve
 
 from .conftest import write_image_tree
 
@@ -105,7 +105,7 @@ def test_linear_probe_separable_and_chance():
 
 
 def test_ablation_presets_change_exactly_one_thing():
-    base = preset("cifar10").to_dict()
+    base = resolve("cifar10").to_dict()
     expected = {
         "cifar10-no-crop": {("augment", "crop_scale"): None},
         "cifar10-no-gray": {("augment", "grayscale_p"): 0.0},
@@ -117,10 +117,10 @@ def test_ablation_presets_change_exactly_one_thing():
                            ("augment", "grayscale_p"): 0.0, ("augment", "flip"): False},
     }
     for name, changes in expected.items():
-        d = preset(name).validate().to_dict()
+        d = resolve(name).validate().to_dict()
         diff = {(sec, k): v for sec in d if isinstance(d[sec], dict) for k, v in d[sec].items() if base[sec][k] != v}
         assert diff == changes, name
-    assert preset("stl10-105k").data.split == "train+unlabeled" and preset("stl10").data.dataset == "stl10"
+    assert resolve("stl10-105k").data.split == "train+unlabeled" and resolve("stl10").data.dataset == "stl10"
 
 
 def _cli(capsys, *argv):
@@ -167,9 +167,9 @@ def _tree(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _checkpoint_net(run: Path):
     """(the run's network in eval mode, a function normalising [0, 1] images by its recorded input recipe)."""
-    from isif.training.checkpoint import load_model, resolve_checkpoint
+    from isif.training.checkpoint import load_trained, resolve_checkpoint
 
-    model, _, state = load_model(resolve_checkpoint(run), "cpu")
+    model, _, state = load_trained(resolve_checkpoint(run), "cpu")
     mean = torch.tensor(state["input"]["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(state["input"]["std"]).view(1, 3, 1, 1)
     return model.eval(), lambda x: (x - mean.to(x.dtype)) / std.to(x.dtype)
@@ -234,7 +234,7 @@ def test_stl10_105k_style_training_uses_labelled_bank(tmp_path, monkeypatch):
     import isif.training.loop as train_mod
 
     folder, images = write_stl10(tmp_path, n_train=6, n_test=4, n_unl=10)
-    cfg = preset("stl10-105k")
+    cfg = resolve("stl10-105k")
     cfg.data.path = str(folder)
     cfg.model.width = 0.03125
     cfg.train.batch_size = 4

@@ -36,9 +36,12 @@ try:
 except RuntimeError:  # its HTTP client is missing
     _missing("httpx2 (the test client of FastAPI) is not installed (pip install httpx2)")
 
-import isif.serve.app  # noqa: E402
-from isif.cli.main import main  # noqa: E402
-from isif.serve.app import Collection, bind, create_app, serve  # noqa: E402
+import isif.serve.errors  # noqa: E402
+import isif.serve.guard  # noqa: E402
+import isif.serve.routes  # noqa: E402
+from isif.cli import main  # noqa: E402
+from isif.serve.app import bind, create_app, serve  # noqa: E402
+from isif.serve.collection import Collection  # noqa: E402
 
 from .test_embed_scale import photos, run  # noqa: E402,F401  (the module's trained checkpoint)
 from .test_unlabelled import _png_with_size  # noqa: E402
@@ -358,10 +361,10 @@ def test_the_loopback_names_are_answered(client, host):
 
 
 def test_the_hosts_are_those_the_server_was_started_for(collection):
-    assert isif.serve.app.allowed_hosts("127.0.0.1", 5000) == ("127.0.0.1:5000", "localhost:5000", "[::1]:5000")
-    assert isif.serve.app.allowed_hosts("::1", 80)[:2] == ("[::1]:80", "[::1]")  # browsers leave port 80 out
-    assert isif.serve.app.allowed_hosts("10.1.2.3", 5000)[0] == "10.1.2.3:5000"  # the one to name in errors
-    wild = isif.serve.app.allowed_hosts("0.0.0.0", 5000)
+    assert isif.serve.guard.allowed_hosts("127.0.0.1", 5000) == ("127.0.0.1:5000", "localhost:5000", "[::1]:5000")
+    assert isif.serve.guard.allowed_hosts("::1", 80)[:2] == ("[::1]:80", "[::1]")  # browsers leave port 80 out
+    assert isif.serve.guard.allowed_hosts("10.1.2.3", 5000)[0] == "10.1.2.3:5000"  # the one to name in errors
+    wild = isif.serve.guard.allowed_hosts("0.0.0.0", 5000)
     assert {"0.0.0.0:5000", f"{socket.gethostname().lower()}:5000", "127.0.0.1:5000"} <= set(wild)
     c = client_of(create_app(Collection(collection), hosts=("photos.lan:9000",)))
     assert c.get("http://photos.lan:9000/api/info").status_code == 200
@@ -415,7 +418,7 @@ def test_the_page_runs_under_its_content_security_policy():
     """No inline script, style or handler, nothing from another origin: what script-src/style-src 'self' allow."""
     import re
 
-    web = ROOT / "src" / "isif" / "web"
+    web = ROOT / "src" / "isif" / "serve" / "web"
     html = (web / "index.html").read_text()
     assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/static/app.js">']
     assert "<style" not in html and not re.search(r"\sstyle\s*=", html)
@@ -443,13 +446,13 @@ def _blocked_embedder(col: Collection) -> tuple[threading.Event, threading.Event
 def test_decodes_beyond_the_slots_get_503_and_searches_by_id_do_not_wait(collection, monkeypatch):
     col = Collection(collection)
     reads = []
-    real_upload = isif.serve.app._upload
+    real_upload = isif.serve.routes._upload
 
     async def counted(request):
         reads.append(1)
         return await real_upload(request)
 
-    monkeypatch.setattr(isif.serve.app, "_upload", counted)
+    monkeypatch.setattr(isif.serve.routes, "_upload", counted)
     png = (Path(json.loads((collection / "index.json").read_text())["root"]) /
            (collection / "paths.txt").read_text().split()[3]).read_bytes()
     with TestClient(create_app(col, max_upload_mib=1.0, default_k=5, decodes=1, wait_s=0.05), base_url=BASE) as c:
@@ -478,12 +481,12 @@ def test_decodes_beyond_the_slots_get_503_and_searches_by_id_do_not_wait(collect
 
 def test_decode_slots_queue_a_few_and_refuse_the_rest_at_once():
     async def scenario():
-        slots = isif.serve.app.DecodeSlots(1, wait_s=60, queue=1)
+        slots = isif.serve.guard.DecodeSlots(1, wait_s=60, queue=1)
         await slots.acquire()
         waiter = asyncio.ensure_future(slots.acquire())
         await asyncio.sleep(0)
         assert slots.waiting == 1 and not waiter.done()
-        with pytest.raises(isif.serve.app.RequestError) as e:  # the queue is full: refused without waiting
+        with pytest.raises(isif.serve.errors.RequestError) as e:  # the queue is full: refused without waiting
             await slots.acquire()
         assert e.value.status == 503 and e.value.headers == {"Retry-After": "2"}
         slots.release()
@@ -494,8 +497,8 @@ def test_decode_slots_queue_a_few_and_refuse_the_rest_at_once():
             pass
 
     asyncio.run(scenario())
-    assert isif.serve.app.decode_slots(2**20) >= 1
-    assert isif.serve.app.decode_slots(2**50) == 1  # more than the machine holds: still one at a time
+    assert isif.serve.guard.decode_slots(2**20) >= 1
+    assert isif.serve.guard.decode_slots(2**50) == 1  # more than the machine holds: still one at a time
 
 
 def _blocked_module(name: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from isif.cli.main import main  # noqa: E402
+from isif.cli import main  # noqa: E402
 from isif.serve.app import serve  # noqa: E402
 
 from .test_embed_scale import photos, run  # noqa: E402,F401  (the module's trained checkpoint)

@@ -11,7 +11,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from isif.base.errors import UserError
-from isif.cli.main import main
+from isif.cli import main
 from isif.data.augment import BatchAugment, PlainTransform, sample_fixed_crop_params
 from isif.data.registry import DataConfig, load_dataset
 from isif.data.stream import FileImages, load_file, scan
@@ -188,11 +188,11 @@ def test_embed_uses_the_streamed_test_transform(tmp_path):
     """A checkpoint trained on a streamed set embeds files as its evaluation did: 256x256 resize, centre crop."""
     from isif.collection.embedding import Embedder
     from isif.evaluate import extract_features
-    from isif.training.checkpoint import load_model
+    from isif.training.checkpoint import load_trained
 
     root = write_cub(tmp_path / "CUB_200_2011", n_classes=200, per_class=1)
     assert _train_cub(root, tmp_path / "run", "--workers", "0", "--epochs", "1", "--nn-positive", "0") == 0
-    model, cfg, state = load_model(tmp_path / "run")
+    model, cfg, state = load_trained(tmp_path / "run")
     splits = load_streaming("cub200", root, workers=0)
     plain = PlainTransform(32, splits.mean, splits.std, center_crop=True)
     ref = extract_features(model, splits.test.images[:20], plain)

@@ -16,7 +16,7 @@ import torch
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install 'isif[timm]')")
 
 from isif.base.errors import UserError  # noqa: E402
-from isif.cli.main import main  # noqa: E402
+from isif.cli import main  # noqa: E402
 from isif.models import ModelConfig, build_model, input_recipe, timm_nets  # noqa: E402
 from isif.training.loop import Interrupted, train  # noqa: E402
 from isif.training.step import input_size  # noqa: E402

@@ -14,7 +14,7 @@ from isif.training.checkpoint import load_checkpoint
 from isif.training.config import Config
 from isif.training.loop import Interrupted, TrainingDiverged, train
 from isif.training.optim import lr_at as _lr_at
-from isif.training.presets import preset
+from isif.training.presets import resolve
 
 from .conftest import use_method
 
@@ -24,7 +24,7 @@ def lr_at(cfg, t):
 
 
 def tiny_config(data, **train_kw) -> Config:
-    cfg = preset("cifar10-tiny")
+    cfg = resolve("cifar10-tiny")
     cfg.data.dataset = "folder"
     cfg.data.path = str(data)
     cfg.data.train_subset = None

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from isif.cli.main import main
+from isif.cli import main
 from isif.data import stream
 from isif.data.decode import BadImage, TooLarge, decode_rgb
 from isif.data.evaldata import load_eval_data
@@ -387,11 +387,11 @@ def test_embed_gives_the_features_training_evaluated(tmp_path):
     from isif.data.augment import PlainTransform
     from isif.data.registry import DataConfig, load_sets
     from isif.evaluate import extract_features
-    from isif.training.checkpoint import load_model
+    from isif.training.checkpoint import load_trained
 
     root = _photo_folder(tmp_path / "photos", 30)
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *TINY]) == 0
-    model, cfg, state = load_model(tmp_path / "run")
+    model, cfg, state = load_trained(tmp_path / "run")
     cfg.data.memory_gib = 0  # files, to know the held-out images' paths
     sets = load_sets(cfg.data)
     assert isinstance(cfg.data, DataConfig) and sets.holdout is not None

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .base import __version__ as __version__  # re-exported
 
 __all__ = [
     "NCE",

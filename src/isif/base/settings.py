@@ -2,9 +2,11 @@
 
 Every part of isif that has settings (the data source, the backbone, each
 method, augmentation, the optimiser, the sampler, evaluation, the loop)
-declares them as a small dataclass whose fields are made with ``setting``.
-From those fields the command line gets its flags (``isif.cli.main``), the config
-its validation, and ``--resume`` its rule of what may change.
+declares them as a small dataclass whose fields are made with ``setting``;
+so does every command's own options (``isif.collection.options``,
+``isif.serve.options``, ``isif.training.options``). From those fields the
+command line gets its flags (``isif.cli.flags``), the config and the options
+their one check (``check_fields``), and ``--resume`` its rule of what may change.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Check:
 
     ok: Callable[[Any], bool]
     words: str
+    choices: tuple[str, ...] = ()  # the values of a ``one_of``: the flag's metavar shows them
 
 
 def _finite(v: Any) -> bool:
@@ -35,6 +38,7 @@ NON_NEGATIVE = Check(lambda v: _finite(v) and v >= 0, ">= 0")
 PROBABILITY = Check(lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]")
 FRACTION = Check(lambda v: _finite(v) and 0 < v <= 1, "in (0, 1]")
 MOMENTUM = Check(lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)")
+PORT = Check(lambda v: _finite(v) and 0 <= v <= 65535, "in [0, 65535]")
 
 
 def at_least(n: int) -> Check:
@@ -42,27 +46,50 @@ def at_least(n: int) -> Check:
 
 
 def one_of(*choices: str) -> Check:
-    return Check(lambda v: v in choices, f"one of {', '.join(choices)}")
+    return Check(lambda v: v in choices, f"one of {', '.join(choices)}", choices)
+
+
+def each(c: Check) -> Check:
+    """Every value of a non-empty list passes ``c``."""
+    return Check(lambda v: len(v) > 0 and all(c.ok(x) for x in v), f"one or more values, each {c.words}")
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, check: Check | None = None,
             resume: bool = False, flag: str | None = None, cli: bool = True,
-            factory: Callable[[], Any] | None = None) -> Any:
+            factory: Callable[[], Any] | None = None, positional: bool = False, metavar: str | None = None,
+            short: str | None = None, const: Any = None) -> Any:
     """A dataclass field with its metadata.
 
     help: the flag's help text. check: a ``Check`` of the value (``None`` is
     always allowed for optional fields). resume: may the flag change a resumed
     run? flag: the flag's name when it is not ``--field-name``. cli: False for
-    settings with no flag.
+    settings with no flag. Without a default, the flag is required.
+
+    For a command's options: positional: an argument, not a flag (a ``list``
+    takes one or more words); metavar: the value's name in the help; short:
+    a one-letter alias (``-v``); const: the value of the flag given bare
+    (``--resume`` alone). A ``list`` option is repeatable (``--compare A
+    --compare B``); a ``tuple`` one takes a comma-separated list.
     """
-    meta = {"help": help, "check": check, "resume": resume, "flag": flag, "cli": cli}
+    meta = {"help": help, "check": check, "resume": resume, "flag": flag, "cli": cli, "positional": positional,
+            "metavar": metavar, "short": short, "const": const}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
 def flag_name(f: dataclasses.Field) -> str:
+    """``--field-name`` (or the field's own ``flag``); an argument's metavar (``EMBED_DIR``)."""
+    if f.metadata.get("positional"):
+        return f.metadata.get("metavar") or f.name.upper()
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    """The field's default (a factory's value), or ``dataclasses.MISSING`` for a required one."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def field_hints(cls: type) -> dict[str, Any]:

@@ -1,52 +1,115 @@
-"""The embed folder that ``isif embed`` writes (features.npy, paths.txt, index.json): read, checked, and where\noutputs may go."""
+"""The embed folder that ``isif embed`` writes, and its one owner: written, read, checked, labelled.
+
+    EMBED_DIR/features.npy   (N, D) float32, row i the embedding of paths.txt's line i
+    EMBED_DIR/paths.txt      one image path a line, relative to the image root
+    EMBED_DIR/index.json     root (the image folder), checkpoint, checkpoint_sha256, images, dim, shards, and
+                             input (the network's input spec, ``InputSpec.to_dict()``)
+    EMBED_DIR/shards/        NAME.npy features + NAME.json their files, the unit of resuming (``EmbedWriter``)
+
+``load_embed_dir(folder, checkpoint_sha256=None, dim=None)`` reads the three files and refuses, in one line naming
+the fix, a missing or unreadable file, features that are not a non-empty (N, D) array of finite floats, rows and
+paths that disagree in number, an index.json without its image root, features of another checkpoint (when
+``checkpoint_sha256`` is given) and features of another size (when ``dim`` is given).
+
+The class of an image (``class_labels``, ``label_of``): the first folder of its path under the image root,
+``root/<class>/.../file``. That is the class of ImageFolder and of isif's own labelled folders (``--eval-data``,
+``--dataset images``), it stays the class when a class folder has sub-folders (albums by year), and on a one-level
+class tree it is the parent folder. Files directly in the root are labelled "(top level)". A collection has labels
+only when at least two labels occur and some folder holds several images; else there is nothing to tell apart.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
-from dataclasses import dataclass
-from pathlib import Path
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Any
 
 import numpy as np
 
 from ..base.errors import UserError
+from ..base.faults import fault_point
+from ..base.files import atomic_write_bytes
+from ..data.input_spec import InputSpec
 
+FEATURES, PATHS, INDEX = "features.npy", "paths.txt", "index.json"
 FIRST = "run `isif embed CHECKPOINT FOLDER --out DIR` first"
+TOP_LEVEL = "(top level)"
 
 
 @dataclass
 class EmbedDir:
     folder: Path
-    features: np.ndarray  # (N, D) float32, rows re-normalised to unit length
+    features: np.ndarray  # (N, D) float32, rows re-normalised to unit length (unless read with unit=False)
     paths: list[str]  # relative to root, as in paths.txt
     root: Path  # the image folder (index.json's "root")
+    meta: dict[str, Any] = field(default_factory=dict)  # index.json
 
     def image(self, i: int) -> Path:
         return self.root / self.paths[i]
 
+    @property
+    def checkpoint(self) -> str | None:
+        """The checkpoint that embedded the folder, as recorded (it may have moved since)."""
+        return self.meta.get("checkpoint")
 
-def load_embed_dir(folder: str | Path) -> EmbedDir:
-    """Read features.npy, paths.txt and index.json, or refuse in one line."""
+    @property
+    def checkpoint_sha256(self) -> str | None:
+        return self.meta.get("checkpoint_sha256")
+
+    @functools.cached_property
+    def input_spec(self) -> InputSpec | None:
+        """How the network saw the images (None for a folder written without it)."""
+        return InputSpec.from_embed_dir(self.meta, self.folder / INDEX)
+
+    @functools.cached_property
+    def labels(self) -> list[str] | None:
+        """Each image's class by the module's rule, or None when the collection has none."""
+        return class_labels(self.paths)
+
+
+def is_embed_dir(folder: str | Path) -> bool:
+    """Whether ``folder`` holds the three files of an embed folder (else it may be a folder of images)."""
+    return all((Path(folder) / n).is_file() for n in (FEATURES, PATHS, INDEX))
+
+
+def load_embed_dir(folder: str | Path, checkpoint_sha256: str | None = None, dim: int | None = None,
+                   unit: bool = True) -> EmbedDir:
+    """Read and check an embed folder (see the module docstring), or refuse in one line. ``unit``: the rows
+    re-normalised to unit length (else as written)."""
     d = Path(folder)
     if not d.is_dir():
         raise UserError(f"{folder}: no such folder; {FIRST}")
-    missing = [n for n in ("features.npy", "paths.txt", "index.json") if not (d / n).is_file()]
+    missing = [n for n in (FEATURES, PATHS, INDEX) if not (d / n).is_file()]
     if missing:
         raise UserError(f"{folder}: no {' or '.join(missing)} (not an `isif embed` output); {FIRST}")
     try:
-        z = np.load(d / "features.npy", allow_pickle=False)
-        paths = [line for line in (d / "paths.txt").read_text().splitlines() if line]
-        root = json.loads((d / "index.json").read_text()).get("root")
+        z = np.load(d / FEATURES, allow_pickle=False)
+        paths = [line for line in (d / PATHS).read_text().splitlines() if line]
+        meta = json.loads((d / INDEX).read_text())
+        root = meta.get("root")
     except (OSError, ValueError, AttributeError) as e:
         raise UserError(f"{folder}: unreadable embed output ({str(e)[:80]}); {FIRST}") from None
     if z.ndim != 2 or z.dtype.kind != "f" or z.shape[0] == 0 or not np.isfinite(z).all():
-        raise UserError(f"{folder}/features.npy: expected a non-empty (N, D) array of finite floats, got "
+        raise UserError(f"{folder}/{FEATURES}: expected a non-empty (N, D) array of finite floats, got "
                         f"{z.dtype} {z.shape}; {FIRST}")
     if z.shape[0] != len(paths):
-        raise UserError(f"{folder}: features.npy holds {z.shape[0]} rows for {len(paths)} paths in paths.txt; "
+        raise UserError(f"{folder}: {FEATURES} holds {z.shape[0]} rows for {len(paths)} paths in {PATHS}; "
                         "re-run `isif embed`")
     if not isinstance(root, str):
-        raise UserError(f"{folder}/index.json: no image root; re-run `isif embed`")
-    return EmbedDir(d, unit_rows(z), paths, Path(root))
+        raise UserError(f"{folder}/{INDEX}: no image root; re-run `isif embed`")
+    stored = meta.get("checkpoint_sha256")
+    if checkpoint_sha256 and stored and stored != checkpoint_sha256:
+        raise UserError(f"the checkpoint given (sha256 {checkpoint_sha256[:12]}...) is not the checkpoint that "
+                        f"embedded {folder} (sha256 {stored[:12]}..., recorded as {meta.get('checkpoint')}); pass that one, "
+                        "or re-run `isif embed` with this one")
+    if dim is not None and z.shape[1] != dim:
+        raise UserError(f"{folder}: {FEATURES} holds {z.shape[1]}-d features but the checkpoint gives {dim}-d; "
+                        "re-run `isif embed` with it")
+    return EmbedDir(d, unit_rows(z) if unit else z, paths, Path(root), meta)
 
 
 def unit_rows(z: np.ndarray) -> np.ndarray:
@@ -54,9 +117,28 @@ def unit_rows(z: np.ndarray) -> np.ndarray:
     return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
 
 
+def class_labels(paths: list[str]) -> list[str] | None:
+    """Each path's first folder ("(top level)" for files directly in the root), when at least two labels occur
+    and some folder holds several images; else None (nothing to tell apart). ``paths`` are relative to the root."""
+    labels = [PurePath(p).parts[0] if len(PurePath(p).parts) > 1 else TOP_LEVEL for p in paths]
+    counts = Counter(labels)
+    shared = any(c > 1 for lab, c in counts.items() if lab != TOP_LEVEL)
+    return labels if len(counts) > 1 and shared else None
+
+
+def label_of(path: Path, root: Path) -> str:
+    """The class of any file by the same rule: its first folder under ``root`` when it lies inside (both
+    resolved); else (a query from elsewhere) its parent folder's name, the first folder of a one-level tree."""
+    p, r = Path(path).resolve(), Path(root).resolve()
+    if p.is_relative_to(r):
+        parts = p.relative_to(r).parts
+        return parts[0] if len(parts) > 1 else TOP_LEVEL
+    return p.parent.name
+
+
 def require_images(ed: EmbedDir) -> None:
     if not ed.root.is_dir():
-        raise UserError(f"image folder {ed.root} (the root in {ed.folder}/index.json) is missing; the PNGs need the "
+        raise UserError(f"image folder {ed.root} (the root in {ed.folder}/{INDEX}) is missing; the PNGs need the "
                         "images: put them back there or re-run `isif embed`")
 
 
@@ -68,3 +150,90 @@ def output_dir(ed: EmbedDir, out: str | Path | None) -> Path:
         raise UserError(f"{target} lies inside the image folder {ed.root}; nothing is written there: pass --out "
                         "with a folder outside it")
     return target
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def file_key(root: Path, f: Path) -> tuple[str, int, int]:
+    """A file's key in the shard manifests: (its path relative to the root, size, mtime_ns)."""
+    st = f.stat()
+    return (str(f.relative_to(root)), int(st.st_size), int(st.st_mtime_ns))
+
+
+def _shard_name(keys: list[tuple[str, int, int]]) -> str:
+    h = hashlib.sha256("\0".join(f"{k[0]}\0{k[1]}\0{k[2]}" for k in keys).encode()).hexdigest()
+    return h[:16]
+
+
+class EmbedWriter:
+    """Writes an embed folder: shards (``shards/NAME.npy`` features + ``shards/NAME.json`` the files they are
+    for, and the broken files met), consolidated into features.npy, paths.txt and index.json; files are known by
+    their ``file_key``."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.shards = Path(out), Path(out) / "shards"
+
+    def check_owner(self, sha: str, overwrite: bool) -> None:
+        """Refuse a folder made with another checkpoint (or replace it with ``overwrite``)."""
+        index = self.out / INDEX
+        if not index.is_file():
+            return
+        try:
+            other = json.loads(index.read_text()).get("checkpoint_sha256")
+        except (OSError, ValueError):
+            other = None
+        if other and other != sha and not overwrite:
+            raise UserError(f"{self.out} holds embeddings of another checkpoint (sha256 {other[:12]}...); pass "
+                            "another --out, or --overwrite to replace them")
+        if other != sha and overwrite:
+            for p in [*self.shards.glob("*"), *(self.out / n for n in (FEATURES, PATHS, INDEX))]:
+                p.unlink(missing_ok=True)
+
+    def done(self, sha: str) -> tuple[dict[tuple, tuple[str, int]], dict[tuple, str]]:
+        """({file key: (shard, row)}, {file key: reason it is broken}) of every complete shard."""
+        rows: dict[tuple, tuple[str, int]] = {}
+        broken: dict[tuple, str] = {}
+        for meta in sorted(self.shards.glob("*.json")):
+            try:
+                m = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                continue  # a shard is complete only once its manifest is written
+            if m.get("checkpoint_sha256") != sha or not (self.shards / f"{meta.stem}.npy").is_file():
+                continue
+            for r, k in enumerate(m["files"]):
+                rows[tuple(k)] = (meta.stem, r)
+            for k, reason in m["broken"]:
+                broken[tuple(k)] = reason
+        return rows, broken
+
+    def write_shard(self, keys: list, z: np.ndarray, kept: list[int], broken: dict[int, str], sha: str) -> str:
+        """Features first, then the manifest that makes the shard count: a kill in between leaves no shard."""
+        name = _shard_name(keys)
+        self.shards.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.shards / f"{name}.npy", lambda fh: np.save(fh, z))
+        meta = {"checkpoint_sha256": sha, "files": [list(keys[i]) for i in kept],
+                "broken": [[list(keys[i]), r] for i, r in sorted(broken.items())]}
+        atomic_write_bytes(self.shards / f"{name}.json", lambda fh: fh.write(json.dumps(meta).encode()))
+        fault_point("embed-shard")
+        return name
+
+    def consolidate(self, keys: list[tuple], root: Path, checkpoint: Path, sha: str, dim: int,
+                    spec: InputSpec) -> tuple[int, int]:
+        """features.npy, paths.txt and index.json for ``keys`` (the folder as it is now): removed and changed
+        files drop out; shards no row is read from any more are deleted. Returns (images, broken)."""
+        rows, broken = self.done(sha)
+        live = [k for k in keys if k in rows]
+        used = sorted({rows[k][0] for k in live})
+        arrays = {name: np.load(self.shards / f"{name}.npy", mmap_mode="r") for name in used}
+        z = np.stack([arrays[rows[k][0]][rows[k][1]] for k in live]) if live else np.zeros((0, dim), np.float32)
+        atomic_write_bytes(self.out / FEATURES, lambda fh: np.save(fh, z.astype(np.float32)))
+        atomic_write_bytes(self.out / PATHS, lambda fh: fh.write("".join(k[0] + "\n" for k in live).encode()))
+        meta = {"root": str(root.resolve()), "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": sha,
+                "images": len(live), "dim": dim, "shards": len(used), "input": spec.to_dict()}
+        atomic_write_bytes(self.out / INDEX, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+        for stale in self.shards.glob("*.json"):
+            if stale.stem not in used:
+                stale.unlink()
+                (self.shards / f"{stale.stem}.npy").unlink(missing_ok=True)
+        return len(live), sum(1 for k in keys if k in broken)

@@ -7,46 +7,48 @@ from pathlib import Path
 
 from ..base.device import resolve_device
 from ..base.errors import UserError
-from ..data.augment import PlainTransform, build_transforms
 from ..data.evaldata import load_eval_data
+from ..data.input_spec import InputSpec
 from ..data.registry import load_sets
 from ..data.types import Sets
 from ..evaluate.linear import LinearRecipe
 from ..evaluate.protocol import Extractor, evaluate_knn, evaluate_linear, evaluate_retrieval
-from ..training.checkpoint import load_model, resolve_checkpoint
+from ..training.checkpoint import load_trained, resolve_checkpoint
 
 
 class Loaded:
-    """A checkpoint's model, config and data, ready to evaluate."""
+    """A checkpoint's model, config, input spec and data, ready to evaluate: the features are extracted with the
+    test transform of the checkpoint's input spec, the one training evaluated with (a timm backbone's own mean
+    and std included), so ``isif eval`` gives the numbers of the run's own evaluation."""
 
     def __init__(self, checkpoint: str, data: str | None = None, device: str | None = None) -> None:
         self.path: Path = resolve_checkpoint(checkpoint)
         self.device = resolve_device(device or "auto")
-        self.model, self.cfg, self.state = load_model(self.path, self.device)
+        self.model, self.cfg, self.state = load_trained(self.path, self.device)
         self.cfg.train.device = str(self.device)
-        if self.cfg.data.dataset == "unlabelled":
-            self.sets, plain = self._labelled_for_unlabelled(data)
+        if self.cfg.data.dataset == "unlabelled":  # which data: a run without labels is evaluated on other images
+            self.spec, self.sets = self._labelled_for_unlabelled(data)
         else:
             if data is not None:
                 self.cfg.data.path = data
             self.sets = load_sets(self.cfg.data)
-            _, plain = build_transforms(self.cfg.augment, self.cfg.data.size, self.sets.splits)
+            self.spec = InputSpec.from_checkpoint(self.state, self.cfg, self.sets.splits)
         t = self.cfg.train
-        self.extractor = Extractor(plain, self.device, t.precision, t.channels_last, self.cfg.eval.batch_size)
+        self.extractor = Extractor(self.spec.transform(), self.device, t.precision, t.channels_last,
+                                   self.cfg.eval.batch_size)
 
-    def _labelled_for_unlabelled(self, data: str | None) -> tuple[Sets, PlainTransform]:
+    def _labelled_for_unlabelled(self, data: str | None) -> tuple[InputSpec, Sets]:
         """A run trained on unlabelled images is evaluated on labelled ones: ``data``, or its --eval-data."""
         path = data or self.cfg.data.eval_path
         if path is None:
             raise UserError("this run trained on unlabelled images: pass --data PATH to labelled ones (train/ and "
                             "test/ class folders for knn and linear, class folders for retrieval)")
-        spec = self.state.get("input") or {}
-        if not spec:
+        spec = InputSpec.in_checkpoint(self.state)
+        if spec is None:
             raise UserError(f"{self.path} records no input size; evaluate it with the isif version that trained it")
         d = self.cfg.data
-        bank, test = load_eval_data(path, int(spec["size"]), d.strict, d.workers, d.cache_dir)
-        plain = PlainTransform(int(spec["size"]), tuple(spec["mean"]), tuple(spec["std"]))
-        return Sets(None, bank, bank, test.subset(d.test_subset)), plain  # type: ignore[arg-type]
+        bank, test = load_eval_data(path, spec.size, d.strict, d.workers, d.cache_dir)
+        return spec, Sets(None, bank, bank, test.subset(d.test_subset))  # type: ignore[arg-type]
 
     def head(self) -> dict:
         return {"checkpoint": str(self.path), "epoch": self.state.get("epoch")}

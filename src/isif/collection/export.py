@@ -6,8 +6,8 @@ embedding. How to get from a photo to that tensor (the resize and crop) is
 written beside the model as ``<out>.json``.
 
 ``safetensors`` writes the weights only (``model.state_dict()``, no optimiser, no pickle) with the
-architecture and input recipe as the file's ``"isif"`` metadata (see ``isif.models.weights``), and the same JSON
-beside it; ``isif.load_model`` and ``--weights`` read it back.
+architecture and input spec as the file's ``"isif"`` metadata (see ``isif.models.weights``), and the same JSON
+beside it; ``isif.load_model`` (``collection.network``) and ``--weights`` read it back.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..base import __version__
 from ..base.errors import UserError
 from ..base.files import atomic_write_bytes, sha256_file
-from ..training.checkpoint import load_model, resolve_checkpoint
-from .embedding import input_spec
+from ..data.input_spec import InputSpec
+from .network import load_from_checkpoint, load_model
 
 
 class Exportable(nn.Module):
@@ -106,12 +107,11 @@ def export(checkpoint: str, fmt: str, out: Path | None = None, atol: float = 1e-
         raise UserError(f"--format must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, got {fmt!r}")
     if fmt == "safetensors":
         return export_safetensors(checkpoint, out, atol, check_batch)
-    path = resolve_checkpoint(checkpoint)
-    model, cfg, state = load_model(path, "cpu")
-    model = model.float().to(memory_format=torch.contiguous_format).eval()
-    spec = input_spec(state, cfg)
-    size = spec["size"]
-    net = Exportable(model, spec["mean"], spec["std"]).eval()
+    loaded = load_from_checkpoint(checkpoint, "cpu")
+    path, cfg, spec = loaded.source, loaded.config, loaded.input_spec
+    model = loaded.network.float().to(memory_format=torch.contiguous_format).eval()
+    size = spec.size
+    net = Exportable(model, spec.mean, spec.std).eval()
     if out is None:
         out = path.with_suffix(".torchscript.pt" if fmt == "torchscript" else ".onnx")
     out = Path(out)
@@ -136,9 +136,9 @@ def export(checkpoint: str, fmt: str, out: Path | None = None, atol: float = 1e-
         raise UserError(f"the {fmt} export differs from the checkpoint by {diff:.2e} (> --atol {atol:g}); "
                         "nothing was kept")
     meta = {"format": fmt, "input": [None, 3, size, size], "value_range": [0.0, 1.0],
-            "resize": [spec["resize"], spec["resize"]] if spec["resize"] else f"shorter side to {size}",
-            "crop": f"centre {size}x{size}", "normalisation": "inside the model", "mean": list(spec["mean"]),
-            "std": list(spec["std"]), "output": [None, cfg.model.dim], "l2_normalised": True,
+            "resize": [spec.resize, spec.resize] if spec.resize else f"shorter side to {size}",
+            "crop": f"centre {size}x{size}", "normalisation": "inside the model", "mean": list(spec.mean),
+            "std": list(spec.std), "output": [None, cfg.model.dim], "l2_normalised": True,
             "checkpoint": str(path), "arch": cfg.model.arch, "max_abs_diff": diff}
     spec_path = out.with_name(out.name + ".json")
     _keep(out, lambda: atomic_write_bytes(out, lambda f: f.write(data)), spec_path, meta)
@@ -158,14 +158,11 @@ def _torchscript(net: nn.Module, example: torch.Tensor, check: torch.Tensor) -> 
         return data, torch.jit.load(io.BytesIO(data))(check)
 
 
-def safetensors_metadata(path: Path, cfg, spec: dict) -> dict:
-    """The ``"isif"`` metadata of a safetensors export: architecture, input recipe, precision, provenance."""
-    from .. import __version__
+def safetensors_metadata(path: Path, cfg, spec: InputSpec) -> dict:
+    """The ``"isif"`` metadata of a safetensors export: architecture, input spec, precision, provenance."""
     from ..models.weights import FORMAT_VERSION
 
-    return {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(cfg.model),
-            "input": {"size": spec["size"], "mean": list(spec["mean"]), "std": list(spec["std"]),
-                      "resize": spec["resize"], "fit": spec.get("fit", "square")},
+    return {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(cfg.model), "input": spec.to_dict(),
             "precision": cfg.train.precision, "channels_last": bool(cfg.train.channels_last),
             "checkpoint_sha256": sha256_file(path), "isif_version": __version__}
 
@@ -173,12 +170,10 @@ def safetensors_metadata(path: Path, cfg, spec: dict) -> dict:
 def export_safetensors(checkpoint: str, out: Path | None = None, atol: float = 1e-5, check_batch: int = 4) -> dict:
     """The network's weights as stored (no optimiser) in ``out`` (default CHECKPOINT.safetensors) with the
     metadata inside and in ``<out>.json``; read back with ``isif.load_model`` and compared on a fresh batch."""
-    from ..api import load_model as load_public
     from ..models.weights import write_safetensors
 
-    path = resolve_checkpoint(checkpoint)
-    model, cfg, state = load_model(path, "cpu")
-    spec = input_spec(state, cfg)
+    loaded = load_from_checkpoint(checkpoint, "cpu")
+    path, cfg, spec, model = loaded.source, loaded.config, loaded.input_spec, loaded.network
     meta = safetensors_metadata(path, cfg, spec)
     out = Path(out) if out is not None else path.with_suffix(".safetensors")
     if out.suffix != ".safetensors":
@@ -192,10 +187,10 @@ def export_safetensors(checkpoint: str, out: Path | None = None, atol: float = 1
     tmp = Path(name)
     try:
         write_safetensors(tmp, model.state_dict(), meta)
-        size, dtype = spec["size"], next(model.parameters()).dtype
+        size, dtype = spec.size, next(model.parameters()).dtype
         check = torch.rand(check_batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
         with torch.no_grad():
-            want, got = model(check), load_public(tmp).network(check)
+            want, got = model(check), load_model(tmp).network(check)
         diff = float((got.double() - want.double()).abs().max())
         if not diff <= atol:
             raise UserError(f"the safetensors export differs from the checkpoint by {diff:.2e} (> --atol "

@@ -1,6 +1,6 @@
 """A faiss index beside an ``isif embed`` folder, checked against exact search when it is built.
 
-    isif index EMBED_DIR [--kind auto|exact|ivf|hnsw]
+    isif index EMBED_DIR [--kind auto|exact|ivf|hnsw]     (index_embed_dir; build_index indexes an array)
 
 - ``exact``: faiss's flat inner-product index: the same answers as brute force (cosine on unit rows).
 - ``ivf``: an inverted file of ``nlist`` cells (about 4 sqrt(N)), trained by k-means on a seeded sample;
@@ -97,8 +97,23 @@ def recall_at_10(index, z: np.ndarray, sample: int = 1000, seed: int = 0) -> flo
     return float(np.mean([len(set(t) & set(g)) / k for t, g in zip(truth.tolist(), got.tolist(), strict=True)]))
 
 
-def build_index(embed_dir: str | Path, kind: str = "auto", seed: int = 0, sample: int = 1000, **params) -> dict:
-    """Build, measure and save the index of ``embed_dir``'s features.npy; returns its metadata."""
+def build_index(embeddings, kind: str = "auto", seed: int = 0, **params: Any) -> tuple[Any, dict[str, Any]]:
+    """(a faiss index over the L2-normalised rows of ``embeddings`` (N, D), its parameters): inner product, so
+    ``index.search(queries, k)`` gives cosine similarities and row ids.
+
+    ``embeddings``: a torch tensor or a numpy array. ``kind``: exact, ivf (``nlist``, ``nprobe``), hnsw (``m``,
+    ``ef_construction``, ``ef_search``) or auto (exact below 100,000 rows, else hnsw). Needs faiss
+    (``pip install 'isif[search]'``); ``search`` and ``exact_topk`` search exactly without it.
+    """
+    import torch
+
+    z = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    return build(z, default_kind(len(z)) if kind == "auto" else kind, seed, **params)
+
+
+def index_embed_dir(embed_dir: str | Path, kind: str = "auto", seed: int = 0, sample: int = 1000, **params) -> dict:
+    """Build, measure and save the index of ``embed_dir``'s features.npy (``isif index``); returns its metadata."""
     d = Path(embed_dir)
     feats = d / "features.npy"
     if not feats.is_file():

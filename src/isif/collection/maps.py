@@ -8,7 +8,7 @@ its largest-magnitude loading is positive. Deterministic; the seed picks the thu
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
@@ -55,15 +55,6 @@ def embed_2d(z: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.nda
     return np.asarray(reducer.fit_transform(z), dtype=np.float64), "umap"
 
 
-def class_labels(paths: list[str]) -> list[str] | None:
-    """Each path's first folder ("(top level)" for files directly in the root), when at least two labels occur
-    and some folder holds several images; else None (nothing to colour by)."""
-    labels = [PurePath(p).parts[0] if len(PurePath(p).parts) > 1 else "(top level)" for p in paths]
-    counts = Counter(labels)
-    shared = any(c > 1 for lab, c in counts.items() if lab != "(top level)")
-    return labels if len(counts) > 1 and shared else None
-
-
 def map_folder(embed_dir: str, method: str = "auto", out: str | None = None, thumbs: int = 2000, seed: int = 0,
                size: int = 1400, tile: int = 28) -> dict:
     """map.png (points and a seeded subsample of thumbnails at their 2-D positions) and map.csv beside it."""
@@ -82,7 +73,7 @@ def map_folder(embed_dir: str, method: str = "auto", out: str | None = None, thu
     pick = np.sort(np.random.default_rng(seed).choice(n, size=min(thumbs, n), replace=False))
     bad: list[str] = []
     tiles = dict(zip(pick.tolist(), thumbnails([ed.image(i) for i in pick], tile, bad), strict=True))
-    labels = class_labels(ed.paths)
+    labels = ed.labels  # embed_dir's rule (class_labels): the first folder under the root
     title = (f"{used.upper()} map of {n} images ({ed.features.shape[1]}-d), {len(pick)} thumbnails"
              + (", coloured by folder" if labels else ""))
     write_png(png, draw_map(xy, {i: t for i, t in tiles.items() if t is not None}, labels, title, size, tile))

@@ -1,15 +1,14 @@
 """Nearest-neighbour search over a gallery of one's own images, and the retrieval grid (the paper's Fig. 4).
 
 The gallery is a folder of images (embedded on the fly) or the output folder
-of ``isif embed`` (features.npy, paths.txt, index.json), which skips the
-embedding. Labels are taken from folder names when every gallery image lies in
-a class folder: a neighbour is then marked green when it shares the query's
-folder name, red otherwise.
+of ``isif embed`` (read by ``embed_dir.load_embed_dir``), which skips the
+embedding. Labels are the class folders of ``embed_dir.class_labels`` (an image's
+first folder under the gallery's root): a neighbour is then marked green when it
+shares the query's class (``embed_dir.label_of``), red otherwise.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ..base.errors import UserError
 from ..base.files import atomic_write_bytes
 from ..data.decode import IMAGE_EXTS, is_image_name
 from ..evaluate.engine import order_candidates
+from .embed_dir import class_labels, is_embed_dir, label_of, load_embed_dir
 from .embedding import Embedder, list_images
 
 GREEN, RED, GREY, BLUE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (50, 110, 220)
@@ -30,40 +30,37 @@ GREEN, RED, GREY, BLUE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (50, 110
 class Gallery:
     features: torch.Tensor  # (N, D) L2-normalised
     paths: list[Path]  # absolute
-    labels: list[str] | None  # class-folder names, when every image lies in one
+    labels: list[str] | None  # class-folder names (``embed_dir.class_labels``), when the gallery has classes
     index: object | None = None  # the embed folder's faiss index (isif index), unless --exact
+    root: Path | None = None  # the image folder the labels are relative to
+
+    def label_of(self, query: Path) -> str | None:
+        """The query's class by the gallery's rule, or None when the gallery has no labels."""
+        return None if self.labels is None or self.root is None else label_of(query, self.root)
 
 
 def _labels(paths: list[Path], root: Path) -> list[str] | None:
-    rel = [p.relative_to(root) for p in paths]
-    if all(len(r.parts) >= 2 for r in rel):
-        return [r.parent.name for r in rel]
-    return None
+    """The labels of absolute ``paths`` under ``root`` (kept for serve's Collection until it reads
+    ``EmbedDir.labels``)."""
+    return class_labels([str(p.relative_to(root)) for p in paths])
 
 
 def load_gallery(embedder: Embedder, gallery: str, strict: bool = False, exact: bool = False) -> Gallery:
     root = Path(gallery)
-    index = root / "index.json"
-    if (root / "features.npy").is_file() and (root / "paths.txt").is_file() and index.is_file():
-        meta = json.loads(index.read_text())
-        img_root = Path(meta["root"])
-        z = torch.from_numpy(np.load(root / "features.npy"))
-        paths = [img_root / line for line in (root / "paths.txt").read_text().splitlines() if line]
-        if z.shape != (len(paths), embedder.cfg.model.dim):
-            raise UserError(f"{root}: features.npy holds {tuple(z.shape)} for {len(paths)} paths; re-run isif embed")
-        if meta.get("checkpoint_sha256") and meta["checkpoint_sha256"] != embedder.fingerprint:
-            raise UserError(f"{root} was embedded with another checkpoint; re-run isif embed with this one, "
-                            "or pass the image folder as --gallery")
+    if is_embed_dir(root):
+        # the features as written (unit=False): the scores of an embed folder are those of the network's output
+        ed = load_embed_dir(root, embedder.fingerprint, int(embedder.cfg.model.dim), unit=False)
         from .index import load_index
 
         loaded = None if exact else load_index(root)
-        return Gallery(z, paths, _labels(paths, img_root), loaded[0] if loaded else None)
+        return Gallery(torch.from_numpy(ed.features), [ed.image(i) for i in range(len(ed.paths))], ed.labels,
+                       loaded[0] if loaded else None, ed.root)
     files = list_images(gallery)
     z, kept, _ = embedder.files(files, strict)
     if not kept:
         raise UserError(f"{gallery}: none of the {len(files)} gallery images could be read")
     paths = [p.resolve() for p in kept]
-    return Gallery(z, paths, _labels(paths, root.resolve()))
+    return Gallery(z, paths, _labels(paths, root.resolve()), root=root.resolve())
 
 
 def query_files(queries: list[str]) -> list[Path]:
@@ -191,7 +188,7 @@ def run_search(embedder: Embedder, queries: list[str], gallery: str, k: int, str
     results, rows = [], []
     for i, q in enumerate(qfiles):
         neigh = [gal.paths[int(j)] for j in idx[i]]
-        qlabel = q.resolve().parent.name if gal.labels is not None else None
+        qlabel = gal.label_of(q)
         same = [None if gal.labels is None else gal.labels[int(j)] == qlabel for j in idx[i]]
         results.append({"query": str(q), "neighbours": [
             {"path": str(p), "cosine": float(sc), **({"same_label": s} if s is not None else {})}

@@ -8,23 +8,25 @@ import torch
 
 from ..base.device import resolve_device
 from ..base.errors import UserError
-from ..data.augment import build_transforms
+from ..data.input_spec import InputSpec
 from ..data.registry import load_sets
 from ..evaluate.protocol import Extractor
-from ..training.checkpoint import load_model, resolve_checkpoint
+from ..training.checkpoint import load_trained, resolve_checkpoint
 from ..training.plots import plot_similarity
 
 
 @torch.no_grad()
 def similarity_samples(run: str, images: int, data: str | None, device: str | None,
                        seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positives, negatives): cos(view1_i, view2_i) and cos(view1_i, view1_j), j != i, over test images."""
+    """(positives, negatives): cos(view1_i, view2_i) and cos(view1_i, view1_j), j != i, over test images; the
+    views drawn by the run's augmentation at its input spec (size, and a timm backbone's own mean and std), as in
+    training."""
     dev = resolve_device(device or "auto")
-    model, cfg, _ = load_model(resolve_checkpoint(run), dev)
+    model, cfg, state = load_trained(resolve_checkpoint(run), dev)
     if data is not None:
         cfg.data.path = data
     sets = load_sets(cfg.data)
-    aug, _ = build_transforms(cfg.augment, cfg.data.size, sets.splits)
+    aug, _ = InputSpec.from_checkpoint(state, cfg, sets.splits).transforms(cfg.augment, sets.splits)
     g = torch.Generator().manual_seed(seed)
     pool = sets.test if sets.test is not None else sets.holdout  # an unlabelled run: its held-out images
     if pool is None:

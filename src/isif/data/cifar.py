@@ -151,6 +151,22 @@ def find_batches(p: Path) -> Path | None:
     return None
 
 
+def split_folders(p: Path) -> bool:
+    """Does folder ``p`` hold ``train/`` and ``test/`` folders (of class folders)?"""
+    return (p / "train").is_dir() and (p / "test").is_dir()
+
+
+def detect(p: Path) -> bool:
+    """Is ``p`` in one of the layouts read here: a CIFAR batches folder (or its parent), ``train/`` and ``test/``
+    folders, or a .zip of ``train/<class>/`` and ``test/<class>/`` images?"""
+    if p.is_dir():
+        return find_batches(p) is not None or split_folders(p)
+    if p.is_file() and zipfile.is_zipfile(p):
+        with zipfile.ZipFile(p) as zf:
+            return bool(zip_entries(zf))
+    return False
+
+
 def _torchvision_download(root: Path) -> Path:
     try:
         from torchvision.datasets import CIFAR10

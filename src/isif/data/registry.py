@@ -1,14 +1,14 @@
 """The registry of data sources, and the data settings.
 
 A source is one module with a loader ``load(Request) -> Splits`` plus one line
-in ``SOURCES`` below: its name, loader, training splits, and whether its files
+in ``SOURCES`` below: its name, loader, training splits, whether its files
 are streamed (decoded by DataLoader workers batch by batch) or held in memory
-as one uint8 tensor.
+as one uint8 tensor, how a path in its layout is recognised (``markers``,
+``detect``), and whether it has labels (``labelled``).
 """
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,25 +29,36 @@ class Source:
     summary: str
     splits: tuple[str, ...] = ("train",)  # training splits; the test split is always "test"
     streamed: bool = False
+    markers: tuple[str, ...] = ()  # files that, all present in a folder, mark it as this source's layout
+    detect: Callable[[Path], bool] | None = None  # for a layout marker files cannot name: is this path one?
+    labelled: bool = True  # False: images without labels (label-free metrics; labelled ones come by --eval-data)
+
+    def detects(self, path: Path) -> bool:
+        """Is ``path`` (a folder or a file) in this source's layout, by its markers or its ``detect``?"""
+        if self.markers and path.is_dir() and all((path / m).exists() for m in self.markers):
+            return True
+        return self.detect is not None and self.detect(path)
 
 
 SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("cifar10", cifar.load_cifar10, "CIFAR-10: cifar-10-batches-py, train/ test/ image folders, a .zip, or "
-           "torchvision's download"),
+           "torchvision's download", detect=cifar.detect),
     Source("folder", cifar.load_image_folder, "train/<class>/ and test/<class>/ images of one size (or a .zip), "
-           "in memory"),
+           "in memory", detect=cifar.detect),
     Source("stl10", stl10.load_stl10, "STL-10 from an stl10_binary folder or torchvision's download",
            splits=("train", "unlabeled", "train+unlabeled")),
     Source("cub200", stream.streamed("cub200", class_split.read_cub, "CUB-200-2011"),
-           "CUB-200-2011: classes 1-100 train, 101-200 test", streamed=True),
+           "CUB-200-2011: classes 1-100 train, 101-200 test", streamed=True, markers=("images.txt",)),
     Source("cars196", stream.streamed("cars196", class_split.read_cars, "Cars196"),
-           "Cars196: classes 1-98 train, 99-196 test", streamed=True),
+           "Cars196: classes 1-98 train, 99-196 test", streamed=True, markers=("cars_annos.mat",)),
     Source("sop", stream.streamed("sop", class_split.read_sop, "Stanford Online Products"),
-           "Stanford Online Products: Ebay_train.txt / Ebay_test.txt", streamed=True),
+           "Stanford Online Products: Ebay_train.txt / Ebay_test.txt", streamed=True, markers=("Ebay_train.txt",)),
     Source("images", stream.streamed("images", class_split.read_class_folders, "image folder"),
-           "any image folders: train/<class>/ and test/<class>/, or <class>/ folders split in half", streamed=True),
+           "any image folders: train/<class>/ and test/<class>/, or <class>/ folders split in half", streamed=True,
+           detect=cifar.split_folders),
     Source("unlabelled", unlabelled.load_unlabelled, "any folder (any depth) or .zip of images, no labels: "
-           "label-free metrics on a held-out slice, labelled evaluation with --eval-data", streamed=True),
+           "label-free metrics on a held-out slice, labelled evaluation with --eval-data", streamed=True,
+           labelled=False),
 )}
 
 HOLDOUT_SEED = 20190615  # the held-out images depend on the image list only, not on the run's seed
@@ -137,14 +148,8 @@ def load_sets(cfg: DataConfig) -> Sets:
 
 
 def labelled_layout(path: str) -> bool:
-    """Does ``path`` hold one of the labelled layouts (CIFAR batches, train/ and test/ class folders, CUB-200,
-    Cars196, SOP)? If not, ``isif train --data PATH`` treats it as unlabelled images."""
+    """Is ``path`` in the layout of a labelled source (by each ``Source``'s ``markers`` and ``detect``: CIFAR
+    batches, train/ and test/ class folders or their .zip, CUB-200, Cars196, SOP)? If not, ``isif train --data
+    PATH`` treats it as unlabelled images."""
     p = Path(path).expanduser()
-    if p.is_dir():
-        marks = ("images.txt", "cars_annos.mat", "Ebay_train.txt")
-        return (cifar.find_batches(p) is not None or any((p / m).exists() for m in marks)
-                or ((p / "train").is_dir() and (p / "test").is_dir()))
-    if p.is_file() and zipfile.is_zipfile(p):
-        with zipfile.ZipFile(p) as zf:
-            return bool(cifar.zip_entries(zf))
-    return False
+    return any(s.labelled and s.detects(p) for s in SOURCES.values())

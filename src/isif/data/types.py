@@ -80,13 +80,15 @@ def stratified_index(labels: torch.Tensor, num_classes: int, n: int) -> torch.Te
 @dataclass
 class Splits:
     """What a source gives: the training instances, the test set (``None`` for an unlabelled source), the
-    normalisation, and the labelled kNN bank when ``train`` holds unlabelled images (STL-10's unlabeled split)."""
+    normalisation, the labelled kNN bank when ``train`` holds unlabelled images (STL-10's unlabeled split), and how
+    the source fitted a file of any shape into a training image (recorded in the run's input spec)."""
 
     train: ArrayDataset
     test: ArrayDataset | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     bank: ArrayDataset | None = None
+    fit: str = "square"  # how a file became a training image: "square" (stored at one size), "crop" (fit_square)
 
 
 @dataclass

@@ -154,7 +154,7 @@ def load_unlabelled(req: Request) -> Splits:
     if len(keep) * 3 * side * side <= req.memory_gib * 2**30:
         images = decoded_once(images, Path(req.cache_dir) if req.cache_dir else None, res.key)
     train = ArrayDataset(images, torch.full((len(keep),), -1, dtype=torch.long), [])
-    return Splits(train, None, mean, std)
+    return Splits(train, None, mean, std, fit="crop")  # as FileImages fit them
 
 
 def decoded_once(images: FileImages, cache_dir: Path | None, key: str | None = None) -> torch.Tensor:

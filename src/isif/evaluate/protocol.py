@@ -1,6 +1,7 @@
 """Which evaluation a run gets, and running it: kNN on seen classes, retrieval metrics on unseen ones.
 
-Used alike by the training loop, ``isif eval``, ``isif race`` and the plots.
+Used alike by the training loop, ``isif eval``, ``isif race`` and the plots; the keys it writes are those of
+``metrics.py``.
 Features are extracted with the test transform (sharded under torchrun); the
 metrics themselves are the pure functions of ``knn.py`` and ``retrieval.py``.
 """
@@ -23,6 +24,8 @@ from .features import extract_features, sharded_features
 from .knn import knn_accuracy
 from .labelfree import holdout_embeddings, label_free_metrics
 from .linear import LinearRecipe, linear_probe
+from .metrics import recall_key
+from .metrics import summary as summary  # a metrics row as one console line; isif eval imports it from here
 from .retrieval import map_at_r, nmi, recall_at_k
 
 
@@ -100,7 +103,7 @@ def evaluate_retrieval(model: nn.Module, test: ArrayDataset, ex: Extractor, ks: 
     feats = ex(model, test.images)
     fault_point("eval")
     labels = test.labels.to(feats.device)
-    out: dict[str, float | None] = {f"recall@{k}": v
+    out: dict[str, float | None] = {recall_key(k): v
                                     for k, v in recall_at_k(feats, labels, ks, engine=engine).items()}
     multi = bool((torch.bincount(labels - labels.min()) > 1).any())
     out["map@r"] = map_at_r(feats, labels, engine=engine) if multi else None  # undefined: every class has one image
@@ -145,18 +148,3 @@ def evaluate_linear(model: nn.Module, bank: ArrayDataset, test: ArrayDataset, ex
     if not all(torch.equal(before[k], after[k]) for k in before):
         raise RuntimeError("the network's weights changed during the linear probe")
     return {**res, "feature_dim": int(train_x.shape[1])}
-
-
-def summary(row: dict) -> str:
-    """'kNN 62.83%' or 'R@1 31.20 R@2 ... NMI 40.1', then the label-free 'views 71.2/90.3% rank 54.1', for a
-    metrics row; '' when it has no evaluation."""
-    out = []
-    if row.get("knn_top1") is not None:
-        out.append(f"kNN {row['knn_top1']:.2f}%")
-    rec = [f"R@{k.split('@')[1]} {v:.2f}" for k, v in row.items() if k.startswith("recall@") and v is not None]
-    if rec and row.get("knn_top1") is None:
-        out.append(" ".join(rec) + f" NMI {row['nmi']:.2f}")
-    if row.get("view_top1") is not None:
-        out.append(f"views top-1/5 {row['view_top1']:.1f}/{row['view_top5']:.1f}% rank {row['rankme']:.1f} "
-                   f"align {row['alignment']:.3f} unif {row['uniformity']:.2f}")
-    return "  ".join(out)

@@ -58,7 +58,6 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("resnet18", _torchvision("resnet18"), 512, "torchvision ResNet-18", pretrained=True),
     Backbone("resnet50", _torchvision("resnet50"), 2048, "torchvision ResNet-50", pretrained=True),
 )}
-ARCHS = tuple(BACKBONES)
 
 
 @dataclass
@@ -142,5 +141,5 @@ def input_recipe(cfg: ModelConfig) -> dict | None:
     return data_config(cfg.arch) if is_timm(cfg.arch) else None
 
 
-__all__ = ["ARCHS", "BACKBONES", "Backbone", "CifarResNet", "EmbeddingHead", "EmbeddingNet", "ModelConfig",
+__all__ = ["BACKBONES", "Backbone", "CifarResNet", "EmbeddingHead", "EmbeddingNet", "ModelConfig",
            "build_model", "input_recipe", "is_timm", "resnet18_cifar"]

@@ -1,7 +1,8 @@
 """ImageNet backbones from torchvision, for the unseen-category protocol.
 
 GoogLeNet / Inception-V1 (the paper's network; the embedding FC sits on its
-1024-d pool5) and ResNet-18/50. ``weights``: ``None``/``"none"`` for random
+1024-d pool5) and ResNet-18/50; any other torchvision classifier whose head is
+``.fc``, ``.classifier``, ``.head`` or ``.heads`` takes one registry line. ``weights``: ``None``/``"none"`` for random
 init, ``"imagenet"`` for torchvision's ImageNet weights (downloaded where there
 is internet), or a local file (``isif.models.weights.read_state_dict``): a state dict
 of the torchvision model, as a torch file or ``.safetensors``, or an
@@ -23,21 +24,57 @@ def _imagenet_weights(arch: str):
     return tvm.get_model_weights(arch).IMAGENET1K_V1
 
 
-def torchvision_backbone(arch: str, weights: str | None, out_dim: int) -> nn.Module:
-    """torchvision's ``arch`` with its classifier replaced by the identity: pooled features (N, out_dim).
+HEADS = ("fc", "classifier", "head", "heads")  # where torchvision's families keep their classifier
 
-    ``out_dim`` is the registry's declared width, checked against the network's own classifier input."""
+
+def take_classifier_off(net: nn.Module, arch: str) -> int:
+    """Replace ``net``'s classifier by the identity, so that its forward gives the pooled features, and return
+    their width: the input width of the classifier's first Linear layer.
+
+    The classifier is the first of ``net.fc``, ``.classifier``, ``.head``, ``.heads`` that holds a Linear layer:
+    that layer itself (ResNet, GoogLeNet, DenseNet, Swin), or a Sequential (MobileNet, EfficientNet, ConvNeXt,
+    ViT) whose layers from its first Linear on, and the Dropout before it, become identities (the ones before it,
+    ConvNeXt's norm and flatten, stay, so their weights still load). UserError for a family with none of them."""
+    for name in HEADS:
+        head = getattr(net, name, None)
+        if isinstance(head, nn.Linear):
+            setattr(net, name, nn.Identity())
+            return head.in_features
+        if isinstance(head, nn.Sequential):
+            layers = list(head.named_children())
+            first = next((i for i, (_, m) in enumerate(layers) if isinstance(m, nn.Linear)), None)
+            if first is None:
+                continue
+            for i, (key, m) in enumerate(layers):
+                if i >= first or isinstance(m, nn.Dropout):
+                    setattr(head, key, nn.Identity())
+            return layers[first][1].in_features
+    raise UserError(f"torchvision's {arch} has no Linear classifier at .{', .'.join(HEADS)} to take off; declare "
+                    "its entry in BACKBONES (isif/models/__init__.py) with a builder of its own: a function "
+                    "(width, weights) -> nn.Module whose forward gives pooled features (N, F)")
+
+
+def _network(arch: str, pretrained: bool) -> nn.Module:
     import torchvision.models as tvm
 
-    pretrained = weights not in (None, "none")
     if arch == "googlenet":
         # the ported ImageNet weights expect torchvision's input re-normalisation
-        net = tvm.googlenet(weights=None, aux_logits=False, init_weights=not pretrained, transform_input=pretrained)
-    else:
-        net = getattr(tvm, arch)(weights=None)
-    if net.fc.in_features != out_dim:
-        raise ValueError(f"{arch}: the registry says {out_dim} features, the network has {net.fc.in_features}")
-    net.fc = nn.Identity()  # the classifier is replaced: a state's fc.* keys are not loaded
+        return tvm.googlenet(weights=None, aux_logits=False, init_weights=not pretrained, transform_input=pretrained)
+    if arch not in tvm.list_models(module=tvm):
+        raise UserError(f"torchvision has no classification model {arch!r}; see torchvision.models.list_models()")
+    return tvm.get_model(arch, weights=None)
+
+
+def torchvision_backbone(arch: str, weights: str | None, out_dim: int) -> nn.Module:
+    """torchvision's ``arch`` with its classifier taken off (``take_classifier_off``): pooled features (N, out_dim).
+
+    ``out_dim`` is the registry's declared width, checked against the classifier's input: a wrong one is an error
+    here, never a silently mis-sized head."""
+    pretrained = weights not in (None, "none")
+    net = _network(arch, pretrained)
+    features = take_classifier_off(net, arch)  # the classifier's keys of a state are then not loaded
+    if features != out_dim:
+        raise ValueError(f"{arch}: the registry says {out_dim} features, the network has {features}")
     if weights == "imagenet":
         try:
             state = _imagenet_weights(arch).get_state_dict(progress=False)

@@ -5,7 +5,8 @@
 
     format_version   FORMAT_VERSION
     model            the model config: arch, width, dim, weights, freeze_bn
-    input            how the network sees an image: size, mean, std, resize (or null), fit
+    input            how the network sees an image: size, mean, std, resize (or null), fit; written by
+                     ``InputSpec.to_dict()``, read by ``InputSpec.from_safetensors`` (``isif.data.input_spec``)
     precision        the run's precision (fp32, bf16, fp16, fp64): the autocast the embeddings were made with
     channels_last    the run's memory format
     checkpoint_sha256, isif_version

@@ -29,6 +29,13 @@ command-line flag), how to build the objective from settings and a
 ``BuildContext``, and whether it trains at all (``random`` does not: the run
 evaluates the untrained network once).
 
+The builder is any ``(settings, context) -> objective``: a class whose
+``__init__`` takes those two, or, for an objective that keeps a keyword
+constructor for the Python API (the built-in ones: ``InvariantSpreading(
+temperature=0.1)``), its ``from_settings`` (``FromSettings``). The settings
+are checked once, by ``build_objective``, before the builder sees them; a
+keyword constructor checks the settings it is given (``checked``).
+
 An objective has no ``.cuda()`` inside and makes no assumption about DDP:
 under torchrun the loop gathers ``z`` across processes (gradients kept), so
 the objective sees the global batch as one process would.
@@ -38,9 +45,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
+
+from ..base.settings import check_fields
+
+S = TypeVar("S")
 
 
 @dataclass
@@ -88,5 +99,26 @@ class Method:
     build: Callable[[Any, BuildContext], torch.nn.Module]  # (settings, context) -> objective
     trains: bool = True  # False: no optimisation step; the run evaluates the untrained network once
 
-    def defaults(self) -> Any:
-        return self.settings()
+
+def checked(settings: S) -> S:
+    """``settings`` once its fields' checks pass (ValueError naming the field): for keyword constructors, which
+    the registry's ``build_objective`` does not go through."""
+    check_fields(settings, flags=False)
+    return settings
+
+
+class FromSettings:
+    """An objective with a keyword constructor (the Python API) that the registry builds from its settings object.
+
+    The class defines ``_setup(settings, ctx)``, which sets the module up from settings that are already checked
+    (it calls ``nn.Module.__init__`` first); its ``__init__`` checks its keywords' settings and calls ``_setup``;
+    ``from_settings`` is the registry's builder and does not check again."""
+
+    def _setup(self, settings: Any, ctx: BuildContext) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_settings(cls, settings: Any, ctx: BuildContext):
+        obj = cls.__new__(cls)
+        obj._setup(settings, ctx)
+        return obj

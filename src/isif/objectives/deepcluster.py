@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base.settings import POSITIVE, at_least, check_fields, setting
+from ..base.settings import POSITIVE, at_least, setting
 from ..evaluate.kmeans import kmeans
-from .contract import EpochContext
+from .contract import BuildContext, EpochContext, FromSettings, checked
 
 
 @dataclass
@@ -20,12 +20,7 @@ class DeepClusterSettings:
     kmeans_iters: int = setting(20, "k-means iterations per epoch", check=at_least(1))
 
 
-@dataclass
-class NoSettings:
-    """The untrained network has no settings."""
-
-
-class DeepCluster(nn.Module):
+class DeepCluster(FromSettings, nn.Module):
     """Cross-entropy on pseudo-labels from k-means over the training set's embeddings.
 
     At the start of every epoch the loop calls ``on_epoch_start``: k-means
@@ -42,14 +37,17 @@ class DeepCluster(nn.Module):
 
     def __init__(self, num_instances: int, dim: int = 128, clusters: int = 100, temperature: float = 0.1,
                  iters: int = 20, seed: int = 0, engine: str = "torch") -> None:
-        super().__init__()
-        check_fields(DeepClusterSettings(temperature, clusters, iters), flags=False)
-        if not 2 <= clusters <= num_instances:
-            raise ValueError(f"clusters must be in [2, {num_instances}], got {clusters}")
-        self.clusters, self.temperature, self.iters, self.seed = clusters, temperature, iters, seed
-        self.engine = engine  # k-means's search (isif.evaluate.engine): the same pseudo-labels either way
-        self.head = nn.Linear(dim, clusters)
-        self.register_buffer("pseudo_labels", torch.zeros(num_instances, dtype=torch.long))
+        self._setup(checked(DeepClusterSettings(temperature, clusters, iters)),
+                    BuildContext(num_instances, dim, seed, engine))
+
+    def _setup(self, s: DeepClusterSettings, ctx: BuildContext) -> None:
+        nn.Module.__init__(self)
+        if not 2 <= s.clusters <= ctx.num_instances:
+            raise ValueError(f"clusters must be in [2, {ctx.num_instances}], got {s.clusters}")
+        self.clusters, self.temperature, self.iters, self.seed = s.clusters, s.temperature, s.kmeans_iters, ctx.seed
+        self.engine = ctx.engine  # k-means's search (isif.evaluate.engine): the same pseudo-labels either way
+        self.head = nn.Linear(ctx.dim, s.clusters)
+        self.register_buffer("pseudo_labels", torch.zeros(ctx.num_instances, dtype=torch.long))
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         feats = ctx.features()  # (N, D)
@@ -65,14 +63,3 @@ class DeepCluster(nn.Module):
         v = z.shape[0] // instance_idx.shape[0]
         return F.cross_entropy(self.head(z.to(self.head.weight.dtype)) / self.temperature, target.repeat(v))
 
-
-class NoTraining(nn.Module):
-    """The untrained network: the run evaluates it once and takes no step."""
-
-    views: tuple[str, ...] = ()
-
-    def on_epoch_start(self, ctx: EpochContext) -> None:
-        """Never called: the method does not train."""
-
-    def forward(self, z: torch.Tensor, instance_idx: torch.Tensor | None = None) -> torch.Tensor:
-        raise RuntimeError("the 'random' method takes no training step")

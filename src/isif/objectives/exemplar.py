@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base.settings import POSITIVE, check_fields, setting
+from ..base.settings import POSITIVE, setting
+from .contract import BuildContext, FromSettings, checked
 
 
 @dataclass
@@ -17,7 +18,7 @@ class ExemplarSettings:
     temperature: float = setting(0.1, "temperature on the logits", check=POSITIVE)
 
 
-class Exemplar(nn.Module):
+class Exemplar(FromSettings, nn.Module):
     """Cross-entropy of every augmented view against its own instance's class.
 
     logits = z W^T / tau with W (N, D) learned (initialised N(0, 1/D)); both
@@ -31,10 +32,12 @@ class Exemplar(nn.Module):
     views = ("augment", "augment")
 
     def __init__(self, num_instances: int, dim: int = 128, temperature: float = 0.1) -> None:
-        super().__init__()
-        check_fields(ExemplarSettings(temperature), flags=False)
-        self.temperature = temperature
-        self.weight = nn.Parameter(torch.randn(num_instances, dim) / math.sqrt(dim))
+        self._setup(checked(ExemplarSettings(temperature)), BuildContext(num_instances, dim))
+
+    def _setup(self, s: ExemplarSettings, ctx: BuildContext) -> None:
+        nn.Module.__init__(self)
+        self.temperature = s.temperature
+        self.weight = nn.Parameter(torch.randn(ctx.num_instances, ctx.dim) / math.sqrt(ctx.dim))
 
     def on_epoch_start(self, ctx) -> None:
         """Nothing to do per epoch."""

@@ -10,6 +10,7 @@ every checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base.settings import MOMENTUM, POSITIVE, at_least, check_fields, setting
+from ..base.settings import MOMENTUM, POSITIVE, at_least, setting
+from .contract import BuildContext, FromSettings, checked
 
 
 @dataclass
@@ -64,7 +66,7 @@ def _check(z: torch.Tensor, idx: torch.Tensor | None, bank: MemoryBank) -> torch
     return idx.to(bank.memory.device).long()
 
 
-class NPSoftmax(nn.Module):
+class NPSoftmax(FromSettings, nn.Module):
     """Non-parametric softmax: loss = CE(z . bank^T / tau, instance_idx); then the bank is updated.
 
     Shape: z (B, D) L2-normalised, instance_idx (B,) -> scalar.
@@ -73,10 +75,12 @@ class NPSoftmax(nn.Module):
     views = ("augment",)
 
     def __init__(self, num_instances: int, dim: int = 128, temperature: float = 0.07, momentum: float = 0.5) -> None:
-        super().__init__()
-        check_fields(NPSoftmaxSettings(temperature, momentum), flags=False)
-        self.temperature = temperature
-        self.bank = MemoryBank(num_instances, dim, momentum)
+        self._setup(checked(NPSoftmaxSettings(temperature, momentum)), BuildContext(num_instances, dim))
+
+    def _setup(self, s: NPSoftmaxSettings, ctx: BuildContext) -> None:
+        nn.Module.__init__(self)
+        self.temperature = s.temperature
+        self.bank = MemoryBank(ctx.num_instances, ctx.dim, s.memory_momentum)
 
     def on_epoch_start(self, ctx) -> None:
         """Nothing to do per epoch: the bank is updated every step."""
@@ -91,7 +95,7 @@ class NPSoftmax(nn.Module):
         return loss
 
 
-class NCE(nn.Module):
+class NCE(FromSettings, nn.Module):
     """Noise-contrastive estimation of the instance softmax, as lemniscate's NCEAverage + NCECriterion.
 
     For each instance, K noise indices are drawn uniformly (P_n = 1/N) and
@@ -112,11 +116,19 @@ class NCE(nn.Module):
 
     def __init__(self, num_instances: int, dim: int = 128, temperature: float = 0.07, momentum: float = 0.5,
                  noise: int = 4096) -> None:
-        super().__init__()
-        check_fields(NCESettings(temperature, momentum, noise), flags=False)
-        self.temperature = temperature
-        self.noise = noise
-        self.bank = MemoryBank(num_instances, dim, momentum)
+        self._setup(checked(NCESettings(temperature, momentum, noise)), BuildContext(num_instances, dim))
+
+    @classmethod
+    def from_settings(cls, settings: NCESettings, ctx: BuildContext) -> NCE:
+        """The registry's builder: at most one noise sample per training instance."""
+        return super().from_settings(dataclasses.replace(settings, nce_noise=min(settings.nce_noise,
+                                                                                  ctx.num_instances)), ctx)
+
+    def _setup(self, s: NCESettings, ctx: BuildContext) -> None:
+        nn.Module.__init__(self)
+        self.temperature = s.temperature
+        self.noise = s.nce_noise
+        self.bank = MemoryBank(ctx.num_instances, ctx.dim, s.memory_momentum)
         self.register_buffer("log_z", torch.tensor(float("nan")))  # NaN until the first batch sets it
 
     def on_epoch_start(self, ctx) -> None:

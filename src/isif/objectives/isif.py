@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..base.settings import FRACTION, POSITIVE, at_least, check_fields, one_of, setting
+from ..base.settings import FRACTION, POSITIVE, at_least, one_of, setting
+from .contract import BuildContext, FromSettings, checked
 
 VARIANTS = ("official", "paper")
 NEGATIVES = ("all", "hard", "easy")
@@ -64,7 +65,7 @@ class IsifSettings:
             raise ValueError("--negatives hard/easy needs --variant official")
 
 
-class InvariantSpreading(nn.Module):
+class InvariantSpreading(FromSettings, nn.Module):
     """Instance softmax over the batch's own features.
 
     Args:
@@ -106,14 +107,16 @@ class InvariantSpreading(nn.Module):
 
     def __init__(self, temperature: float = 0.1, variant: str = "official", neg_weight: float = 1.0,
                  negatives: str = "all", neg_fraction: float = 0.5) -> None:
-        super().__init__()
+        self._setup(checked(IsifSettings(temperature, variant, neg_weight, negatives, neg_fraction)))
+
+    def _setup(self, s: IsifSettings, ctx: BuildContext | None = None) -> None:
+        nn.Module.__init__(self)
         # below 1, neg_weight lets a negative's probability e_j / (negM * sum_neg + e_pos) exceed 1: log(1-p) NaN
-        check_fields(IsifSettings(temperature, variant, neg_weight, negatives, neg_fraction), flags=False)
-        self.temperature = float(temperature)
-        self.variant = variant
-        self.neg_weight = float(neg_weight)
-        self.negatives = negatives
-        self.neg_fraction = float(neg_fraction)
+        self.temperature = float(s.temperature)
+        self.variant = s.variant
+        self.neg_weight = float(s.neg_weight)
+        self.negatives = s.negatives
+        self.neg_fraction = float(s.neg_fraction)
 
     @property
     def views(self) -> tuple[str, str]:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..base.settings import NON_NEGATIVE, check_fields, setting
+from ..base.settings import NON_NEGATIVE, setting
+from .contract import BuildContext, checked
 
 
 @dataclass
@@ -29,11 +30,20 @@ class Triplet(nn.Module):
     views = ("augment", "augment")
 
     def __init__(self, margin: float = 0.5, mining: str = "random") -> None:
-        super().__init__()
+        self._setup(checked(TripletSettings(margin)), mining)
+
+    @classmethod
+    def from_settings(cls, settings: TripletSettings, ctx: BuildContext, mining: str = "random") -> Triplet:
+        """The registry's builder (``triplet``; ``triplet-hard`` with ``mining="hard"``)."""
+        obj = cls.__new__(cls)
+        obj._setup(settings, mining)
+        return obj
+
+    def _setup(self, s: TripletSettings, mining: str) -> None:
+        nn.Module.__init__(self)
         if mining not in ("random", "hard"):
             raise ValueError(f"mining must be random or hard, got {mining!r}")
-        check_fields(TripletSettings(margin), flags=False)
-        self.margin = margin
+        self.margin = s.margin
         self.mining = mining
 
     def on_epoch_start(self, ctx) -> None:

@@ -16,7 +16,9 @@ The dict's keys (kept since the first release, so old checkpoints resume):
     neighbours                    nearest-neighbour positives (sampler), when used
     epoch, step                   the position: epochs done, steps done inside the next one
     epoch_loss_sum, epoch_loss_steps, train_time_s, history
-    input                         size, mean, std, resize, center_crop: how the network sees an image
+    input                         size, mean, std, resize, center_crop, fit: how the network sees an image
+                                  (``isif.data.input_spec.InputSpec``: written by its ``to_dict(checkpoint=True)``,
+                                  read by ``InputSpec.from_checkpoint``)
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class TrainState:
             "epoch": self.epoch, "step": self.step,
             "epoch_loss_sum": self.loss_sum, "epoch_loss_steps": self.loss_steps,
             "train_time_s": self.train_time, "history": self.history,
-            "input": parts.input_spec,
+            "input": parts.input_spec.to_dict(checkpoint=True),
         }
         if "neighbours" in smp:
             s["neighbours"] = smp["neighbours"]
@@ -202,9 +204,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p / "checkpoints" / "last.pt" if p.is_dir() else p
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """(model in eval mode on ``device``, its Config, the checkpoint dict) from a checkpoint or run folder."""
+def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """(model in eval mode on ``device``, its Config, the checkpoint dict) from a checkpoint or run folder: the
+    training side of loading; ``isif.collection.network.load_network`` adds the input spec and safetensors files."""
     from ..base.device import param_dtype
+    from ..data.input_spec import InputSpec
     from ..models import build_model
     from .config import Config
 
@@ -214,7 +218,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
         raise UserError(f"{p} has no model or config; pass a checkpoint written by `isif train`")
     cfg = Config.from_dict(state["config"])
     try:
-        size = (state.get("input") or {}).get("size")  # the side a timm ViT was built for
+        spec = InputSpec.in_checkpoint(state)
+        size = spec.size if spec is not None else None  # the side a timm ViT was built for
         model = build_model(dataclasses.replace(cfg.model, weights=None), size)  # the checkpoint has the weights
         model.to(param_dtype(cfg.train.precision)).load_state_dict(state["model"])
     except (RuntimeError, ValueError) as e:

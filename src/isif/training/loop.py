@@ -33,6 +33,7 @@ from ..base.errors import UserError
 from ..base.faults import fault_point
 from ..data.registry import load_sets
 from ..data.types import LazyImages, Sets
+from ..evaluate.metrics import loop_row
 from ..evaluate.protocol import evaluate_sets, protocol_for
 from ..evaluate.retrieval import nearest_neighbour
 from ..objectives import EpochContext, get_method
@@ -64,6 +65,7 @@ class Session:
     state: TrainState
     sets: Sets
     resumed: bool
+    budgeted: bool = False  # the epochs came from --budget
     steps_done: int = 0  # optimiser steps in this call (for ``stop_after_steps``)
 
 
@@ -80,7 +82,7 @@ def train(cfg: Config, out: str | os.PathLike, *, resume: bool = False, overwrit
         s = prepare(cfg, Path(out), resume, overwrite)
         if dry_run:
             return []
-        if progress and s.world.main and not resume:
+        if progress and s.world.main:
             print(announce(s), file=sys.stderr, flush=True)
         if not get_method(cfg.method.name).trains:
             return evaluate_untrained(s, progress)
@@ -132,6 +134,8 @@ def prepare(cfg: Config, out: Path, resume: bool, overwrite: bool) -> Session:
     barrier(world)
     saved = load_checkpoint(run.last) if resume else None
     device = resolve_device(device_for(world, t.device))
+    if t.sync_bn and world.active and device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm has no CPU kernel; drop it on CPU")
     torch.manual_seed(t.seed)
     model = make_model(cfg)  # before the data: unreachable or unfitting weights fail before a long scan
     sets = load_sets(cfg.data)
@@ -141,14 +145,14 @@ def prepare(cfg: Config, out: Path, resume: bool, overwrite: bool) -> Session:
     if t.batch_size > n:
         raise UserError(f"--batch-size {t.batch_size} is larger than the training set ({n} images)")
     check_batch(world, t.batch_size)
-    t.epochs = t.resolve_epochs(n)
+    budgeted, t.epochs = t.epochs is None, t.resolve_epochs(n)
     check_evaluation(cfg, sets)
     parts = build_parts(cfg, sets.splits, n, device, world, model)
     sampler = InstanceSampler(n, t.batch_size, t.seed, world, cfg.sampler.nn_positive)
     state = TrainState()
     if saved is not None:
         state.load_state_dict(saved, parts, sampler)
-    return Session(cfg, run, world, parts, sampler, state, sets, resumed=resume)
+    return Session(cfg, run, world, parts, sampler, state, sets, resumed=resume, budgeted=budgeted)
 
 
 def check_evaluation(cfg: Config, sets: Sets) -> None:
@@ -169,16 +173,37 @@ def check_evaluation(cfg: Config, sets: Sets) -> None:
 
 
 def announce(s: Session) -> str:
-    """The banner: the images, the preset, the schedule and the expected time on this machine."""
+    """The run's one banner: what trains where (resumed: from where) and the images; then the network, the batch
+    (per process under torchrun), images a step (views x batch), the schedule, precision, device and the expected
+    time on this machine."""
     from .presets import PRESETS
 
-    cfg, n, steps = s.cfg, len(s.sets.train), s.sampler.steps_per_epoch
-    held = f" (+{len(s.sets.holdout)} held out for the label-free metrics)" if s.sets.holdout is not None else ""
+    cfg, n, steps, st = s.cfg, len(s.sets.train), s.sampler.steps_per_epoch, s.state
+    epochs = cfg.train.epochs
     doc = PRESETS[cfg.preset].doc.split(";")[0].split(": ", 1)[-1] if cfg.preset in PRESETS else "custom settings"
-    step_s = estimate_step_seconds(s.parts, s.sets.train.images, s.sampler.batch_size)
-    total = step_s * steps * (cfg.train.epochs - s.state.epoch)
-    return (f"isif: {n:,} images{held}, preset {cfg.preset}: {doc}; {_backbone(cfg)}; {cfg.train.epochs} epochs of "
-            f"{steps} steps at {s.parts.plain.size}px, about {_minutes(total)} of training on this machine "
+    held = f" (+{len(s.sets.holdout)} held out for the label-free metrics)" if s.sets.holdout is not None else ""
+    if not s.resumed:
+        where = ""
+    elif st.epoch >= epochs:
+        where = f", all {epochs} epochs done"
+    else:
+        where = f" from epoch {st.epoch + 1}/{epochs}" + (f", step {st.step}/{steps}" if st.step else "")
+    head = (f"isif: {'resuming' if s.resumed else 'training'} {cfg.method.name} (preset {cfg.preset}: {doc}) -> "
+            f"{s.run.root}{where}; {n:,} images{held}")
+    return f"{head}\n  {_backbone(cfg)}; {_schedule(s)}"
+
+
+def _schedule(s: Session) -> str:
+    """The banner's second line after the network: batch, images a step, epochs, precision, device, time."""
+    t, w, steps = s.cfg.train, s.world, s.sampler.steps_per_epoch
+    batch, views = s.sampler.batch_size, len(s.parts.views)
+    share = f" = {batch // w.size} per process x {w.size} processes" if w.active else ""
+    budget = f" (from --budget {t.budget:,} instances)" if s.budgeted else ""
+    step_s = estimate_step_seconds(s.parts, s.sets.train.images, batch)
+    left = max(0, steps * (t.epochs - s.state.epoch) - s.state.step)
+    return (f"batch {batch} instances{share}, {views * batch} images/step ({views} view{'s' * (views > 1)} of each); "
+            f"{t.epochs} epochs{budget} of {steps} steps at {s.parts.plain.size}px, {t.precision}, device "
+            f"{s.parts.device}; about {_minutes(step_s * left)} of training{' left' * s.resumed} on this machine "
             f"({step_s:.2f} s a step, measured; evaluations add)")
 
 
@@ -240,8 +265,7 @@ def epoch_row(s: Session, epoch: int, images_per_s: float) -> dict[str, Any]:
     """The metrics row of a finished epoch, before its evaluation."""
     steps, st = s.sampler.steps_per_epoch, s.state
     lr = lr_at(s.cfg.optim, s.cfg.train.epochs, epoch + 1 - 1 / max(steps, 1))  # the last step's
-    return {"epoch": epoch + 1, "loss": st.loss_sum / max(st.loss_steps, 1), "knn_top1": None, "lr": lr,
-            "images_per_s": images_per_s, "train_s": st.train_time}
+    return loop_row(epoch + 1, st.loss_sum / max(st.loss_steps, 1), lr, images_per_s, st.train_time)
 
 
 def finish_epoch(s: Session, row: dict[str, Any]) -> None:
@@ -263,9 +287,7 @@ def evaluate_untrained(s: Session, progress: bool) -> list[dict]:
     with log:
         if st.epoch >= 1:  # already evaluated
             return st.history
-        row: dict[str, Any] = {"epoch": 0, "loss": None, "knn_top1": None,
-                               "lr": lr_at(cfg.optim, cfg.train.epochs, 0.0), "images_per_s": 0.0,
-                               "train_s": st.train_time}
+        row = loop_row(0, None, lr_at(cfg.optim, cfg.train.epochs, 0.0), 0.0, st.train_time)
         t_eval = time.perf_counter()
         row.update(evaluate_sets(parts.model, s.sets, parts.extractor(), parts.probe_views(), cfg.eval, cfg.train.seed))
         row["eval_s"] = time.perf_counter() - t_eval

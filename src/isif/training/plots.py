@@ -1,6 +1,7 @@
 """Figures: learning curves, the learning-speed race (Fig. 3), similarity histograms (Fig. 5).
 
-Every figure is written atomically as a PNG, with matplotlib's Agg backend.
+Every figure is written atomically as a PNG, with matplotlib's Agg backend. The metrics' axis and legend labels
+(and which are better lower) come from ``isif.evaluate.metrics``.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base.files import atomic_write_bytes
-from ..evaluate.labelfree import LABEL_FREE
+from ..evaluate.metrics import metric, primary
 
 
 def _plt():
@@ -25,57 +26,42 @@ def _save(fig, path: Path) -> None:
     _plt().close(fig)
 
 
-def is_eval_metric(key: str) -> bool:
-    """Is this metrics-row field an evaluation result (kNN top-1, a retrieval or a label-free metric)?"""
-    return key == "knn_top1" or is_retrieval_metric(key) or key in LABEL_FREE
-
-
-def is_retrieval_metric(key: str) -> bool:
-    return key.startswith("recall@") or key in ("map@r", "nmi")
-
-
-def primary_metric(rows: list[dict]) -> tuple[str, str]:
-    """(metrics-row key, axis label) to plot: kNN top-1, or Recall@1 when only retrieval was evaluated."""
-    if any(r.get("knn_top1") is not None for r in rows) or not any("recall@1" in r for r in rows):
-        return "knn_top1", "kNN top-1 (%)"
-    return "recall@1", "Recall@1 on unseen classes (%)"
-
-
-def _series(ax, history: list[dict], key: str, label: str, color: str, **kw) -> None:
+def _series(ax, history: list[dict], key: str, color: str, **kw) -> None:
     ev = [r for r in history if r.get(key) is not None]
-    ax.plot([r["epoch"] for r in ev], [r[key] for r in ev], marker="o", color=color, label=label, **kw)
+    ax.plot([r["epoch"] for r in ev], [r[key] for r in ev], marker="o", color=color, label=metric(key).label, **kw)
 
 
 def plot_curve(history: list[dict], path: Path, title: str = "") -> None:
     """Loss and the labelled metric (kNN top-1 or Recall@1) against epoch; with held-out images, also the
     label-free metrics: view retrieval, effective rank, alignment and uniformity."""
     plt = _plt()
-    key, label = primary_metric(history)
+    main = primary(history)
+    key, label = main.key, main.axis()
     labelled = any(r.get(key) is not None for r in history)
     free = any(r.get("view_top1") is not None for r in history)
     n = 1 + labelled + 2 * free if free else 2
     fig, axes = plt.subplots(1, n, figsize=(4.3 * n, 3.5))
     rows = [r for r in history if r.get("loss") is not None]
     axes[0].plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker="o")
-    axes[0].set_ylabel("training loss")
+    axes[0].set_ylabel(metric("loss").label)
     if labelled or not free:
-        _series(axes[1], history, key, label, "tab:green")
+        _series(axes[1], history, key, "tab:green")
         axes[1].set_ylabel(label)
     if free:
         ax = axes[-2]
-        _series(ax, history, "view_top1", "view top-1", "tab:blue")
-        _series(ax, history, "view_top5", "view top-5", "tab:blue", ls="--")
+        _series(ax, history, "view_top1", "tab:blue")
+        _series(ax, history, "view_top5", "tab:blue", ls="--")
         ax.set_ylabel("held-out view retrieval (%)")
         rank = ax.twinx()
-        _series(rank, history, "rankme", "effective rank", "tab:purple")
-        rank.set_ylabel("effective rank (RankMe)", color="tab:purple")
+        _series(rank, history, "rankme", "tab:purple")
+        rank.set_ylabel(f"{metric('rankme').label} (RankMe)", color="tab:purple")
         ax.legend(fontsize=7, loc="lower right")
         ax = axes[-1]
-        _series(ax, history, "alignment", "alignment", "tab:red")
-        ax.set_ylabel("alignment (lower is better)", color="tab:red")
+        _series(ax, history, "alignment", "tab:red")
+        ax.set_ylabel(metric("alignment").axis(), color="tab:red")
         unif = ax.twinx()
-        _series(unif, history, "uniformity", "uniformity", "tab:orange")
-        unif.set_ylabel("uniformity (lower is better)", color="tab:orange")
+        _series(unif, history, "uniformity", "tab:orange")
+        unif.set_ylabel(metric("uniformity").axis(), color="tab:orange")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -86,9 +72,10 @@ def plot_curve(history: list[dict], path: Path, title: str = "") -> None:
 
 
 def plot_race(histories: dict[str, list[dict]], path: Path, title: str = "", key: str = "knn_top1",
-              label: str = "kNN top-1 (%)") -> None:
-    """A metric (kNN top-1 by default) against epoch, one line per method."""
+              label: str | None = None) -> None:
+    """A metric (kNN top-1 by default) against epoch, one line per method; ``label``: the axis (the metric's)."""
     plt = _plt()
+    label = metric(key).axis() if label is None else label
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, hist in histories.items():
         ev = [r for r in hist if r.get(key) is not None]

@@ -94,10 +94,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 
 def default_preset(data: str | None, dataset: str | None, device_type: str) -> str:
     """The preset of ``isif train`` without --preset: images-cpu / images-gpu for unlabelled images (a --data
-    path in none of the labelled layouts, or --dataset unlabelled), else cifar10-cpu."""
-    from ..data.registry import labelled_layout
+    path in none of the labelled layouts, or --dataset of a source without labels), else cifar10-cpu."""
+    from ..data.registry import SOURCES, labelled_layout
 
-    if dataset == "unlabelled" or (dataset is None and data is not None and not labelled_layout(data)):
+    unlabelled = dataset in SOURCES and not SOURCES[dataset].labelled
+    if unlabelled or (dataset is None and data is not None and not labelled_layout(data)):
         return "images-gpu" if device_type == "cuda" else "images-cpu"
     return "cifar10-cpu"
 
@@ -144,10 +145,6 @@ def resolve(name: str, overrides: dict[str, Any] | None = None, strict_method: b
                 continue
             raise
     return cfg
-
-
-def preset(name: str) -> Config:
-    return resolve(name)
 
 
 def not_a_setting(key: str, method: str) -> str:

@@ -6,12 +6,13 @@ from pathlib import Path
 
 from ..base.errors import UserError
 from ..base.files import atomic_write_bytes
+from ..evaluate.metrics import is_retrieval, metric, primary
 from ..objectives import get_method
 from ..objectives import methods as registered
 from .checkpoint import load_checkpoint
 from .config import Config
 from .loop import train
-from .plots import is_retrieval_metric, plot_race, primary_metric
+from .plots import plot_race
 from .runlog import RunDir
 
 DEFAULT_METHODS = tuple(registered())  # every registered method, in registry order
@@ -51,29 +52,29 @@ def check_methods(names: list[str]) -> None:
 
 def race_metric(histories: dict[str, list[dict]]) -> tuple[str, str]:
     """(metrics-row key, label) the race compares: kNN top-1, or Recall@1 when the test classes are unseen."""
-    return primary_metric([r for h in histories.values() for r in h])
+    m = primary([r for h in histories.values() for r in h])
+    return m.key, m.axis()
 
 
 def race_table(histories: dict[str, list[dict]]) -> str:
     key, _ = race_metric(histories)
-    short = "kNN" if key == "knn_top1" else "R@1"
+    m = metric(key)
     epochs = sorted({r["epoch"] for h in histories.values() for r in h
                      if r["epoch"] > 0 and r.get(key) is not None}) or [0]
-    head = "| method | " + " | ".join(f"ep {e}" if e else short for e in epochs) + " | train time (s) |"
-    lines = [head, "|---|" + "---|" * (len(epochs) + 1)]
+    columns = [f"ep {e}" if e else m.short for e in epochs] + [metric("train_s").short]
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, hist in histories.items():
         by_epoch = {r["epoch"]: r for r in hist}
         if set(by_epoch) == {0}:
-            knn = by_epoch[0][key]
-            cells = [f"{knn:.2f}" for _ in epochs]
+            cells = [m.format(by_epoch[0][key]) for _ in epochs]
             lines.append(f"| {name} (untrained) | " + " | ".join(cells) + " | 0 |")
             continue
-        cells = [f"{by_epoch[e][key]:.2f}" if e in by_epoch and by_epoch[e].get(key) is not None
+        cells = [m.format(by_epoch[e][key]) if e in by_epoch and by_epoch[e].get(key) is not None
                  else "–" for e in epochs]
         train_s = max(r.get("train_s", 0.0) for r in hist)
         best = "**" if name == "isif" else ""
-        lines.append(f"| {best}{name}{best} | " + " | ".join(cells) + f" | {train_s:.0f} |")
-    if key == "recall@1":
+        lines.append(f"| {best}{name}{best} | " + " | ".join(cells) + f" | {metric('train_s').format(train_s)} |")
+    if m.protocol == "retrieval":
         lines += ["", final_retrieval_table(histories)]
     return "\n".join(lines) + "\n"
 
@@ -83,10 +84,9 @@ def final_retrieval_table(histories: dict[str, list[dict]]) -> str:
     names = []
     for h in histories.values():
         for r in h:
-            names += [k for k in r if is_retrieval_metric(k) and k not in names]
-    label = {k: f"R@{k.split('@')[1]}" if k.startswith("recall@") else ("MAP@R" if k == "map@r" else "NMI")
-             for k in names}
-    lines = ["| method | epoch | " + " | ".join(label[k] for k in names) + " |", "|---|---|" + "---|" * len(names)]
+            names += [k for k in r if is_retrieval(k) and k not in names]
+    lines = ["| method | epoch | " + " | ".join(metric(k).short for k in names) + " |",
+             "|---|---|" + "---|" * len(names)]
     for name, hist in histories.items():
         ev = [r for r in hist if r.get("recall@1") is not None]
         if not ev:
@@ -94,7 +94,7 @@ def final_retrieval_table(histories: dict[str, list[dict]]) -> str:
         last = ev[-1]
         who = f"{name} (untrained)" if last["epoch"] == 0 else name
         lines.append(f"| {who} | {last['epoch']} | " + " | ".join(
-            f"{last[k]:.2f}" if last.get(k) is not None else "–" for k in names) + " |")
+            metric(k).format(last[k]) if last.get(k) is not None else "–" for k in names) + " |")
     return "\n".join(lines)
 
 

@@ -27,8 +27,8 @@ from typing import Any
 from ..base.errors import UserError
 from ..base.files import atomic_write_bytes
 from ..base.settings import at_least, one_of, setting
-from ..evaluate.protocol import summary
-from .plots import is_eval_metric, plot_curve
+from ..evaluate.metrics import fmt, is_evaluation, metric, summary
+from .plots import plot_curve
 
 LOGGERS = ("tensorboard", "wandb", "none")
 
@@ -210,8 +210,8 @@ class RunLog:
         """metrics.jsonl, the logger's scalars, the curve, and one console line."""
         scalars = {f"train/{key}": row[key] for key in ("loss", "images_per_s", "lr")}
         self._record(row, history, row["epoch"] * self.steps, scalars,
-                     f"epoch {row['epoch']}/{self.epochs}  loss {row['loss']:.4f}",
-                     f"  {row['images_per_s']:.0f} img/s  {seconds:.0f} s")
+                     f"epoch {row['epoch']}/{self.epochs}  loss {fmt(row, 'loss')}",
+                     f"  {fmt(row, 'images_per_s')} {metric('images_per_s').short}  {seconds:.0f} s")
 
     def untrained(self, row: dict, history: list[dict]) -> None:
         """The one evaluation of a method that does not train."""
@@ -220,7 +220,7 @@ class RunLog:
     def _record(self, row: dict, history: list[dict], gs: int, scalars: dict, head: str, tail: str) -> None:
         write_metrics(self.run.metrics, history)
         for key, value in row.items():
-            if value is not None and is_eval_metric(key):
+            if value is not None and is_evaluation(key):
                 scalars[f"eval/{key.replace('@', '_at_')}"] = value
         self._send(scalars, gs, flush=True)
         plot_curve(history, self.run.curve, title=self.title)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,11 +20,12 @@ from torch import nn
 from ..base.device import autocast
 from ..base.dist import SINGLE, World, gather_views
 from ..base.errors import UserError
-from ..data.augment import BatchAugment, PlainTransform, build_transforms
+from ..data.augment import BatchAugment, PlainTransform
+from ..data.input_spec import InputSpec
 from ..data.types import Splits
 from ..evaluate.protocol import Extractor
 from ..models import build_model, input_recipe
-from ..objectives import build_objective, get_method
+from ..objectives import build_objective
 from .config import Config
 from .optim import build_optimizer
 
@@ -45,7 +45,7 @@ class Parts:
     plain: PlainTransform
     views: tuple[str, ...]
     aug_gen: torch.Generator  # augmentation parameters, drawn on the CPU
-    input_spec: dict  # how the network sees an image: size, mean, std, resize, center_crop
+    input_spec: InputSpec  # how the network sees an image: stored in the checkpoint, read by isif eval and embed
     world: World = SINGLE
     probe: BatchAugment | None = None  # the label-free metrics' views: the default augmentation, for every run
 
@@ -68,10 +68,10 @@ def input_size(cfg: Config) -> int | None:
     return cfg.data.size or (recipe["size"] if recipe else None)
 
 
-def with_model_normalisation(cfg: Config, splits: Splits) -> Splits:
-    """``splits`` normalised as the backbone expects: a timm model's own mean and std, else the data's moments."""
-    recipe = input_recipe(cfg.model)
-    return dataclasses.replace(splits, mean=recipe["mean"], std=recipe["std"]) if recipe else splits
+def run_input_spec(cfg: Config, splits: Splits) -> InputSpec:
+    """How the run's network sees an image: ``input_size``, a timm model's own mean and std (else the data's
+    moments), the centre crop of ``--crop-mode fixed``, the source's fit."""
+    return InputSpec.for_run(cfg.data.size, cfg.augment.crop_mode, splits, input_recipe(cfg.model))
 
 
 def make_model(cfg: Config) -> nn.Module:
@@ -103,8 +103,8 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     opt = build_optimizer(cfg.optim, params)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    splits = with_model_normalisation(cfg, splits)
-    augment, plain = build_transforms(cfg.augment, input_size(cfg), splits)
+    spec = run_input_spec(cfg, splits)
+    augment, plain = spec.transforms(cfg.augment, splits)
     net: nn.Module = model
     if world.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -112,9 +112,6 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
         net = torch.compile(net)
-    spec = {"size": int(plain.size), "mean": [float(v) for v in splits.mean], "std": [float(v) for v in splits.std],
-            "resize": int(splits.train.images.shape[-1]), "center_crop": bool(plain.center_crop),
-            "fit": "crop" if cfg.data.dataset == "unlabelled" else "square"}
     aug_gen = torch.Generator().manual_seed(t.seed + 2)
     return Parts(cfg, device, model, net, objective, opt, scaler, augment, plain, tuple(objective.views), aug_gen,
                  spec, world)
@@ -251,7 +248,4 @@ def estimate_step_seconds(parts: Parts, images, batch_size: int, repeats: int = 
     decode = (time.perf_counter() - t0) / min(b, len(images), 32) * b / max(1, getattr(images, "workers", 1))
     return max(compute, decode)
 
-
-def method_trains(cfg: Config) -> bool:
-    return get_method(cfg.method.name).trains
 

@@ -1,0 +1,117 @@
+"""``isif embed``, ``index``, ``search``, ``cluster``, ``duplicates``, ``map`` and ``export``: thin commands over
+``isif.collection``; the printing of their results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..collection.options import (
+    ClusterOptions,
+    DuplicatesOptions,
+    EmbedOptions,
+    ExportOptions,
+    IndexOptions,
+    MapOptions,
+    SearchOptions,
+)
+from .flags import Command
+
+
+def run_embed(o: EmbedOptions) -> int:
+    from ..collection.embedding import embed_folder
+    from ..data.stream import default_workers
+
+    out = Path(o.out) if o.out else Path(str(Path(o.folder).resolve()) + "-embeddings")
+    workers = default_workers() if o.workers is None else o.workers
+    res = embed_folder(o.checkpoint, o.folder, out, o.batch_size, o.device, o.strict, workers, o.shard_size,
+                       o.overwrite, progress=not o.quiet)
+    if res["images"]:
+        print(f"embedded {res['images']} images ({res['dim']}-d) into {res['out']}/features.npy and paths.txt; "
+              f"{res['new']} new or changed" + (f", skipped {res['skipped']} unreadable" if res["skipped"] else ""))
+    return 0
+
+
+def run_index(o: IndexOptions) -> int:
+    from ..collection.index import index_embed_dir
+
+    meta = index_embed_dir(o.embed_dir, o.kind, o.seed, o.recall_queries, **o.params())
+    print(f"{meta['kind']} index of {meta['images']:,} embeddings {json.dumps(meta['params'])}: built in "
+          f"{meta['build_s']:.1f} s, Recall@10 {meta['recall@10']:.4f} against exact search on "
+          f"{meta['recall_queries']} queries -> {o.embed_dir}/index.faiss")
+    return 0
+
+
+def run_search(o: SearchOptions) -> int:
+    from ..base.device import resolve_device
+    from ..collection.embedding import Embedder
+    from ..collection.search import grid, run_search
+
+    embedder = Embedder(o.checkpoint, str(resolve_device(o.device or "auto")), o.batch_size)
+    res = run_search(embedder, o.queries, o.gallery, o.k, o.strict, o.exact)
+    rows = res["rows"]
+    grid(rows[: o.max_rows], Path(o.out), size=o.tile)
+    if o.json:
+        print(json.dumps({"results": res["results"], "grid": o.out}))
+        return 0
+    for r in res["results"]:
+        print(r["query"])
+        for rank, n in enumerate(r["neighbours"], start=1):
+            mark = "" if "same_label" not in n else ("  same class" if n["same_label"] else "  other class")
+            print(f"  {rank:3d}  {n['cosine']:.4f}  {n['path']}{mark}")
+    print(f"grid of {min(len(rows), o.max_rows)} queries x {res['k']} neighbours: {o.out}")
+    return 0
+
+
+def run_cluster(o: ClusterOptions) -> int:
+    from ..collection.cluster import cluster_folder
+
+    res = cluster_folder(o.embed_dir, o.k, o.seed, o.out, o.per_sheet, o.tile)
+    print(f"{res['k']} clusters (sizes {', '.join(map(str, res['sizes']))}; inertia {res['inertia']:.4f}) -> "
+          f"{res['out']}/clusters.csv, clusters.json and {res['sheets']} contact sheets in clusters/")
+    return 0
+
+
+def run_duplicates(o: DuplicatesOptions) -> int:
+    from ..collection.duplicates import duplicates_folder
+
+    res = duplicates_folder(o.embed_dir, o.threshold, o.out, o.max_groups, o.tile, o.block)
+    print(f"{res['groups']} near-duplicate groups, {res['images']} images at cosine >= {o.threshold:g} -> "
+          f"{res['out']}/duplicates.csv and duplicates.png")
+    return 0
+
+
+def run_map(o: MapOptions) -> int:
+    from ..collection.maps import map_folder
+
+    res = map_folder(o.embed_dir, o.method, o.out, o.thumbs, o.seed)
+    colour = f", coloured by {res['classes']} folders" if res["classes"] else ""
+    print(f"{res['method'].upper()} map of {res['images']} images ({res['thumbnails']} thumbnails{colour}) -> "
+          f"{res['png']} and {res['csv']}")
+    return 0
+
+
+def run_export(o: ExportOptions) -> int:
+    from ..collection.export import export
+
+    res = export(o.checkpoint, o.format, Path(o.out) if o.out else None, o.atol)
+    what = "architecture and input recipe" if res["format"] == "safetensors" else "preprocessing"
+    print(f"exported {res['format']} to {res['out']} (input {res['input']}); max |difference| vs the checkpoint "
+          f"{res['max_abs_diff']:.2e} on {res['checked']} images; {what} in {res['spec']}")
+    return 0
+
+
+EMBED = Command("embed", "embed a folder of images: features.npy and paths.txt (sharded, resumable, incremental)",
+                run_embed, EmbedOptions)
+INDEX = Command("index", "a faiss index beside an embed folder, with its Recall@10 against exact search", run_index,
+                IndexOptions)
+SEARCH = Command("search", "nearest gallery images of query images; prints them and writes a PNG grid", run_search,
+                 SearchOptions)
+CLUSTER = Command("cluster", "k-means clusters of an embed folder: clusters.csv, clusters.json, one contact sheet "
+                             "per cluster", run_cluster, ClusterOptions)
+DUPLICATES = Command("duplicates", "near-duplicate groups of an embed folder: duplicates.csv and .png",
+                     run_duplicates, DuplicatesOptions)
+MAP = Command("map", "a 2-D map (UMAP or PCA) of an embed folder with thumbnails: map.png, map.csv", run_map,
+              MapOptions)
+EXPORT = Command("export", "export the embedding network to TorchScript or ONNX, or its weights to safetensors, "
+                           "checked to 1e-5", run_export, ExportOptions)

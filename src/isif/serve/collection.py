@@ -1,0 +1,227 @@
+"""The searchable collection behind ``isif serve``: an embed folder with its features, its faiss index (or exact
+search), the checkpoint that embeds uploads, ``isif cluster`` output and a cache of thumbnails."""
+
+import csv
+import io
+import sys
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..base.errors import UserError
+from ..collection.embed_dir import EmbedDir, load_embed_dir
+from ..collection.embedding import Embedder
+from ..data.decode import BadImage, TooLarge, decode_rgb, is_image_name
+from .errors import RequestError
+
+MAX_K = 500
+
+
+class _Lru:
+    """A thread-safe least-recently-used cache of at most ``size`` values."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+@dataclass
+class Clusters:
+    k: int
+    members: list[list[int]]  # per cluster, gallery ids, most central first
+    distances: list[list[float]]
+    of: np.ndarray  # (N,) cluster of each gallery id
+
+
+def load_clusters(ed: EmbedDir) -> Clusters | None:
+    """``isif cluster`` output in the embed folder, or None (with a warning line when it is stale)."""
+    csv_path = ed.folder / "clusters.csv"
+    if not csv_path.is_file():
+        return None
+    where = {p: i for i, p in enumerate(ed.paths)}
+    try:
+        with csv_path.open(newline="") as fh:
+            rows = [(r["path"], int(r["cluster"]), float(r["distance_to_centre"])) for r in csv.DictReader(fh)]
+    except (OSError, ValueError, KeyError, csv.Error):
+        print(f"warning: {csv_path} is unreadable; clusters not shown (re-run `isif cluster {ed.folder} --k K`)",
+              file=sys.stderr)
+        return None
+    if len(rows) != len(ed.paths) or any(p not in where for p, _, _ in rows) or any(c < 0 for _, c, _ in rows):
+        print(f"warning: {csv_path} was made before the last `isif embed`; clusters not shown (re-run "
+              f"`isif cluster {ed.folder} --k K`)", file=sys.stderr)
+        return None
+    k = max(c for _, c, _ in rows) + 1
+    members: list[list[int]] = [[] for _ in range(k)]
+    dists: list[list[float]] = [[] for _ in range(k)]
+    of = np.full(len(ed.paths), -1, dtype=np.int64)
+    for p, c, dist in rows:  # the CSV is ordered by cluster, then distance to the centre
+        members[c].append(where[p])
+        dists[c].append(dist)
+        of[where[p]] = c
+    return Clusters(k, members, dists, of)
+
+
+def _open(embed_dir: str | Path, checkpoint: str | None, device: str) -> tuple[EmbedDir, Embedder]:
+    """(the embed folder, the embedder of uploads): ``checkpoint``, else the one the folder records, which must be
+    the checkpoint that embedded it and give features of its size (``load_embed_dir`` checks both)."""
+    ckpt = checkpoint or load_embed_dir(embed_dir).checkpoint
+    if not ckpt or not Path(ckpt).exists():
+        raise UserError(f"{embed_dir}: the checkpoint that made it ({ckpt}) is missing; pass it with --checkpoint")
+    embedder = Embedder(ckpt, device, batch_size=1)
+    return load_embed_dir(embed_dir, embedder.fingerprint, int(embedder.cfg.model.dim)), embedder
+
+
+class Collection:
+    """An embed folder ready to be searched: features, index, the checkpoint for uploads, clusters."""
+
+    def __init__(self, embed_dir: str | Path, checkpoint: str | None = None, exact: bool = False,
+                 device: str = "cpu") -> None:
+        from ..collection.search import Gallery
+
+        self.ed, self.embedder = _open(embed_dir, checkpoint, device)
+        if not self.ed.root.is_dir():
+            raise UserError(f"image folder {self.ed.root} (the root in {self.ed.folder}/index.json) is missing; "
+                            "put the images back there or re-run `isif embed`")
+        self.root = self.ed.root.resolve()
+        loaded = None
+        if not exact:
+            from ..collection.index import load_index
+
+            try:
+                loaded = load_index(self.ed.folder)
+            except UserError as e:
+                if "not installed" not in str(e):
+                    raise
+                loaded = None  # no faiss: the exact search is the same answer, only slower
+        self.index_meta = loaded[1] if loaded else None
+        self.gallery = Gallery(torch.from_numpy(self.ed.features), [self.ed.image(i) for i in range(len(self))],
+                               self.ed.labels, loaded[0] if loaded else None, self.ed.root)
+        self.clusters = load_clusters(self.ed)
+        self._model_lock = threading.Lock()
+        self._thumbs = _Lru(4096)
+
+    def __len__(self) -> int:
+        return len(self.ed.paths)
+
+    def info(self) -> dict:
+        m = self.index_meta
+        return {"images": len(self), "dim": int(self.ed.features.shape[1]), "root": self.ed.root.name,
+                "index": {"kind": m["kind"], "params": m["params"], "recall@10": m["recall@10"]} if m else
+                {"kind": "exact (brute force)", "params": {}, "recall@10": 1.0},
+                "clusters": self.clusters.k if self.clusters else None,
+                "labels": self.gallery.labels is not None, "max_k": self._max_k(None)}
+
+    def _max_k(self, exclude: int | None) -> int:
+        return min(MAX_K, len(self) - (exclude is not None))
+
+    def check_id(self, i: int) -> int:
+        if not 0 <= i < len(self):
+            raise RequestError(404, f"no image {i}: ids run from 0 to {len(self) - 1}")
+        return i
+
+    def search(self, query: torch.Tensor, k: int, exclude: int | None = None) -> list[dict]:
+        from ..collection.search import search_gallery
+
+        limit = self._max_k(exclude)
+        if limit < 1:
+            raise RequestError(400, "the collection has no image besides the query")
+        if not 1 <= k <= limit:
+            raise RequestError(400, f"k={k}: choose 1 to {limit}")
+        scores, ids = search_gallery(query[None].float(), self.gallery, k, [exclude])
+        return [self.describe(int(j), float(s)) for s, j in zip(scores[0].tolist(), ids[0].tolist(), strict=True)]
+
+    def search_id(self, i: int, k: int) -> dict:
+        self.check_id(i)
+        return {"query": self.describe(i), "results": self.search(self.gallery.features[i], k, exclude=i)}
+
+    def search_upload(self, data: bytes, k: int, name: str = "upload") -> dict:
+        if not data:
+            raise RequestError(400, "empty upload: send an image file")
+        try:
+            with self._model_lock:
+                z = self.embedder.image_bytes(data, name)
+        except TooLarge as e:
+            raise RequestError(413, f"{e}; send a smaller image") from None
+        except BadImage as e:
+            raise RequestError(400, f"not a decodable image ({str(e).split(': ', 1)[-1][:120]}); send a JPEG, PNG, "
+                                    "WEBP, BMP, TIFF or GIF file") from None
+        return {"query": {"id": None, "path": name}, "results": self.search(z, k)}
+
+    def describe(self, i: int, similarity: float | None = None) -> dict:
+        d: dict = {"id": i, "path": self.ed.paths[i]}
+        if similarity is not None:
+            d["similarity"] = round(similarity, 6)
+        if self.gallery.labels is not None:
+            d["label"] = self.gallery.labels[i]
+        if self.clusters is not None:
+            d["cluster"] = int(self.clusters.of[i])
+        return d
+
+    def image_path(self, i: int) -> Path:
+        """Gallery image i's file, only when it resolves to a file inside the image folder."""
+        self.check_id(i)
+        p = (self.ed.root / self.ed.paths[i]).resolve()
+        if not p.is_relative_to(self.root) or not is_image_name(p):
+            raise RequestError(403, f"image {i} lies outside the collection's folder; it is not served")
+        if not p.is_file():
+            raise RequestError(404, f"image {i} ({self.ed.paths[i]}) is no longer on disk; re-run `isif embed`")
+        return p
+
+    def thumb(self, i: int, side: int) -> bytes:
+        """Gallery image i as a JPEG at most ``side`` pixels on its longer side (cached)."""
+        data = self.cached_thumb(i, side)
+        if data is None:
+            data = self._thumb(i, side)
+            self._thumbs.put((i, side), data)
+        return data
+
+    def cached_thumb(self, i: int, side: int) -> bytes | None:
+        return self._thumbs.get((i, side))
+
+    def _thumb(self, i: int, side: int) -> bytes:
+        p = self.image_path(i)
+        try:
+            arr = decode_rgb(p.read_bytes(), str(p), draft=side)
+        except (BadImage, OSError) as e:
+            raise RequestError(404, f"image {i} cannot be decoded ({str(e)[-80:]})") from None
+        im = Image.fromarray(arr)
+        im.thumbnail((side, side), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
+
+    def cluster(self, c: int, offset: int = 0, limit: int = 100) -> dict:
+        if self.clusters is None:
+            raise RequestError(404, f"no clusters: run `isif cluster {self.ed.folder} --k K` first")
+        if not 0 <= c < self.clusters.k:
+            raise RequestError(404, f"no cluster {c}: clusters run from 0 to {self.clusters.k - 1}")
+        if offset < 0 or not 1 <= limit <= 1000:
+            raise RequestError(400, "offset must be >= 0 and limit 1 to 1000")
+        ids = self.clusters.members[c][offset:offset + limit]
+        dists = self.clusters.distances[c][offset:offset + limit]
+        return {"cluster": c, "size": len(self.clusters.members[c]), "offset": offset,
+                "images": [{**self.describe(i), "distance_to_centre": d} for i, d in zip(ids, dists, strict=True)]}
+
+    def cluster_list(self, preview: int = 12) -> dict:
+        if self.clusters is None:
+            raise RequestError(404, f"no clusters: run `isif cluster {self.ed.folder} --k K` first")
+        return {"k": self.clusters.k, "clusters": [{"cluster": c, "size": len(m), "preview": m[:preview]}
+                                                   for c, m in enumerate(self.clusters.members)]}
