@@ -104,8 +104,8 @@ def load_embed_dir(folder: str | Path, checkpoint_sha256: str | None = None, dim
     stored = meta.get("checkpoint_sha256")
     if checkpoint_sha256 and stored and stored != checkpoint_sha256:
         raise UserError(f"the checkpoint given (sha256 {checkpoint_sha256[:12]}...) is not the checkpoint that "
-                        f"embedded {folder} (sha256 {stored[:12]}..., recorded as {meta.get('checkpoint')}); pass that one, "
-                        "or re-run `isif embed` with this one")
+                        f"embedded {folder} (sha256 {stored[:12]}..., recorded as {meta.get('checkpoint')}); pass "
+                        "that one, or re-run `isif embed` with this one")
     if dim is not None and z.shape[1] != dim:
         raise UserError(f"{folder}: {FEATURES} holds {z.shape[1]}-d features but the checkpoint gives {dim}-d; "
                         "re-run `isif embed` with it")
