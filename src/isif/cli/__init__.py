@@ -36,27 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure ends in one stderr line and its exit code (see the module docstring)."""
     from ..training.checkpoint import CheckpointWriteError
     from ..training.loop import Interrupted, TrainingDiverged
 
+    ends = ((UserError, "error", 2), (TrainingDiverged, "error", 3), (CheckpointWriteError, "error", 1),
+            (Interrupted, "interrupted", 130), (KeyboardInterrupt, "interrupted", 130))
     try:
         args = build_parser().parse_args(argv)
         return args.command_(args)
-    except UserError as e:
-        print(f"isif: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"isif: error: {e}", file=sys.stderr)
-        return 3
-    except CheckpointWriteError as e:
-        print(f"isif: error: {e}", file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        print(f"isif: interrupted: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("isif: interrupted", file=sys.stderr)
-        return 130
+    except tuple(kind for kind, _, _ in ends) as e:
+        word, code = next((w, c) for kind, w, c in ends if isinstance(e, kind))
+        print(f"isif: {word}: {e}" if str(e) else f"isif: {word}", file=sys.stderr)
+        return code
 
 
 __all__ = ["COMMANDS", "build_parser", "main"]
