@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..collection.options import (
@@ -29,7 +30,18 @@ def run_embed(o: EmbedOptions) -> int:
     if res["images"]:
         print(f"embedded {res['images']} images ({res['dim']}-d) into {res['out']}/features.npy and paths.txt; "
               f"{res['new']} new or changed" + (f", skipped {res['skipped']} unreadable" if res["skipped"] else ""))
+    cal = res.get("calibration")
+    if cal:
+        print(f"near-duplicate threshold: cosine {cal['threshold']:g}, measured on {cal['sample']} images and a copy "
+              f"of each: {found_by_edit(cal)} of the copies at or above it, "
+              f"{cal['lookalikes_above']:.1%} of the images with a second-nearest image that close")
     return 0
+
+
+def found_by_edit(cal: dict) -> str:
+    """"97% (jpeg 100%, resize 99%, mirror 95%, crop 90%)": the share of the calibration's copies found."""
+    each = ", ".join(f"{e} {v['found']:.0%}" for e, v in cal["copies_by_edit"].items())
+    return f"{cal['copies_found']:.0%} ({each})"
 
 
 def run_index(o: IndexOptions) -> int:
@@ -76,18 +88,28 @@ def run_duplicates(o: DuplicatesOptions) -> int:
     from ..collection.duplicates import duplicates_folder
 
     res = duplicates_folder(o.embed_dir, o.threshold, o.out, o.max_groups, o.tile, o.block)
-    print(f"{res['groups']} near-duplicate groups, {res['images']} images at cosine >= {o.threshold:g} -> "
-          f"{res['out']}/duplicates.csv and duplicates.png")
+    cal = res["calibration"]
+    how = (f"calibrated: {found_by_edit(cal)} of {cal['sample']} sampled copies at or above it"
+           if res["source"] == "calibrated" else "--threshold")
+    print(f"{res['groups']} near-duplicate groups, {res['images']} images (the largest {res['largest']}) at "
+          f"cosine >= {res['threshold']:g} ({how}) -> {res['out']}/duplicates.csv, .png and .json")
+    for w in res["warnings"]:
+        print(f"isif: warning: {w}", file=sys.stderr)
     return 0
 
 
 def run_map(o: MapOptions) -> int:
-    from ..collection.maps import map_folder
+    from ..collection.maps import LEGEND_MAX, map_folder
 
-    res = map_folder(o.embed_dir, o.method, o.out, o.thumbs, o.seed)
-    colour = f", coloured by {res['classes']} folders" if res["classes"] else ""
+    res = map_folder(o.embed_dir, o.method, o.out, o.thumbs, o.seed, o.tile, o.full_tile)
+    colour = f", {res['coloured_by']}" if res["coloured_by"] else ""
     print(f"{res['method'].upper()} map of {res['images']} images ({res['thumbnails']} thumbnails{colour}) -> "
-          f"{res['png']} and {res['csv']}")
+          f"{res['png']}; beside it map-full.png (to zoom into), map.csv and map.json")
+    if res["umap_missing"]:
+        print("placed by PCA since umap-learn is not installed; UMAP keeps neighbours closer: `pip install umap-learn`")
+    if res["colour"] == "none" and res["classes"] > LEGEND_MAX:
+        print(f"not coloured: {res['classes']} folders are too many to tell apart; to colour by cluster, run "
+              f"`isif cluster {o.embed_dir} --k K` first")
     return 0
 
 
@@ -111,7 +133,8 @@ CLUSTER = Command("cluster", "k-means clusters of an embed folder: clusters.csv,
                              "per cluster", run_cluster, ClusterOptions)
 DUPLICATES = Command("duplicates", "near-duplicate groups of an embed folder: duplicates.csv and .png",
                      run_duplicates, DuplicatesOptions)
-MAP = Command("map", "a 2-D map (UMAP or PCA) of an embed folder with thumbnails: map.png, map.csv", run_map,
+MAP = Command("map", "a map of an embed folder: thumbnails on a grid placed by UMAP or PCA; map.png, map-full.png, "
+                     "map.csv, map.json", run_map,
               MapOptions)
 EXPORT = Command("export", "export the embedding network to TorchScript or ONNX, or its weights to safetensors, "
                            "checked to 1e-5", run_export, ExportOptions)

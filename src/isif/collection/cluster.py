@@ -106,3 +106,42 @@ def cluster_sheets(ed: EmbedDir, c: Clustering, order: np.ndarray, folder: Path,
             p.unlink()
     report_skipped(bad, "the contact sheets")
     return written
+
+
+@dataclass
+class ClusterTable:
+    """clusters.csv read back: ``k`` clusters, ``of[i]`` the cluster of paths.txt's row i, and ``rows`` the
+    (row, cluster, distance to the centre) of every image in the file's order (by cluster, most central first)."""
+
+    k: int
+    of: np.ndarray
+    rows: list[tuple[int, int, float]]
+
+
+def read_clusters(ed: EmbedDir, shown: str) -> ClusterTable | None:
+    """The embed folder's clusters.csv (``isif cluster``) for exactly the images of its paths.txt, or None when there
+    is none; None and one warning line naming the fix (``shown``: what goes without them) when it is unreadable or
+    made for other images (before the last ``isif embed``)."""
+    import csv
+    import sys
+
+    path = ed.folder / "clusters.csv"
+    if not path.is_file():
+        return None
+    fix = f"{shown} (re-run `isif cluster {ed.folder} --k K`)"
+    where = {p: i for i, p in enumerate(ed.paths)}
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = [(r["path"], int(r["cluster"]), float(r["distance_to_centre"])) for r in csv.DictReader(fh)]
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, csv.Error) as e:
+        print(f"isif: warning: {path} is unreadable ({str(e)[:60]}); {fix}", file=sys.stderr)
+        return None
+    named = {p for p, _, _ in rows}
+    if len(rows) != len(ed.paths) or named != set(where) or any(c < 0 for _, c, _ in rows):
+        print(f"isif: warning: {path} was made before the last `isif embed` (not for the images of {ed.folder}); {fix}",
+              file=sys.stderr)
+        return None
+    of = np.full(len(ed.paths), -1, dtype=np.int64)
+    for p, c, _ in rows:
+        of[where[p]] = c
+    return ClusterTable(int(of.max()) + 1, of, [(where[p], c, d) for p, c, d in rows])

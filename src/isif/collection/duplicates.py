@@ -1,17 +1,26 @@
 """``isif duplicates``: near-duplicate groups of an embed folder, duplicates.csv and duplicates.png.
 
-Every pair with cosine >= T, found one tile of ``block`` x ``block`` similarities at a time (memory O(block^2), never
-N x N), joined into groups by union-find: connected components, so a chain a~b, b~c makes one group even when
-cos(a, c) < T. A group's members are in paths.txt order; its first member is the reference.
+A group means "the same picture": every two of its members have cosine >= T (complete linkage), so a chain of
+look-alikes a~b, b~c never joins a and c, and an image is in at most one group. Why every pair and not "every
+member close to a representative": a group is offered for reduction to one image, so any member must be a copy
+of any other; a star around a representative lets two members be twice as far apart as either is from it (a crop
+of the left half and one of the right half of a photo, or two photos of one place).
+
+T is calibrated per embedding (``calibration.py``: how close this network puts an image and its copies, and how
+close it puts different pictures, measured by ``isif embed`` on a sample of the collection and kept in
+index.json); ``--threshold`` overrides it. The pairs >= T are found one tile of ``block`` x ``block``
+similarities at a time (memory O(block^2), never N x N).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from ..base.errors import UserError
+from ..base.files import atomic_write_bytes
 from ..data.decode import report_skipped
 from .embed_dir import load_embed_dir, output_dir, require_images
 from .render import rows_image, thumbnails, write_csv, write_png
@@ -34,47 +43,92 @@ def similar_pairs(z: np.ndarray, threshold: float,
                 yield ii + r0, jj + c0, s[ii, jj]
 
 
-def _roots(parent: np.ndarray, x: np.ndarray) -> np.ndarray:
-    r = parent[x]
-    while True:
-        nxt = parent[r]
-        if np.array_equal(nxt, r):
-            return r
-        r = nxt
+def _pairs(z: np.ndarray, threshold: float, block: int, max_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) int64 arrays of every pair with cosine >= threshold, i < j; refused past ``max_pairs`` pairs (a
+    threshold inside the bulk of the similarities, where no grouping can mean "copies")."""
+    ii, jj, count = [], [], 0
+    for i, j, _ in similar_pairs(z, threshold, block):
+        ii.append(i)
+        jj.append(j)
+        count += len(i)
+        if count > max_pairs:
+            raise UserError(f"more than {max_pairs:,} pairs of the {z.shape[0]:,} images have cosine >= "
+                            f"{threshold:g}: that is not a copy threshold for this embedding; raise --threshold")
+    if not ii:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(ii).astype(np.int64), np.concatenate(jj).astype(np.int64)
 
 
-def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """Join the sets of a[t] and b[t] for every t, all at once: the connected components of the edges between
-    the current roots, each pointed at its smallest root (which keeps every root pointing at itself)."""
+def _complete_linkage(nodes: np.ndarray, ii: np.ndarray, jj: np.ndarray, sims: np.ndarray,
+                      n: int) -> list[np.ndarray]:
+    """Greedy complete linkage on the graph of the pairs (i, j) over ``nodes``: the pairs taken from the most
+    similar down, two groups merged only when every pair across them is an edge (cosine >= the threshold), so
+    each group is a clique of the graph. A failed merge stays failed (a larger group only has more pairs to satisfy)."""
+    from scipy.sparse import csr_matrix
+
+    adj = csr_matrix((np.ones(2 * len(ii), np.int8), (np.concatenate([ii, jj]), np.concatenate([jj, ii]))),
+                     shape=(n, n))
+    group = np.arange(n)
+    members: dict[int, list[int]] = {int(v): [int(v)] for v in nodes}
+    failed: set[tuple[int, int]] = set()
+    for e in np.lexsort((jj, ii, -sims)):
+        a, b = int(group[ii[e]]), int(group[jj[e]])
+        if a == b or (min(a, b), max(a, b)) in failed:
+            continue
+        small, big = (a, b) if len(members[a]) <= len(members[b]) else (b, a)
+        if len(members[small]) * len(members[big]) > 1:
+            links = sum(int(np.count_nonzero(group[adj.indices[adj.indptr[v]:adj.indptr[v + 1]]] == big))
+                        for v in members[small])
+            if links < len(members[small]) * len(members[big]):
+                failed.add((min(a, b), max(a, b)))
+                continue
+        members[big] += members.pop(small)
+        group[members[big]] = big
+    return [np.array(sorted(m)) for m in members.values() if len(m) > 1]
+
+
+def _representative_first(z: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """The group's members with its representative first (the medoid: the largest summed cosine to the others,
+    ties to the first path), then by cosine to it, most similar first (ties in path order)."""
+    s = z[g].astype(np.float64) @ z[g].astype(np.float64).T
+    rep = int(np.argmax(s.sum(axis=1)))
+    order = np.lexsort((g, -s[rep]))
+    order = np.concatenate([[rep], order[order != rep]])
+    return g[order]
+
+
+def duplicate_groups(z: np.ndarray, threshold: float, block: int = 2048,
+                     max_pairs: int | None = None) -> list[np.ndarray]:
+    """Groups of near-duplicates at cosine >= ``threshold``: every two members of a group are at least that
+    similar (complete linkage, never a chain a~b~c with a, c apart), and an image is in at most one group.
+
+    The pairs above the threshold make a graph; a connected component that is already a clique is a group as it
+    stands, the others are split by ``_complete_linkage``. Each group is an index array with its representative
+    first (``_representative_first``); the largest group first, ties by the representative's index. More than
+    ``max_pairs`` pairs (default 50 a image, at least a million) is refused with the fix (raise the threshold)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    ra, rb = _roots(parent, a), _roots(parent, b)
-    diff = ra != rb
-    if not diff.any():
-        return
-    ra, rb = ra[diff], rb[diff]
-    nodes, inv = np.unique(np.concatenate([ra, rb]), return_inverse=True)
-    m = len(ra)
-    graph = coo_matrix((np.ones(m, np.int8), (inv[:m], inv[m:])), shape=(len(nodes), len(nodes)))
-    _, comp = connected_components(graph, directed=False)
-    rep = np.full(comp.max() + 1, len(parent))
-    np.minimum.at(rep, comp, nodes)
-    parent[nodes] = rep[comp]
-    parent[:] = _roots(parent, np.arange(len(parent)))  # flatten, so later finds take one step
-
-
-def duplicate_groups(z: np.ndarray, threshold: float, block: int = 2048) -> list[np.ndarray]:
-    """Connected components (size >= 2) of the graph "cosine >= threshold": index arrays in ascending order,
-    the largest group first, ties by the first member."""
     n = z.shape[0]
-    parent = np.arange(n)
-    for i, j, _ in similar_pairs(z, threshold, block):
-        _union(parent, i, j)
-    roots = _roots(parent, np.arange(n))
-    _, inv, counts = np.unique(roots, return_inverse=True, return_counts=True)
-    members = np.argsort(inv, kind="stable")
-    groups = [g for g in np.split(members, np.cumsum(counts)[:-1]) if len(g) > 1]
+    ii, jj = _pairs(z, threshold, block, max_pairs or max(1_000_000, 50 * n))
+    if not len(ii):
+        return []
+    _, comp = connected_components(coo_matrix((np.ones(len(ii), np.int8), (ii, jj)), shape=(n, n)),
+                                   directed=False)
+    size = np.bincount(comp, minlength=n)
+    edges = np.bincount(comp[ii], minlength=n)
+    groups: list[np.ndarray] = []
+    split = np.nonzero((size > 1) & (edges < size * (size - 1) // 2))[0]
+    clique = np.nonzero((size > 1) & (edges == size * (size - 1) // 2))[0]
+    order = np.argsort(comp, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(size)])
+    groups += [order[starts[c]:starts[c + 1]] for c in clique]
+    if len(split):  # components are independent: one pass over all their pairs splits each one
+        hard = np.isin(comp[ii], split)
+        ih, jh = ii[hard], jj[hard]
+        nodes = np.concatenate([order[starts[c]:starts[c + 1]] for c in split])
+        groups += _complete_linkage(nodes, ih, jh, np.einsum("ij,ij->i", z[ih], z[jh]), n)
+    groups = [_representative_first(z, g) for g in groups]
     groups.sort(key=lambda g: (-len(g), int(g[0])))
     return groups
 
@@ -88,14 +142,37 @@ def group_pairs(groups: Iterable[Iterable]) -> set[frozenset]:
     return out
 
 
-def duplicates_folder(embed_dir: str, threshold: float = 0.95, out: str | None = None, max_groups: int = 50,
+def large_group(n_images: int) -> int:
+    """The size from which a group is implausible as copies of one picture: 25 images, or 1% of the collection."""
+    return max(25, n_images // 100)
+
+
+def default_threshold(ed) -> tuple[float, dict]:
+    """(the calibrated threshold, the calibration record) of an embed folder, or a one-line refusal naming
+    --threshold when the folder has no calibration (embedded before it was measured, or too few images)."""
+    cal = ed.meta.get("calibration")
+    t = cal.get("threshold") if isinstance(cal, dict) else None
+    if not isinstance(t, (int, float)) or not -1.0 < t <= 1.0:
+        raise UserError(f"{ed.folder}: no near-duplicate calibration in index.json (it is measured by `isif embed` "
+                        "since this version); pass --threshold T (a cosine, e.g. 0.95), or re-run `isif embed "
+                        "CHECKPOINT FOLDER --out EMBED_DIR --overwrite`")
+    return float(t), cal
+
+
+def duplicates_folder(embed_dir: str, threshold: float | None = None, out: str | None = None, max_groups: int = 50,
                       tile: int = 64, block: int = 2048) -> dict:
-    """duplicates.csv (group, path, similarity to the group's first member) and duplicates.png."""
-    if not -1.0 <= threshold <= 1.0:
-        raise UserError(f"--threshold {threshold}: a cosine similarity, must be in [-1, 1]")
+    """duplicates.csv (group, path, cosine to the group's representative, which is its first row),
+    duplicates.png and duplicates.json (the threshold and where it came from, the counts, the warnings)."""
+    if threshold is not None and not (-1.0 < threshold <= 1.0):
+        raise UserError(f"--threshold {threshold}: a cosine similarity, must be in (-1, 1]")
     if max_groups < 1 or tile < 16 or block < 1:
         raise UserError("--max-groups and --block must be >= 1, --tile >= 16 pixels")
     ed = load_embed_dir(embed_dir)
+    cal = ed.meta.get("calibration") if isinstance(ed.meta.get("calibration"), dict) else None
+    source = "--threshold"
+    if threshold is None:
+        threshold, cal = default_threshold(ed)
+        source = "calibrated"
     require_images(ed)
     dest = output_dir(ed, out)
     z = ed.features
@@ -111,9 +188,37 @@ def duplicates_folder(embed_dir: str, threshold: float = 0.95, out: str | None =
         more = f", the first {len(shown)} shown" if len(g) > len(shown) else ""
         rows.append((f"group {gi}: {len(g)} images{more}", thumbnails([ed.image(i) for i in shown], tile, bad),
                      [f"{min(float(s), 1.0):.3f}" for s in sg[:len(shown)]]))
-    title = (f"{len(groups)} near-duplicate groups at cosine >= {threshold:g}"
+    title = (f"{len(groups)} near-duplicate groups at cosine >= {threshold:g} ({source})"
              + (f", the {max_groups} largest shown" if len(groups) > max_groups else "")
-             + ("; under each image: cosine to the group's first" if groups else ""))
+             + ("; under each image: cosine to the group's first, its representative" if groups else ""))
     write_png(dest / "duplicates.png", rows_image(title, rows, tile))
     report_skipped(bad, "duplicates.png")
-    return {"groups": len(groups), "images": int(sum(len(g) for g in groups)), "out": str(dest)}
+    warnings = group_warnings(groups, len(ed.paths), threshold, cal, source)
+    res = {"threshold": threshold, "source": source, "groups": len(groups),
+           "images": int(sum(len(g) for g in groups)), "largest": int(len(groups[0])) if groups else 0,
+           "warnings": warnings, "calibration": cal, "out": str(dest)}
+    atomic_write_bytes(dest / "duplicates.json", lambda fh: fh.write(json.dumps(
+        {k: v for k, v in res.items() if k != "out"}, indent=2).encode()))
+    return res
+
+
+def group_warnings(groups: list[np.ndarray], n: int, threshold: float, cal: dict | None, source: str) -> list[str]:
+    """One line each, with what to do: a group too large to be copies; an embedding that cannot separate copies
+    from different pictures (by its calibration); a --threshold below what the calibration calls a copy."""
+    out = []
+    if groups and len(groups[0]) >= large_group(n):
+        out.append(f"the largest group holds {len(groups[0])} of the {n} images, implausible as copies of one "
+                   "picture: look at duplicates.png, and raise --threshold"
+                   + (f" (the calibrated one is {cal['threshold']:g})" if cal and source != "calibrated" else ""))
+    level = cal.get("lookalike_p99") if cal else None
+    if cal and not cal.get("separable", True):
+        lost = ", ".join(f"{e} {v['found']:.0%}" for e, v in cal.get("copies_by_edit", {}).items() if v["found"] < 0.9)
+        out.append(f"this network puts look-alikes as close as copies (1% of the images have a second-nearest "
+                   f"image above {level:.3f}; 5% of copies are below {cal['copies']['p05']:.3f}), so the threshold "
+                   f"{cal['threshold']:g} finds only part of some copies ({lost or 'each edit under 95%'}); train "
+                   "longer or on more images, or pass a lower --threshold and check duplicates.png")
+    elif level is not None and source != "calibrated" and threshold < level:
+        out.append(f"--threshold {threshold:g} is below the look-alike level of this collection ({level:.3f}: 1% of "
+                   f"the images have a second-nearest image that close): expect look-alikes in the groups; the "
+                   f"calibrated threshold is {cal['threshold']:g}")
+    return out

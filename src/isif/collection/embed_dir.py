@@ -2,8 +2,9 @@
 
     EMBED_DIR/features.npy   (N, D) float32, row i the embedding of paths.txt's line i
     EMBED_DIR/paths.txt      one image path a line, relative to the image root
-    EMBED_DIR/index.json     root (the image folder), checkpoint, checkpoint_sha256, images, dim, shards, and
-                             input (the network's input spec, ``InputSpec.to_dict()``)
+    EMBED_DIR/index.json     root (the image folder), checkpoint, checkpoint_sha256, images, dim, shards,
+                             input (the network's input spec, ``InputSpec.to_dict()``) and calibration (the
+                             near-duplicate threshold measured on the collection, ``calibration.py``)
     EMBED_DIR/shards/        NAME.npy features + NAME.json their files, the unit of resuming (``EmbedWriter``)
 
 ``load_embed_dir(folder, checkpoint_sha256=None, dim=None)`` reads the three files and refuses, in one line naming
@@ -207,6 +208,22 @@ class EmbedWriter:
                 broken[tuple(k)] = reason
         return rows, broken
 
+    def calibration(self, sha: str) -> dict | None:
+        """The near-duplicate calibration index.json holds for checkpoint ``sha``, or None."""
+        try:
+            meta = json.loads((self.out / INDEX).read_text())
+        except (OSError, ValueError):
+            return None
+        cal = meta.get("calibration") if isinstance(meta, dict) else None
+        ok = meta.get("checkpoint_sha256") == sha and isinstance(cal, dict) and cal.get("version") == 1
+        return cal if ok else None
+
+    def record_calibration(self, calibration: dict) -> None:
+        """Add the calibration (``calibration.calibrate``) to index.json, atomically."""
+        meta = json.loads((self.out / INDEX).read_text())
+        meta["calibration"] = calibration
+        atomic_write_bytes(self.out / INDEX, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+
     def write_shard(self, keys: list, z: np.ndarray, kept: list[int], broken: dict[int, str], sha: str) -> str:
         """Features first, then the manifest that makes the shard count: a kill in between leaves no shard."""
         name = _shard_name(keys)
@@ -231,6 +248,9 @@ class EmbedWriter:
         atomic_write_bytes(self.out / PATHS, lambda fh: fh.write("".join(k[0] + "\n" for k in live).encode()))
         meta = {"root": str(root.resolve()), "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": sha,
                 "images": len(live), "dim": dim, "shards": len(used), "input": spec.to_dict()}
+        kept = self.calibration(sha)
+        if kept:  # measured once per checkpoint, on the collection as it was then (see calibration.py)
+            meta["calibration"] = kept
         atomic_write_bytes(self.out / INDEX, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
         for stale in self.shards.glob("*.json"):
             if stale.stem not in used:

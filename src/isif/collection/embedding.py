@@ -181,5 +181,15 @@ def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256,
     barrier(world)
     if world.main and n == 0:
         raise UserError(f"{folder}: none of the {len(files)} images could be read")
+    calibrated = None
+    if world.main and store.calibration(embedder.fingerprint) is None:
+        from .calibration import calibrate
+        from .embed_dir import load_embed_dir
+
+        ed = load_embed_dir(out, unit=False)
+        calibrated = calibrate(embedder, [ed.image(i) for i in range(len(ed.paths))], ed.features)
+        if calibrated:
+            store.record_calibration(calibrated)
+    barrier(world)
     return {"images": n, "skipped": skipped, "new": len(pending), "dim": int(embedder.cfg.model.dim),
-            "out": str(out), "shards": len(chunks)}
+            "out": str(out), "shards": len(chunks), "calibration": calibrated}

@@ -102,7 +102,8 @@ class ClusterOptions:
 @dataclass(kw_only=True)
 class DuplicatesOptions:
     embed_dir: str = _embed_dir()
-    threshold: float = setting(0.95, "cosine similarity that makes a pair, in [-1, 1]")
+    threshold: float | None = setting(None, "cosine similarity that makes two images copies, in (-1, 1] "
+                                            "(default: calibrated by `isif embed` on the collection)")
     out: str | None = setting(None, "output folder (default EMBED_DIR)")
     max_groups: int = setting(50, "groups drawn in duplicates.png", check=at_least(1))
     tile: int = _tile(64)
@@ -114,9 +115,12 @@ class MapOptions:
     embed_dir: str = _embed_dir()
     method: str = setting("auto", "auto: UMAP when umap-learn is installed, else PCA",
                           check=one_of("auto", "umap", "pca"))
-    out: str | None = setting(None, "the PNG (default EMBED_DIR/map.png); map.csv is written beside it")
-    thumbs: int = setting(2000, "thumbnails drawn, a seeded sample", check=at_least(0))
-    seed: int = setting(0, "seed of UMAP and of the thumbnail sample")
+    out: str | None = setting(None, "the screen-size PNG (default EMBED_DIR/map.png); map-full.png, map.csv and "
+                                    "map.json are written beside it")
+    thumbs: int = setting(2000, "thumbnails drawn, a seeded sample, one per grid cell", check=at_least(0))
+    seed: int = setting(0, "seed of UMAP, of the thumbnail sample and of the greedy grid placement")
+    tile: int = setting(28, "pixels per grid cell in map.png", check=at_least(8))
+    full_tile: int = setting(96, "pixels per grid cell in map-full.png, the picture to zoom into", check=at_least(16))
 
 
 # ----------------------------------------------------------------------------- eval and plot
