@@ -65,8 +65,22 @@ def collection(run, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def client(collection):
-    return client_of(create_app(Collection(collection), max_upload_mib=1.0, default_k=5))
+def mapped(collection, tmp_path_factory):
+    """The collection with `isif map` output (map.json, map-full.png) beside it."""
+    emb = tmp_path_factory.mktemp("serve-map") / "emb"
+    shutil.copytree(collection, emb)
+    make_map(emb)
+    return emb
+
+
+def make_map(emb: Path) -> None:
+    assert main(["map", str(emb), "--method", "pca"]) == 0
+    assert (emb / "map.json").is_file() and (emb / "map-full.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def client(mapped):
+    return client_of(create_app(Collection(mapped), max_upload_mib=1.0, default_k=5))
 
 
 def brute_force(z: np.ndarray, q: np.ndarray, k: int, exclude: int | None) -> list[int]:
@@ -149,7 +163,9 @@ def test_bad_uploads_get_a_json_4xx_and_the_server_keeps_serving(client, collect
     "/api/image//etc/passwd", "/api/image/-1", f"/api/image/{N}", "/api/image/1e3", "/api/thumb/../index.json",
     "/static/../serve.py", "/static/..%2Fserve.py", "/static/%2e%2e/%2e%2e/index.json", "/api/image/0/../../x",
     "/../../../../etc/passwd", "/api/search?id=-5", f"/api/search?id={N}", "/api/search?id=0&k=0",
-    f"/api/search?id=0&k={N}", "/api/search?id=abc", "/api/clusters/0", "/nothing",
+    f"/api/search?id=0&k={N}", "/api/search?id=abc", "/api/clusters/0", "/nothing", "/api/map.json",
+    "/api/map-full.png", "/api/map/../index.json", "/api/map.png/../../index.json", "/api/map.png/x",
+    "/api/map.png%2F..%2Findex.json", "/map-full.png", "/map.json",
 ])
 def test_requests_outside_the_collection_are_refused_as_json(client, url):
     r = client.get(url)
@@ -216,6 +232,74 @@ def test_clusters_are_browsable_when_isif_cluster_made_them(run, collection, tmp
     c3 = client_of(create_app(Collection(emb)))
     assert "made before the last `isif embed`" in capsys.readouterr().err
     assert c3.get("/api/info").json()["clusters"] is None
+
+
+def test_the_map_of_isif_map_is_served_with_gallery_ids(client, mapped):
+    from isif.collection.maps import load_map_layout
+
+    paths = (mapped / "paths.txt").read_text().split()
+    layout = load_map_layout(mapped, paths)
+    assert layout is not None and layout.method == "pca" and layout.cells
+    assert client.get("/api/info").json()["map"] == {"method": "pca", "colour": layout.colour,
+                                                     "thumbnails": len(layout.cells)}
+    r = client.get("/api/map")
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    out = r.json()
+    grid = ("cols", "rows", "tile", "left", "top", "width", "height", "method", "colour")
+    assert set(out) == {*grid, "cells", "paths", "version"}
+    assert {k: out[k] for k in grid} == {k: getattr(layout, k) for k in grid}
+    # each cell as [col, row, gallery id]: the id is the index of the cell's path in paths.txt
+    assert all(len(c) == 3 and all(isinstance(v, int) for v in c) for c in out["cells"])
+    assert [(c, r, paths[i]) for c, r, i in out["cells"]] == layout.cells
+    assert out["paths"] == [p for _, _, p in layout.cells]
+    assert len({i for _, _, i in out["cells"]}) == len(out["cells"])
+    png = client.get(f"/api/map.png?v={out['version']}")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.headers["cache-control"] == "private, max-age=3600"
+    assert png.content == (mapped / "map-full.png").read_bytes()
+    assert Image.open(io.BytesIO(png.content)).size == (out["width"], out["height"])
+    assert client.get("/api/map.png?path=../index.json").content == png.content  # no path is taken from a request
+
+
+def test_without_a_map_the_info_says_so_and_the_map_routes_say_how_to_make_one(collection):
+    c = client_of(create_app(Collection(collection)))
+    assert c.get("/api/info").json()["map"] is None
+    for url in ("/api/map", "/api/map.png"):
+        r = c.get(url)
+        assert r.status_code == 404 and r.headers["content-type"] == "application/json", url
+        err = r.json()["error"]
+        assert err == f"no map: run `isif map {collection}` first" and "\n" not in err, err
+
+
+def test_a_stale_or_foreign_map_is_ignored_with_one_warning_line(mapped, tmp_path, capsys):
+    emb = tmp_path / "emb"
+    shutil.copytree(mapped, emb)
+    meta = json.loads((emb / "map.json").read_text())
+    stale = {**meta, "cells": [*meta["cells"][:-1], [*meta["cells"][-1][:2], "album0/999.png"]]}
+    (emb / "map.json").write_text(json.dumps(stale))  # made before the last `isif embed`
+    capsys.readouterr()
+    c = client_of(create_app(Collection(emb)))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning" in err and "re-run `isif map" in err, err
+    assert c.get("/api/info").json()["map"] is None and c.get("/api/map").status_code == 404
+    (emb / "map.json").write_text("{not json")
+    c = client_of(create_app(Collection(emb)))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unreadable" in err and "re-run `isif map" in err, err
+    assert c.get("/api/map.png").status_code == 404
+    # a map.json naming another file of the folder as its picture: that file is never served
+    (emb / "map.json").write_text(json.dumps({**meta, "full_png": "index.json"}))
+    c = client_of(create_app(Collection(emb)))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not map-full.png" in err, err
+    assert c.get("/api/map.png").status_code == 404 and c.get("/api/info").json()["map"] is None
+    # map-full.png removed while serving: a 404 that says how to remake it
+    (emb / "map.json").write_text(json.dumps(meta))
+    c = client_of(create_app(Collection(emb)))
+    assert capsys.readouterr().err == "" and c.get("/api/map.png").status_code == 200
+    (emb / "map-full.png").unlink()
+    r = c.get("/api/map.png")
+    assert r.status_code == 404 and "re-run `isif map" in r.json()["error"]
 
 
 def test_the_faiss_index_is_used_when_present(run, collection, tmp_path):  # noqa: F811
@@ -330,7 +414,8 @@ def test_the_listening_socket_is_tcp_so_keep_alive_responses_are_not_delayed():
 # ----------------------------------------------------------------------------- hosts, other sites, many requests
 
 EVERY_ROUTE = [("GET", "/"), ("GET", "/static/app.js"), ("GET", "/api/info"), ("GET", "/api/search?id=0"),
-               ("POST", "/api/search"), ("GET", "/api/image/0"), ("GET", "/api/thumb/0"), ("GET", "/api/clusters"),
+               ("POST", "/api/search"), ("GET", "/api/image/0"), ("GET", "/api/thumb/0"), ("GET", "/api/map"),
+               ("GET", "/api/map.png"), ("GET", "/api/map.png?v=1"), ("GET", "/api/clusters"),
                ("GET", "/api/clusters/0"), ("GET", "/nothing")]
 
 
@@ -393,7 +478,7 @@ def test_the_page_itself_and_same_origin_requests_are_answered(client):
     assert client.get("/", headers=nav).status_code == 200  # a link from another site opens the page
     assert client.get("/static/app.js", headers={"sec-fetch-site": "cross-site"}).status_code == 200
     own = {"origin": BASE, "sec-fetch-site": "same-origin"}
-    for method, url in EVERY_ROUTE[:-3]:  # all but the clusters (none here) and the unknown page
+    for method, url in EVERY_ROUTE[:-3]:  # all but the clusters (none here) and the unknown page; the map is here
         r = _send(client, method, url, own)
         assert r.status_code == 200, (method, url, r.text)
     assert client.get("/api/info", headers={"sec-fetch-site": "none"}).status_code == 200  # typed in the address bar
@@ -409,7 +494,7 @@ def test_every_answer_has_the_security_headers_and_private_caching(client):
     for url, r in answers.items():
         assert r.headers["x-content-type-options"] == "nosniff", url
         assert r.headers["referrer-policy"] == "no-referrer" and r.headers["x-frame-options"] == "DENY", url
-        want = "private, max-age=3600" if url.startswith(("/api/image", "/api/thumb")) else "no-store"
+        want = "private, max-age=3600" if url.startswith(("/api/image", "/api/thumb", "/api/map.png")) else "no-store"
         assert r.headers["cache-control"] == want, (url, r.headers.get("cache-control"))
     assert answers["/"].headers["content-security-policy"] == csp
 

@@ -29,6 +29,7 @@ from isif.cli import main  # noqa: E402
 from isif.serve.app import serve  # noqa: E402
 
 from .test_embed_scale import photos, run  # noqa: E402,F401  (the module's trained checkpoint)
+from .test_serve import make_map  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -48,12 +49,9 @@ def browser():
     return webdriver.Chrome(service=webdriver.ChromeService(executable_path=DRIVER), options=opts)
 
 
-@pytest.fixture
-def server(run, tmp_path):  # noqa: F811
-    folder = photos(tmp_path / "photos", 24)
-    emb = tmp_path / "emb"
-    assert main(["embed", str(run), str(folder), "--out", str(emb), "--quiet", "--workers", "0"]) == 0
-    assert main(["cluster", str(emb), "--k", "3", "--per-sheet", "4"]) == 0
+@contextlib.contextmanager
+def serving(emb: Path):
+    """`isif serve EMB` on a free loopback port, in a thread: its base URL."""
     box: dict = {}
     ready = threading.Event()
 
@@ -64,9 +62,31 @@ def server(run, tmp_path):  # noqa: F811
     t = threading.Thread(target=serve, args=(str(emb),), kwargs={"port": 0, "ready": keep, "k": 6}, daemon=True)
     t.start()
     assert ready.wait(60)
-    yield f"http://127.0.0.1:{box['port']}", folder, emb
-    box["server"].should_exit = True
-    t.join(30)
+    try:
+        yield f"http://127.0.0.1:{box['port']}"
+    finally:
+        box["server"].should_exit = True
+        t.join(30)
+
+
+@pytest.fixture
+def server(run, tmp_path):  # noqa: F811
+    folder = photos(tmp_path / "photos", 24)
+    emb = tmp_path / "emb"
+    assert main(["embed", str(run), str(folder), "--out", str(emb), "--quiet", "--workers", "0"]) == 0
+    assert main(["cluster", str(emb), "--k", "3", "--per-sheet", "4"]) == 0
+    with serving(emb) as base:
+        yield base, folder, emb
+
+
+@pytest.fixture
+def map_server(run, tmp_path):  # noqa: F811
+    folder = photos(tmp_path / "photos", 40)
+    emb = tmp_path / "emb"
+    assert main(["embed", str(run), str(folder), "--out", str(emb), "--quiet", "--workers", "0"]) == 0
+    make_map(emb)
+    with serving(emb) as base:
+        yield base, folder, emb
 
 
 def test_upload_search_click_and_clusters_in_a_real_browser(server, tmp_path):
@@ -77,6 +97,7 @@ def test_upload_search_click_and_clusters_in_a_real_browser(server, tmp_path):
         wait = WebDriverWait(driver, 30)
         driver.get(base + "/")
         wait.until(lambda d: "24 images" in d.find_element(By.ID, "info").text)
+        assert not driver.find_element(By.ID, "tab-map").is_displayed()  # no `isif map` output here
         # upload a query through the file input (what a drop or the file picker does)
         query = folder / paths[5]
         driver.find_element(By.ID, "file").send_keys(str(query))
@@ -171,11 +192,139 @@ def other_site(html: str):
         t.join(30)
 
 
-def assert_another_site_cannot_show_the_images(driver, base: str) -> None:
-    html = f'<img id="thumb" src="{base}/api/thumb/0?size=64"><img id="image" src="{base}/api/image/0">'
+def assert_another_site_cannot_show_the_images(driver, base: str,
+                                               urls=("/api/thumb/0?size=64", "/api/image/0")) -> None:
+    html = "".join(f'<img id="i{j}" src="{base}{u}">' for j, u in enumerate(urls))
     with other_site(html) as url:
         driver.get(url)
         WebDriverWait(driver, 30).until(lambda d: d.execute_script(
             "return [...document.images].every(i => i.complete)"))
         loaded = driver.execute_script("return [...document.images].map(i => [i.id, i.naturalWidth])")
-    assert loaded == [["thumb", 0], ["image", 0]], loaded  # refused: the browser said cross-site
+    assert loaded == [[f"i{j}", 0] for j in range(len(urls))], loaded  # refused: the browser said cross-site
+
+
+# where the map picture lies on the screen: its top-left corner in the window and screen pixels per map pixel
+MAP_RECT = """const i = document.getElementById('map-img'), r = i.getBoundingClientRect();
+return [r.left, r.top, r.width / i.naturalWidth, r.height / i.naturalHeight];"""
+VIEW_RECT = """const r = document.getElementById('map-view').getBoundingClientRect();
+return [r.left, r.top, r.right, r.bottom];"""
+
+
+def map_hash(driver) -> tuple[float, float, float] | None:
+    h = driver.execute_script("return location.hash")
+    return tuple(float(v) for v in h[len("#map="):].split(",")) if h.startswith("#map=") else None
+
+
+def wait_for_map(driver, wait, width: int) -> None:
+    wait.until(lambda d: d.execute_script(
+        "const i = document.getElementById('map-img'); return i.complete && i.naturalWidth") == width)
+    wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("PCA map of"))
+
+
+def test_the_map_tab_pans_zooms_and_searches_from_a_thumbnail(map_server):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+
+    base, folder, emb = map_server
+    driver = browser()
+    try:
+        wait = WebDriverWait(driver, 30)
+        driver.get(base + "/")
+        wait.until(lambda d: "40 images" in d.find_element(By.ID, "info").text)
+        g = json.loads(driver.execute_script("return fetch('/api/map').then(r => r.text())"))
+        tab = driver.find_element(By.ID, "tab-map")
+        assert tab.is_displayed() and not driver.find_element(By.ID, "map").is_displayed()
+        tab.click()
+        wait.until(lambda d: d.execute_script("return location.hash") == "#map")
+        wait_for_map(driver, wait, g["width"])
+        assert driver.find_element(By.ID, "map").is_displayed()
+        assert not driver.find_element(By.ID, "results").is_displayed()  # one tab at a time
+        # fitted: the whole picture inside the view, filling it one way
+        x0, y0, s, s2 = driver.execute_script(MAP_RECT)
+        vl, vt, vr, vb = driver.execute_script(VIEW_RECT)
+        assert s == pytest.approx(s2)
+        assert vl - 0.5 <= x0 and x0 + g["width"] * s <= vr + 0.5
+        assert vt - 0.5 <= y0 and y0 + g["height"] * s <= vb + 0.5
+        assert min(vr - vl - 2 - g["width"] * s, vb - vt - 2 - g["height"] * s) == pytest.approx(0, abs=1)
+        fit = s
+
+        def centre_of(j: int) -> tuple[int, int]:
+            c, r, _ = g["cells"][j]
+            x, y, sc, _ = driver.execute_script(MAP_RECT)
+            return (round(x + (g["left"] + (c + 0.5) * g["tile"]) * sc),
+                    round(y + (g["top"] + (r + 0.5) * g["tile"]) * sc))
+
+        # zoom: the + button, then the wheel around the pointer (the map pixel under it stays put)
+        driver.find_element(By.ID, "map-in").click()
+        wait.until(lambda d: map_hash(d) is not None)
+        assert map_hash(driver)[0] == pytest.approx(1.5 * fit, rel=1e-3)
+        j = len(g["cells"]) // 2
+        px, py = centre_of(j)
+        x0, y0, s, _ = driver.execute_script(MAP_RECT)
+        under = ((px - x0) / s, (py - y0) / s)
+        ActionChains(driver).scroll_from_origin(ScrollOrigin.from_viewport(px, py), 0, -150).perform()
+        wait.until(lambda d: map_hash(d)[0] > 1.5 * fit * 1.2)
+        x1, y1, s1, _ = driver.execute_script(MAP_RECT)
+        assert s1 > s * 1.2 and (px - x1) / s1 == pytest.approx(under[0], abs=1) and \
+            (py - y1) / s1 == pytest.approx(under[1], abs=1)
+        wait.until(lambda d: map_hash(d)[0] == pytest.approx(s1, rel=1e-3))
+        # a drag pans by as much as the pointer moved, and is no click
+        before, (z, cx, cy) = driver.execute_script(MAP_RECT), map_hash(driver)
+        ActionChains(driver).move_to_element_with_offset(driver.find_element(By.ID, "map-view"), 0, 0) \
+            .click_and_hold().move_by_offset(60, 30).move_by_offset(20, 10).release().perform()
+        after = driver.execute_script(MAP_RECT)
+        assert after[0] - before[0] == pytest.approx(80, abs=1) and after[1] - before[1] == pytest.approx(40, abs=1)
+        assert after[2] == pytest.approx(before[2])
+        wait.until(lambda d: map_hash(d)[1:] == pytest.approx((cx - 80 / z, cy - 40 / z), abs=0.5))
+        # a reload (or the link shared) shows the same view
+        view, shown = driver.execute_script("return location.hash"), driver.execute_script(MAP_RECT)
+        driver.refresh()
+        wait_for_map(driver, wait, g["width"])
+        assert driver.execute_script("return location.hash") == view
+        assert driver.execute_script(MAP_RECT) == pytest.approx(shown, abs=0.5)
+        # hovering a thumbnail names it; a click on it searches with that image
+        vl, vt, vr, vb = driver.execute_script(VIEW_RECT)
+        visible = [k for k in range(len(g["cells"])) if vl + 10 < centre_of(k)[0] < vr - 10
+                   and vt + 10 < centre_of(k)[1] < vb - 10]
+        assert visible
+        j = visible[len(visible) // 2]
+        px, py = centre_of(j)
+        act = ActionBuilder(driver)
+        act.pointer_action.move_to_location(px, py)
+        act.perform()
+        wait.until(lambda d: d.find_element(By.ID, "map-label").is_displayed())
+        assert driver.find_element(By.ID, "map-label").text == g["paths"][j]
+        act = ActionBuilder(driver)
+        act.pointer_action.move_to_location(px, py).click()
+        act.perform()
+        cid = g["cells"][j][2]
+        wait.until(lambda d: d.execute_script("return location.hash") == f"#id={cid}")
+        wait.until(lambda d: d.find_element(By.ID, "query-name").text.endswith(f"(#{cid})"))
+        wait.until(lambda d: "nearest of 40 images" in d.find_element(By.ID, "status").text)
+        paths = (emb / "paths.txt").read_text().split()
+        assert driver.find_element(By.ID, "query-name").text == f"{paths[cid]} (#{cid})"
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#results .result")) == 6
+        assert not driver.find_element(By.ID, "map").is_displayed()
+        # Back returns to the map, at the same view
+        driver.back()
+        wait.until(lambda d: d.execute_script("return location.hash") == view)
+        wait.until(lambda d: d.find_element(By.ID, "map").is_displayed())
+        assert driver.execute_script(MAP_RECT) == pytest.approx(shown, abs=0.5)
+        # fit goes back to #map; the Search tab leaves the map, and Back returns to it
+        driver.find_element(By.ID, "map-fit").click()
+        wait.until(lambda d: d.execute_script("return location.hash") == "#map")
+        assert driver.execute_script(MAP_RECT)[2] == pytest.approx(fit)
+        driver.find_element(By.ID, "tab-search").click()
+        assert driver.find_element(By.ID, "query-panel").is_displayed() and driver.execute_script(
+            "return location.hash") == ""
+        driver.back()
+        wait.until(lambda d: d.find_element(By.ID, "map").is_displayed())
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors  # nothing blocked by the page's Content-Security-Policy
+        seen = driver.execute_script("return performance.getEntriesByType('resource').map(e => [e.name, "
+                                     "e.responseStatus])")
+        assert all(status == 200 for url, status in seen if url.startswith(base)), seen
+        assert_another_site_cannot_show_the_images(driver, base, ("/api/map.png", f"/api/map.png?v={g['version']}"))
+    finally:
+        driver.quit()

@@ -4,18 +4,20 @@ The collection is an ``isif embed`` output folder (features.npy, paths.txt, inde
 faiss index when ``isif index`` made one (the same ``search_gallery`` as ``isif search``), exactly otherwise or
 with ``--exact``; uploads are embedded with the checkpoint that made the features (its sha256 must match).
 
-The parts: ``collection`` (the searchable collection: features, index, checkpoint, clusters, thumbnails),
+The parts: ``collection`` (the searchable collection: features, index, checkpoint, clusters, map, thumbnails),
 ``guard`` (the HTTP limits in front of every route), ``routes`` (the page and the /api routes), ``errors`` (every
 error as JSON); this module puts them together (``create_app``), binds the socket and serves.
 
 API (every error is JSON ``{"error": "..."}`` with a 4xx status, 503 when busy; never a traceback page):
 
-- ``GET  /api/info``: the collection: images, dim, index kind and its measured Recall@10, clusters.
+- ``GET  /api/info``: the collection: images, dim, index kind and its measured Recall@10, clusters, map.
 - ``GET  /api/search?id=N&k=K``: the K nearest images of gallery image N (itself left out).
 - ``POST /api/search?k=K``: the K nearest images of an uploaded image: the raw bytes as the body
   (``curl --data-binary @q.jpg``) or a multipart form field ``image`` (``curl -F image=@q.jpg``).
 - ``GET  /api/image/N``: gallery image N's file, as stored; ``GET /api/thumb/N?size=S``: a JPEG thumbnail.
 - ``GET  /api/clusters`` and ``/api/clusters/C?offset=&limit=``: ``isif cluster`` output, when present.
+- ``GET  /api/map``: ``isif map``'s grid of thumbnails (each cell's gallery id), when present; ``GET /api/map.png``:
+  its full-resolution picture (the embed folder's map-full.png, by that fixed name).
 
 What it defends against:
 
@@ -130,6 +132,7 @@ def serve(embed_dir: str, checkpoint: str | None = None, host: str = "127.0.0.1"
         url_host = f"[{host}]" if ":" in host else host
         kind = col.index_meta["kind"] if col.index_meta else "exact"
         clusters = f", {col.clusters.k} clusters" if col.clusters else ""
+        clusters += f", a map of {len(col.map.ids)} thumbnails" if col.map else ""
         print(f"serving {len(col)} images ({kind} search{clusters}) at http://{url_host}:{shown}/  (Ctrl-C stops)",
               flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))

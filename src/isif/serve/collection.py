@@ -1,7 +1,6 @@
 """The searchable collection behind ``isif serve``: an embed folder with its features, its faiss index (or exact
-search), the checkpoint that embeds uploads, ``isif cluster`` output and a cache of thumbnails."""
+search), the checkpoint that embeds uploads, ``isif cluster`` and ``isif map`` output and a cache of thumbnails."""
 
-import csv
 import io
 import sys
 import threading
@@ -16,6 +15,7 @@ from PIL import Image
 from ..base.errors import UserError
 from ..collection.embed_dir import EmbedDir, load_embed_dir
 from ..collection.embedding import Embedder
+from ..collection.maps import MAP_FULL, MapLayout, load_map_layout
 from ..data.decode import BadImage, TooLarge, decode_rgb, is_image_name
 from .errors import RequestError
 
@@ -52,31 +52,43 @@ class Clusters:
 
 
 def load_clusters(ed: EmbedDir) -> Clusters | None:
-    """``isif cluster`` output in the embed folder, or None (with a warning line when it is stale)."""
-    csv_path = ed.folder / "clusters.csv"
-    if not csv_path.is_file():
+    """``isif cluster`` output in the embed folder (read by its owner, ``read_clusters``), or None (with a warning
+    line when it is stale or unreadable)."""
+    from ..collection.cluster import read_clusters
+
+    table = read_clusters(ed, "clusters not shown")
+    if table is None:
+        return None
+    members: list[list[int]] = [[] for _ in range(table.k)]
+    dists: list[list[float]] = [[] for _ in range(table.k)]
+    for i, c, dist in table.rows:  # the CSV is ordered by cluster, then distance to the centre
+        members[c].append(i)
+        dists[c].append(dist)
+    return Clusters(table.k, members, dists, table.of)
+
+
+@dataclass
+class Map:
+    layout: MapLayout
+    ids: list[int]  # the gallery id of each of layout.cells
+    png: Path  # the embed folder's map-full.png
+    version: str  # changes whenever map-full.png does (its mtime and size): the page's cache key
+
+
+def load_map(ed: EmbedDir) -> Map | None:
+    """``isif map`` output in the embed folder (map.json and map-full.png), or None (``load_map_layout`` warns in
+    one line when it is unreadable or stale)."""
+    layout = load_map_layout(ed.folder, ed.paths)
+    if layout is None:
+        return None
+    png = ed.folder / MAP_FULL
+    if layout.full_png != png.resolve():
+        print(f"isif: warning: {ed.folder / 'map.json'} names {layout.full_png.name!r}, not {MAP_FULL}; the map is "
+              f"not shown (re-run `isif map {ed.folder}`)", file=sys.stderr)
         return None
     where = {p: i for i, p in enumerate(ed.paths)}
-    try:
-        with csv_path.open(newline="") as fh:
-            rows = [(r["path"], int(r["cluster"]), float(r["distance_to_centre"])) for r in csv.DictReader(fh)]
-    except (OSError, ValueError, KeyError, csv.Error):
-        print(f"warning: {csv_path} is unreadable; clusters not shown (re-run `isif cluster {ed.folder} --k K`)",
-              file=sys.stderr)
-        return None
-    if len(rows) != len(ed.paths) or any(p not in where for p, _, _ in rows) or any(c < 0 for _, c, _ in rows):
-        print(f"warning: {csv_path} was made before the last `isif embed`; clusters not shown (re-run "
-              f"`isif cluster {ed.folder} --k K`)", file=sys.stderr)
-        return None
-    k = max(c for _, c, _ in rows) + 1
-    members: list[list[int]] = [[] for _ in range(k)]
-    dists: list[list[float]] = [[] for _ in range(k)]
-    of = np.full(len(ed.paths), -1, dtype=np.int64)
-    for p, c, dist in rows:  # the CSV is ordered by cluster, then distance to the centre
-        members[c].append(where[p])
-        dists[c].append(dist)
-        of[where[p]] = c
-    return Clusters(k, members, dists, of)
+    st = png.stat()
+    return Map(layout, [where[p] for _, _, p in layout.cells], png, f"{st.st_mtime_ns:x}-{st.st_size:x}")
 
 
 def _open(embed_dir: str | Path, checkpoint: str | None, device: str) -> tuple[EmbedDir, Embedder]:
@@ -115,6 +127,7 @@ class Collection:
         self.gallery = Gallery(torch.from_numpy(self.ed.features), [self.ed.image(i) for i in range(len(self))],
                                self.ed.labels, loaded[0] if loaded else None, self.ed.root)
         self.clusters = load_clusters(self.ed)
+        self.map = load_map(self.ed)
         self._model_lock = threading.Lock()
         self._thumbs = _Lru(4096)
 
@@ -127,6 +140,8 @@ class Collection:
                 "index": {"kind": m["kind"], "params": m["params"], "recall@10": m["recall@10"]} if m else
                 {"kind": "exact (brute force)", "params": {}, "recall@10": 1.0},
                 "clusters": self.clusters.k if self.clusters else None,
+                "map": {"method": self.map.layout.method, "colour": self.map.layout.colour,
+                        "thumbnails": len(self.map.ids)} if self.map else None,
                 "labels": self.gallery.labels is not None, "max_k": self._max_k(None)}
 
     def _max_k(self, exclude: int | None) -> int:
@@ -225,3 +240,24 @@ class Collection:
             raise RequestError(404, f"no clusters: run `isif cluster {self.ed.folder} --k K` first")
         return {"k": self.clusters.k, "clusters": [{"cluster": c, "size": len(m), "preview": m[:preview]}
                                                    for c, m in enumerate(self.clusters.members)]}
+
+    def _require_map(self) -> Map:
+        if self.map is None:
+            raise RequestError(404, f"no map: run `isif map {self.ed.folder}` first")
+        return self.map
+
+    def map_layout(self) -> dict:
+        """The grid of map-full.png: its size, the cell size and origin, and each thumbnail's cell as
+        [col, row, gallery id], with the paths in the same order."""
+        m = self._require_map()
+        g = m.layout
+        return {"cols": g.cols, "rows": g.rows, "tile": g.tile, "left": g.left, "top": g.top, "width": g.width,
+                "height": g.height, "method": g.method, "colour": g.colour, "version": m.version,
+                "cells": [[c, r, i] for (c, r, _), i in zip(g.cells, m.ids, strict=True)],
+                "paths": [p for _, _, p in g.cells]}
+
+    def map_png(self) -> Path:
+        m = self._require_map()
+        if not m.png.is_file():
+            raise RequestError(404, f"{MAP_FULL} is no longer in {self.ed.folder}; re-run `isif map {self.ed.folder}`")
+        return m.png

@@ -123,3 +123,19 @@ def add_api(app, col: Collection, default_k: int, slots: DecodeSlots) -> None:
     @app.get("/api/clusters/{c}")
     def cluster(c: int, offset: int = 0, limit: int = 100):
         return col.cluster(c, offset, limit)
+
+    add_map_api(app, col)
+
+
+def add_map_api(app, col: Collection) -> None:
+    """``isif map``'s grid at /api/map and its picture at /api/map.png (the embed folder's map-full.png, by that
+    fixed name: no path is taken from the request; the page adds ?v=VERSION as its cache key)."""
+    from fastapi.responses import FileResponse
+
+    @app.get("/api/map")
+    def map_layout():
+        return col.map_layout()
+
+    @app.get("/api/map.png")
+    def map_png():
+        return FileResponse(col.map_png(), media_type="image/png", headers={"Cache-Control": PRIVATE_CACHE})

@@ -75,11 +75,228 @@ async function searchFile(file) {
 }
 
 function showTab(name) {
-  $("tab-search").classList.toggle("active", name === "search");
-  $("tab-clusters").classList.toggle("active", name === "clusters");
+  if (name !== "map") cancelMapHash();
+  for (const tab of ["search", "clusters", "map"]) $(`tab-${tab}`).classList.toggle("active", name === tab);
   $("results").hidden = name !== "search";
   $("query-panel").hidden = name !== "search";
   $("clusters").hidden = name !== "clusters";
+  $("map").hidden = name !== "map";
+}
+
+// The map tab: isif map's map-full.png (thumbnails on a grid) in a viewport; drag pans, the wheel zooms around the
+// pointer, +/- around the centre; a click on a thumbnail searches with it. The view is kept in the address as
+// #map=ZOOM,X,Y (screen pixels per map pixel; the map pixel at the centre of the view), plain #map when fitted.
+const MAX_THUMB_PX = 256;  // zoomed in at most until a thumbnail is this wide on screen (or twice its pixels)
+const DRAG_PX = 4;  // a press that moves less is a click
+const view = { layout: null, cells: null, loading: null, zoom: 1, cx: 0, cy: 0, fit: true, drag: null, timer: null };
+
+function loadMap() {
+  if (!view.loading) {
+    view.loading = (async () => {
+      const layout = await api("/api/map");
+      view.cells = new Map(layout.cells.map(([c, r], j) => [r * layout.cols + c, j]));
+      const img = $("map-img");
+      await new Promise((resolve, reject) => {
+        img.addEventListener("load", resolve, { once: true });
+        img.addEventListener("error", () => reject(new Error("the map picture did not load")), { once: true });
+        img.src = `/api/map.png?v=${encodeURIComponent(layout.version)}`;
+      });
+      view.layout = layout;
+      return layout;
+    })();
+    view.loading.catch(() => { view.loading = null; });  // a later visit tries again
+  }
+  return view.loading;
+}
+
+function viewSize() {
+  const v = $("map-view");
+  return [v.clientWidth, v.clientHeight];
+}
+
+function fitZoom() {
+  const [w, h] = viewSize();
+  return Math.min(w / view.layout.width, h / view.layout.height);
+}
+
+function clampZoom(z) {
+  return Math.min(Math.max(z, Math.min(fitZoom(), 1) / 2), Math.max(2, MAX_THUMB_PX / view.layout.tile, fitZoom()));
+}
+
+function applyView() {
+  const [w, h] = viewSize();
+  if (view.fit) {
+    view.zoom = fitZoom();
+    [view.cx, view.cy] = [view.layout.width / 2, view.layout.height / 2];
+  }
+  const tx = w / 2 - view.cx * view.zoom, ty = h / 2 - view.cy * view.zoom;
+  $("map-img").style.transform = `translate(${tx}px, ${ty}px) scale(${view.zoom})`;
+}
+
+function mapHash() {
+  return view.fit ? "#map" : `#map=${+view.zoom.toPrecision(4)},${view.cx.toFixed(1)},${view.cy.toFixed(1)}`;
+}
+
+function saveMapHash(now = false) {
+  // replaceState, not a new history entry per step; at most every 200 ms (browsers throttle it)
+  cancelMapHash();
+  if (now) history.replaceState(null, "", mapHash());
+  else view.timer = setTimeout(() => { view.timer = null; history.replaceState(null, "", mapHash()); }, 200);
+}
+
+function cancelMapHash() {
+  clearTimeout(view.timer);
+  view.timer = null;
+}
+
+function flushMapHash() {
+  if (view.timer !== null) saveMapHash(true);
+}
+
+function parseMapHash(hash) {
+  const m = hash.match(/^#map(?:=([^,]+),([^,]+),([^,]+))?$/);
+  if (!m) return null;
+  const [z, x, y] = m.slice(1).map(Number);
+  return m[1] !== undefined && z > 0 && Number.isFinite(z) && Number.isFinite(x) && Number.isFinite(y)
+    ? { zoom: z, cx: x, cy: y } : {};
+}
+
+async function showMap(wanted) {
+  showTab("map");
+  if (!view.layout) setStatus("loading the map…");
+  let layout;
+  try {
+    layout = await loadMap();
+  } catch (e) { setStatus(e.message, true); return; }
+  if ($("map").hidden) return;  // the user went elsewhere while it loaded
+  view.fit = wanted.zoom === undefined;
+  if (!view.fit) {
+    view.zoom = clampZoom(wanted.zoom);
+    [view.cx, view.cy] = [wanted.cx, wanted.cy];
+  }
+  applyView();
+  const colour = layout.colour === "none" ? "" : `, framed by ${layout.colour}`;
+  setStatus(`${layout.method.toUpperCase()} map of ${layout.cells.length} thumbnails${colour}: drag to pan, ` +
+    "wheel or +/− to zoom, click a thumbnail to search with it");
+}
+
+function zoomAt(sx, sy, factor) {
+  const z = clampZoom(view.zoom * factor);
+  const [w, h] = viewSize();
+  // the map pixel under (sx, sy) stays there
+  view.cx += (sx - w / 2) * (1 / view.zoom - 1 / z);
+  view.cy += (sy - h / 2) * (1 / view.zoom - 1 / z);
+  view.zoom = z;
+  view.fit = false;
+  applyView();
+  saveMapHash();
+}
+
+function pan(dx, dy) {
+  view.cx -= dx / view.zoom;
+  view.cy -= dy / view.zoom;
+  view.fit = false;
+  applyView();
+  saveMapHash();
+}
+
+function local(e) {
+  const v = $("map-view"), r = v.getBoundingClientRect();
+  return [e.clientX - r.left - v.clientLeft, e.clientY - r.top - v.clientTop];
+}
+
+function cellAt(sx, sy) {
+  // the index into layout.cells of the thumbnail under view point (sx, sy), or undefined
+  const g = view.layout;
+  if (!g || $("map").hidden) return undefined;
+  const [w, h] = viewSize();
+  const x = view.cx + (sx - w / 2) / view.zoom, y = view.cy + (sy - h / 2) / view.zoom;
+  const c = Math.floor((x - g.left) / g.tile), r = Math.floor((y - g.top) / g.tile);
+  return c >= 0 && c < g.cols && r >= 0 && r < g.rows ? view.cells.get(r * g.cols + c) : undefined;
+}
+
+function hover(sx, sy) {
+  const j = cellAt(sx, sy), label = $("map-label"), v = $("map-view");
+  v.classList.toggle("over-cell", j !== undefined);
+  if (j === undefined) { label.hidden = true; return; }
+  label.textContent = view.layout.paths[j];
+  label.hidden = false;
+  const [w, h] = viewSize();
+  label.style.left = `${Math.max(0, Math.min(sx + 14, w - label.offsetWidth - 4))}px`;
+  label.style.top = `${sy + 18 + label.offsetHeight < h ? sy + 18 : sy - 10 - label.offsetHeight}px`;
+}
+
+function setupMap() {
+  const v = $("map-view");
+  v.tabIndex = 0;
+  v.addEventListener("pointerdown", (e) => {
+    if (e.button !== 0 || !view.layout) return;
+    const [sx, sy] = local(e);
+    view.drag = { id: e.pointerId, sx, sy, x: sx, y: sy, moved: false };
+    v.setPointerCapture(e.pointerId);
+  });
+  v.addEventListener("pointermove", (e) => {
+    const [sx, sy] = local(e), d = view.drag;
+    if (!d || d.id !== e.pointerId) { hover(sx, sy); return; }
+    if (!d.moved && Math.hypot(sx - d.sx, sy - d.sy) < DRAG_PX) return;
+    d.moved = true;
+    v.classList.add("dragging");
+    $("map-label").hidden = true;
+    pan(sx - d.x, sy - d.y);
+    [d.x, d.y] = [sx, sy];
+  });
+  v.addEventListener("pointerup", (e) => {
+    const d = view.drag;
+    if (!d || d.id !== e.pointerId) return;
+    view.drag = null;
+    v.classList.remove("dragging");
+    if (d.moved) return;
+    const j = cellAt(...local(e));
+    if (j === undefined) return;
+    flushMapHash();  // the map entry keeps this view, so Back returns to it
+    location.hash = `id=${view.layout.cells[j][2]}`;
+  });
+  v.addEventListener("pointercancel", () => { view.drag = null; v.classList.remove("dragging"); });
+  v.addEventListener("pointerleave", () => { $("map-label").hidden = true; });
+  v.addEventListener("wheel", (e) => {
+    if (!view.layout) return;
+    e.preventDefault();
+    const dy = e.deltaY * (e.deltaMode === 1 ? 16 : e.deltaMode === 2 ? viewSize()[1] : 1);
+    zoomAt(...local(e), Math.pow(2, -Math.max(-300, Math.min(300, dy)) / 300));
+  }, { passive: false });
+  v.addEventListener("keydown", (e) => {
+    if (!view.layout) return;
+    const [w, h] = viewSize();
+    const keys = { "+": () => zoomAt(w / 2, h / 2, 1.5), "=": () => zoomAt(w / 2, h / 2, 1.5),
+      "-": () => zoomAt(w / 2, h / 2, 1 / 1.5), "0": fitMap, ArrowLeft: () => pan(60, 0),
+      ArrowRight: () => pan(-60, 0), ArrowUp: () => pan(0, 60), ArrowDown: () => pan(0, -60) };
+    if (keys[e.key]) { e.preventDefault(); keys[e.key](); }
+  });
+  $("map-in").addEventListener("click", () => { if (view.layout) zoomAt(viewSize()[0] / 2, viewSize()[1] / 2, 1.5); });
+  $("map-out").addEventListener("click", () => {
+    if (view.layout) zoomAt(viewSize()[0] / 2, viewSize()[1] / 2, 1 / 1.5);
+  });
+  $("map-fit").addEventListener("click", fitMap);
+  window.addEventListener("resize", () => { if (view.layout && !$("map").hidden) applyView(); });
+}
+
+function fitMap() {
+  if (!view.layout) return;
+  view.fit = true;
+  applyView();
+  saveMapHash(true);
+}
+
+function leaveMap() {
+  // a tab other than the map: a new history entry without the map's hash, so Back returns to the map
+  if (location.hash.startsWith("#map")) {
+    flushMapHash();
+    history.pushState(null, "", location.pathname + location.search);
+  }
+}
+
+function go(hash) {
+  if (location.hash === `#${hash}`) route(); else location.hash = hash;
 }
 
 async function showClusters() {
@@ -119,9 +336,15 @@ async function showCluster(c) {
 }
 
 function route() {
+  const wanted = parseMapHash(location.hash);
+  if (wanted) { showMap(wanted); return; }
+  cancelMapHash();
   const m = location.hash.match(/^#(id|cluster)=(\d+)$/);
-  if (!m) return;
-  if (m[1] === "id") searchId(m[2]); else showCluster(m[2]);
+  if (m) {
+    if (m[1] === "id") searchId(m[2]); else showCluster(m[2]);
+  } else if (location.hash === "" || location.hash === "#") {
+    showTab("search");
+  }
 }
 
 async function start() {
@@ -132,10 +355,13 @@ async function start() {
   $("k").max = info.max_k;
   const recall = info.index.kind.startsWith("exact") ? "" : `, Recall@10 ${info.index["recall@10"].toFixed(3)}`;
   $("info").textContent = `${info.images} images · ${info.dim}-d · ${info.index.kind}${recall}` +
-    (info.clusters ? ` · ${info.clusters} clusters` : "");
+    (info.clusters ? ` · ${info.clusters} clusters` : "") + (info.map ? ` · a map` : "");
   $("tab-clusters").hidden = !info.clusters;
-  $("tab-search").addEventListener("click", () => showTab("search"));
-  $("tab-clusters").addEventListener("click", showClusters);
+  $("tab-map").hidden = !info.map;
+  $("tab-search").addEventListener("click", () => { leaveMap(); showTab("search"); });
+  $("tab-clusters").addEventListener("click", () => { leaveMap(); showClusters(); });
+  $("tab-map").addEventListener("click", () => go(view.layout ? mapHash().slice(1) : "map"));  // the last view
+  setupMap();
   $("file").addEventListener("change", (e) => { if (e.target.files[0]) searchFile(e.target.files[0]); });
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -146,7 +372,8 @@ async function start() {
     if (e.dataTransfer.files[0]) searchFile(e.dataTransfer.files[0]);
   });
   window.addEventListener("hashchange", route);
-  setStatus("drop an image, or open a cluster");
+  setStatus(["drop an image", info.clusters && "open a cluster", info.map && "explore the map"].filter(Boolean)
+    .join(", or "));
   route();
 }
 
