@@ -82,11 +82,13 @@ def write_cifar_batches(root: Path, per_batch: int = 20, seed: int = 0) -> Path:
 
 
 def use_method(cfg, name: str):
-    """Switch ``cfg`` to method ``name`` with settings small enough for the fixtures (NCE noise, clusters)."""
+    """Switch ``cfg`` to method ``name`` with settings small enough for the fixtures (NCE noise, clusters, the
+    successors' heads and MoCo's queue)."""
     from isif.objectives import method_fields
 
     cfg.set("method.name", name)
-    for key, value in (("nce_noise", 16), ("clusters", 4)):
+    for key, value in (("nce_noise", 16), ("clusters", 4), ("proj_hidden", 32), ("proj_dim", 16), ("pred_hidden", 8),
+                       ("queue", 8)):
         if key in method_fields(name):
             cfg.set(f"method.{key}", value)
     return cfg

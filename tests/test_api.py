@@ -67,9 +67,14 @@ def test_import_isif_is_light_and_the_functions_stay_functions():
 
 
 def test_every_registered_objective_builds_by_name():
+    small = {"deepcluster": {"clusters": 4}, "moco": {"queue": 16}}
     for name, m in isif.methods().items():
-        obj = isif.build_objective(name, num_instances=16, dim=8, **({"clusters": 4} if name == "deepcluster" else {}))
+        obj = isif.build_objective(name, num_instances=16, dim=8, features=8, backbone=torch.nn.Linear(4, 8),
+                                   **small.get(name, {}))
         assert m.summary and isinstance(obj, torch.nn.Module)
+    for name in ("moco", "byol"):  # a momentum target copies the network: without one, the error says so
+        with pytest.raises(ValueError, match="needs the network"):
+            isif.build_objective(name, num_instances=16)
     crit = isif.build_objective("isif", temperature=0.2)
     assert isinstance(crit, isif.InvariantSpreading) and crit.temperature == 0.2
 

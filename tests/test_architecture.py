@@ -148,9 +148,14 @@ def test_every_method_satisfies_the_contract():
     from isif.objectives import Objective, build_objective, methods
 
     for name, m in methods().items():
-        obj = build_objective(name, num_instances=256, dim=8)
+        obj = build_objective(name, num_instances=8192, dim=8, features=16, backbone=torch.nn.Linear(4, 16),
+                              total_steps=10)
         assert isinstance(obj, Objective) and isinstance(obj, torch.nn.Module), name
         assert m.summary and m.settings is not None
+        assert getattr(obj, "input", "embedding") in ("embedding", "backbone"), name
+        assert m.embedding == getattr(obj, "embedding", "head"), name  # the registry line says what the class does
+        if hasattr(obj, "target_features"):  # a momentum target: which views it sees, and its step after each step
+            assert set(obj.target_views) <= set(range(len(obj.views))) and callable(obj.after_step), name
 
 
 def test_every_setting_has_one_flag_and_help():

@@ -20,6 +20,7 @@ from isif.objectives import (
     method_fields,
     methods,
 )
+from isif.objectives.contract import target_of
 
 
 def unit(*shape, seed=0, dtype=torch.float64):
@@ -169,10 +170,24 @@ def test_deepcluster_assigns_pseudo_labels_and_resets_head():
 TRAINABLE = sorted(m for m, e in methods().items() if e.trains)
 
 
-def _make(name, n=32, dim=8):
+SMALL = {"nce_noise": 16, "clusters": 4, "proj_hidden": 16, "proj_dim": 8, "pred_hidden": 4, "queue": 16}
+
+
+def _make(name, n=32, dim=8, backbone=None):
+    """Method ``name`` with small settings; a method with heads of its own gets features of width ``dim`` from
+    ``backbone`` (default a fresh Linear(5, dim)), the network a momentum target copies."""
     torch.manual_seed(0)
-    small = {k: v for k, v in {"nce_noise": 16, "clusters": 4}.items() if k in method_fields(name)}
-    return build_objective(name, num_instances=n, dim=dim, seed=0, **small)
+    small = {k: v for k, v in SMALL.items() if k in method_fields(name)}
+    backbone = backbone if backbone is not None else torch.nn.Linear(5, dim)
+    return build_objective(name, num_instances=n, dim=dim, seed=0, features=dim, backbone=backbone, total_steps=10,
+                           **small)
+
+
+def _call(crit, z, idx, x=None, backbone=None):
+    """The loop's call: with a momentum target, its features of the views ``x`` through ``backbone``."""
+    if not hasattr(crit, "target_features"):
+        return crit(z, idx)
+    return crit(z, idx, target=target_of(crit, backbone, x))
 
 
 def _batch(crit, b=6, dim=8, seed=0):
@@ -182,33 +197,40 @@ def _batch(crit, b=6, dim=8, seed=0):
 
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_every_method_gives_finite_loss_and_gradients_to_every_parameter(name):
-    crit = _make(name)
     net = torch.nn.Linear(5, 8)
+    crit = _make(name, backbone=net)
     x = torch.randn(len(crit.views) * 6, 5)
-    opt = torch.optim.SGD(list(crit.parameters()) or [torch.nn.Parameter(torch.zeros(1))], 0.1)
+    trained = [p for p in crit.parameters() if p.requires_grad]  # a momentum target's are buffers of state
+    opt = torch.optim.SGD(trained or [torch.nn.Parameter(torch.zeros(1))], 0.1)
     crit.on_epoch_start(EpochContext(0, lambda: F.normalize(torch.randn(32, 8), dim=1), opt))
     idx = torch.arange(6) * 3
-    loss = crit(F.normalize(net(x), dim=1), idx)
+    h = net(x) if getattr(crit, "input", "embedding") == "backbone" else F.normalize(net(x), dim=1)
+    loss = _call(crit, h, idx, x, net)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
-    for p in list(net.parameters()) + list(crit.parameters()):
+    for p in list(net.parameters()) + trained:
         assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(p.grad is None for p in crit.parameters() if not p.requires_grad)
 
 
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_every_method_state_round_trips(name):
-    a = _make(name)
+    net = torch.nn.Linear(5, 8)
+    a = _make(name, backbone=net)
     z, idx = _batch(a)
+    x = torch.randn(z.shape[0], 5, generator=torch.Generator().manual_seed(3))
     opt = torch.optim.SGD(list(a.parameters()) or [torch.nn.Parameter(torch.zeros(1))], 0.1)
     a.on_epoch_start(EpochContext(0, lambda: F.normalize(torch.randn(32, 8), dim=1), opt))
     torch.manual_seed(1)
-    a(z, idx)  # changes banks, sets NCE's constant
-    b = _make(name)
+    _call(a, z, idx, x, net)  # changes banks and queues, sets NCE's constant
+    if hasattr(a, "after_step"):
+        a.after_step(net)  # moves a momentum target and its step counter
+    b = _make(name, backbone=torch.nn.Linear(5, 8))
     b.load_state_dict(a.state_dict())
     torch.manual_seed(2)
-    la = a(z, idx)
+    la = _call(a, z, idx, x, net)
     torch.manual_seed(2)
-    lb = b(z, idx)
+    lb = _call(b, z, idx, x, net)
     assert torch.equal(la, lb)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k

@@ -54,6 +54,11 @@ class Embedder:
         self.spec = InputSpec.from_checkpoint(self.state, self.cfg)
         self.batch_size = batch_size
 
+    @property
+    def dim(self) -> int:
+        """The width of the embedding (the 128-d head, or the backbone's for a method that declares it)."""
+        return int(getattr(self.model, "dim", self.cfg.model.dim))
+
     @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of the checkpoint file: which weights produced a set of features."""
@@ -130,7 +135,7 @@ def embed_files(embedder: Embedder, files: list[Path], workers: int = 0, strict:
         fault_point("embed-batch")
         if progress is not None:
             progress.update(len(batch))
-    z = torch.cat(feats).numpy() if feats else np.zeros((0, embedder.cfg.model.dim), np.float32)
+    z = torch.cat(feats).numpy() if feats else np.zeros((0, embedder.dim), np.float32)
     return z.astype(np.float32, copy=False), kept, broken
 
 
@@ -173,7 +178,7 @@ def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256,
         store.write_shard([keys[i] for i in chunk], z, kept, bad, embedder.fingerprint)
     bar.close()
     barrier(world)
-    n, skipped = (store.consolidate(keys, root, embedder.path, embedder.fingerprint, int(embedder.cfg.model.dim),
+    n, skipped = (store.consolidate(keys, root, embedder.path, embedder.fingerprint, int(embedder.dim),
                                     embedder.spec) if world.main else (0, 0))
     if world.main and skipped:
         _, broken = store.done(embedder.fingerprint)
@@ -191,5 +196,5 @@ def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256,
         if calibrated:
             store.record_calibration(calibrated)
     barrier(world)
-    return {"images": n, "skipped": skipped, "new": len(pending), "dim": int(embedder.cfg.model.dim),
+    return {"images": n, "skipped": skipped, "new": len(pending), "dim": int(embedder.dim),
             "out": str(out), "shards": len(chunks), "calibration": calibrated}

@@ -138,7 +138,7 @@ def export(checkpoint: str, fmt: str, out: Path | None = None, atol: float = 1e-
     meta = {"format": fmt, "input": [None, 3, size, size], "value_range": [0.0, 1.0],
             "resize": [spec.resize, spec.resize] if spec.resize else f"shorter side to {size}",
             "crop": f"centre {size}x{size}", "normalisation": "inside the model", "mean": list(spec.mean),
-            "std": list(spec.std), "output": [None, cfg.model.dim], "l2_normalised": True,
+            "std": list(spec.std), "output": [None, int(getattr(model, "dim", cfg.model.dim))], "l2_normalised": True,
             "checkpoint": str(path), "arch": cfg.model.arch, "max_abs_diff": diff}
     spec_path = out.with_name(out.name + ".json")
     _keep(out, lambda: atomic_write_bytes(out, lambda f: f.write(data)), spec_path, meta)
@@ -161,8 +161,10 @@ def _torchscript(net: nn.Module, example: torch.Tensor, check: torch.Tensor) -> 
 def safetensors_metadata(path: Path, cfg, spec: InputSpec) -> dict:
     """The ``"isif"`` metadata of a safetensors export: architecture, input spec, precision, provenance."""
     from ..models.weights import FORMAT_VERSION
+    from ..training.step import network_embedding
 
     return {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(cfg.model), "input": spec.to_dict(),
+            "embedding": network_embedding(cfg),
             "precision": cfg.train.precision, "channels_last": bool(cfg.train.channels_last),
             "checkpoint_sha256": sha256_file(path), "isif_version": __version__}
 

@@ -110,7 +110,7 @@ class LoadedModel:
     @property
     def dim(self) -> int:
         """The embedding size D."""
-        return int(self.model_config.dim)
+        return int(getattr(self.network, "dim", self.model_config.dim))
 
 
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
@@ -162,6 +162,12 @@ def load_from_safetensors(p: Path, device: torch.device) -> LoadedModel:
     except (RuntimeError, ValueError) as e:
         raise UserError(f"{p}: the weights do not fit {mc.arch} width {mc.width} ({str(e).splitlines()[0][:120]}); "
                         f"export the checkpoint again with `{EXPORT}`") from None
+    embedding = meta.get("embedding", "head")  # exports made before methods declared their embedding: the head
+    try:
+        net.embedding = embedding
+    except ValueError:
+        raise UserError(f"{p}: its isif metadata has embedding {embedding!r}; export the checkpoint again with "
+                        f"`{EXPORT}`") from None
     net.to(device).eval()
     channels_last = bool(meta.get("channels_last", False))
     if channels_last:

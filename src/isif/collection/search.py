@@ -49,7 +49,7 @@ def load_gallery(embedder: Embedder, gallery: str, strict: bool = False, exact: 
     root = Path(gallery)
     if is_embed_dir(root):
         # the features as written (unit=False): the scores of an embed folder are those of the network's output
-        ed = load_embed_dir(root, embedder.fingerprint, int(embedder.cfg.model.dim), unit=False)
+        ed = load_embed_dir(root, embedder.fingerprint, int(embedder.dim), unit=False)
         from .index import load_index
 
         loaded = None if exact else load_index(root)

@@ -41,6 +41,11 @@ class EvalConfig:
     knn_sigma: float = setting(0.1, "kNN vote temperature sigma", check=POSITIVE)
     batch_size: int = setting(256, "images per forward pass when extracting features", check=at_least(1),
                               flag="--eval-batch-size", resume=True)
+    features: str | None = setting(None, "the network's embedding, evaluated, embedded and exported: embedding (the "
+                                         "128-d head) or backbone (the pooled features, L2-normalised); default: "
+                                         "the method's own (embedding for isif and the paper's baselines, backbone "
+                                         "for the successors)", check=one_of("embedding", "backbone"),
+                                   flag="--eval-features")
     engine: str = setting("auto", "nearest-neighbour search of kNN, Recall@K, MAP@R and k-means (NMI, DeepCluster): "
                                   "torch, faiss (the same results; on the CPU, faster for retrieval and "
                                   "k-means), or auto (faiss for retrieval and k-means when installed and the "

@@ -94,19 +94,40 @@ class EmbeddingHead(nn.Module):
 
 
 class EmbeddingNet(nn.Module):
-    """Backbone -> pooled features -> 128-d L2-normalised embedding.
+    """Backbone -> pooled features -> 128-d L2-normalised embedding (or, for a method that declares the backbone
+    as its embedding, the pooled features L2-normalised).
 
     With ``freeze_bn`` the BatchNorm layers stay in eval mode when the net is
     put in training mode: they normalise with their running statistics and
     never update them.
     """
 
-    def __init__(self, backbone: nn.Module, out_dim: int, dim: int = 128, freeze_bn: bool = False) -> None:
+    def __init__(self, backbone: nn.Module, out_dim: int, dim: int = 128, freeze_bn: bool = False,
+                 embedding: str = "head") -> None:
         super().__init__()
         self.backbone = backbone
         self.head = EmbeddingHead(out_dim, dim)
         self.freeze_bn = freeze_bn
+        self.features = out_dim
+        self.embedding = embedding
         self.train()
+
+    @property
+    def embedding(self) -> str:
+        """What ``forward`` gives: "head" (the 128-d head) or "backbone" (the pooled features, L2-normalised): the
+        training method's declared embedding (``isif.objectives``' registry line)."""
+        return self._embedding
+
+    @embedding.setter
+    def embedding(self, value: str) -> None:
+        if value not in ("head", "backbone"):
+            raise ValueError(f"embedding must be 'head' or 'backbone', got {value!r}")
+        self._embedding = value
+
+    @property
+    def dim(self) -> int:
+        """The width of ``forward``'s output."""
+        return self.head.fc.out_features if self.embedding == "head" else self.features
 
     def train(self, mode: bool = True) -> EmbeddingNet:
         super().train(mode)
@@ -116,8 +137,15 @@ class EmbeddingNet(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))  # (N, dim)
+    def forward(self, x: torch.Tensor, part: str | None = None) -> torch.Tensor:
+        """The embedding (N, dim), every row of unit length; ``part="backbone"``: the raw pooled backbone
+        features (N, features), what a method with its own heads trains on."""
+        h = self.backbone(x)
+        if part == "backbone":
+            return h
+        if self.embedding == "backbone":
+            return F.normalize(h.to(torch.promote_types(h.dtype, torch.float32)), dim=1)
+        return self.head(h)  # (N, dim)
 
 
 def build_model(cfg: ModelConfig, size: int | None = None) -> EmbeddingNet:

@@ -1,4 +1,5 @@
-"""Training objectives: ``loss = objective(z, instance_idx)``; one registry line per method below.
+"""Training objectives: ``loss = objective(z, instance_idx)``; one registry line per method below (the paper's
+methods, then its successors).
 
 See ``contract.py`` for what a method is and what the loop feeds it.
 """
@@ -10,14 +11,20 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from .barlow_twins import BarlowTwins, BarlowTwinsSettings
+from .byol import BYOL, BYOLSettings
 from .contract import BuildContext, EpochContext, FromSettings, Method, Objective
 from .deepcluster import DeepCluster, DeepClusterSettings
 from .exemplar import Exemplar, ExemplarSettings
 from .instance_discrimination import NCE, MemoryBank, NCESettings, NPSoftmax, NPSoftmaxSettings
 from .isif import InvariantSpreading, IsifSettings
+from .moco import MoCo, MoCoSettings
 from .random import NoSettings, NoTraining
 from .registry import build_objective, get_method, method_fields, methods, register
+from .simclr import SimCLR, SimCLRSettings
+from .simsiam import SimSiam, SimSiamSettings
 from .triplet import Triplet, TripletSettings
+from .vicreg import VICReg, VICRegSettings
 
 for _m in (
     Method("random", "no training: the randomly initialised network, evaluated once", NoSettings,
@@ -36,6 +43,18 @@ for _m in (
            functools.partial(Triplet.from_settings, mining="hard")),
     Method("deepcluster", "DeepCluster: k-means pseudo-labels every epoch, cross-entropy with a fresh head",
            DeepClusterSettings, DeepCluster.from_settings),
+    Method("simclr", "SimCLR: NT-Xent over the gathered batch of MLP projections (tau 0.5)", SimCLRSettings,
+           SimCLR.from_settings, embedding="backbone"),
+    Method("moco", "MoCo v2: a momentum key encoder, a queue of 4,096 keys, an MLP projector (tau 0.2)",
+           MoCoSettings, MoCo.from_settings, embedding="backbone"),
+    Method("byol", "BYOL: predict an EMA target's projection of the other view (momentum 0.996 to 1)",
+           BYOLSettings, BYOL.from_settings, embedding="backbone"),
+    Method("simsiam", "SimSiam: a predictor and a stop-gradient, no negatives", SimSiamSettings,
+           SimSiam.from_settings, embedding="backbone"),
+    Method("barlow-twins", "Barlow Twins: the views' cross-correlation pushed to the identity (lambda 0.0051)",
+           BarlowTwinsSettings, BarlowTwins.from_settings, embedding="backbone"),
+    Method("vicreg", "VICReg: variance, invariance and covariance terms (25, 25, 1)", VICRegSettings,
+           VICReg.from_settings, embedding="backbone"),
 ):
     register(_m)
 
@@ -60,6 +79,7 @@ class MethodConfig:
                              f"Config.set('method.name', {self.name!r}) or MethodConfig.of({self.name!r})")
 
 
-__all__ = ["NCE", "BuildContext", "DeepCluster", "EpochContext", "Exemplar", "FromSettings", "InvariantSpreading",
-           "MemoryBank", "Method", "MethodConfig", "NPSoftmax", "NoTraining", "Objective", "Triplet", "build_objective",
-           "get_method", "method_fields", "methods", "register"]
+__all__ = ["BYOL", "NCE", "BarlowTwins", "BuildContext", "DeepCluster", "EpochContext", "Exemplar", "FromSettings",
+           "InvariantSpreading", "MemoryBank", "Method", "MethodConfig", "MoCo", "NPSoftmax", "NoTraining", "Objective",
+           "SimCLR", "SimSiam", "Triplet", "VICReg", "build_objective", "get_method", "method_fields", "methods",
+           "register"]

@@ -39,6 +39,28 @@ keyword constructor checks the settings it is given (``checked``).
 An objective has no ``.cuda()`` inside and makes no assumption about DDP:
 under torchrun the loop gathers ``z`` across processes (gradients kept), so
 the objective sees the global batch as one process would.
+
+The methods that came after the paper (SimCLR, MoCo v2, BYOL, SimSiam,
+Barlow Twins, VICReg) own networks on top of the backbone and say so:
+
+- ``input = "backbone"``: the loop feeds the pooled backbone features
+  ``h = model(views, part="backbone")`` (V*B, F), gathered like ``z``, and
+  the objective applies its own heads (``heads.mlp``: projector, predictor)
+  to the global batch, so their BatchNorm sees the whole batch on any number
+  of processes. The network's own 128-d head is then not trained (its
+  parameters are frozen). Default ``"embedding"``: ``z`` as above.
+- ``embedding``: what the trained network's embedding is, for kNN, Recall@K,
+  ``isif embed``, ``export``, ``serve`` and the Python API: ``"head"`` (the
+  128-d L2-normalised head: ISIF and the paper's baselines) or
+  ``"backbone"`` (the pooled backbone features, L2-normalised, as the
+  successors' papers evaluate them). The registry line carries it too.
+- a momentum target (MoCo's key encoder, BYOL's target): the objective
+  defines ``target_views`` (which views the target sees) and
+  ``target_features(online_backbone, x)`` (its backbone features of those
+  views of this process, without gradient); the loop gathers them and passes
+  them as ``objective(h, idx, target=...)``. ``after_step(online_backbone)``
+  is called after every optimiser step (the EMA update). The target's
+  weights, the queue and the step counter are buffers: checkpoints carry them.
 """
 
 from __future__ import annotations
@@ -76,6 +98,9 @@ class BuildContext:
     dim: int = 128  # embedding width
     seed: int = 0  # the run's seed (DeepCluster's k-means)
     engine: str = "torch"  # k-means's nearest-centroid search (isif.evaluate.engine): the same result either way
+    features: int = 0  # the backbone's pooled feature width (the input of a method's own heads)
+    backbone: Any = None  # the online backbone (an nn.Module) a momentum target starts as a copy of
+    total_steps: int = 0  # optimiser steps of the whole run (BYOL's momentum schedule)
 
 
 @runtime_checkable
@@ -98,6 +123,20 @@ class Method:
     settings: type  # a dataclass of ``setting`` fields: defaults, help, checks
     build: Callable[[Any, BuildContext], torch.nn.Module]  # (settings, context) -> objective
     trains: bool = True  # False: no optimisation step; the run evaluates the untrained network once
+    embedding: str = "head"  # what the trained network's embedding is: "head" (128-d) or "backbone" (pooled)
+
+
+def select_views(x: torch.Tensor, which: tuple[int, ...], n_views: int) -> torch.Tensor:
+    """The rows of views ``which`` of ``x`` (n_views * b rows, view v at rows v*b to (v+1)*b), in that order: what a
+    momentum target sees of a batch (``target_views``)."""
+    b = x.shape[0] // n_views
+    return torch.cat([x[v * b:(v + 1) * b] for v in which])
+
+
+def target_of(objective, online_backbone, x: torch.Tensor) -> torch.Tensor:
+    """A momentum target's features of its ``target_views`` of the views ``x`` (no gradient): one process's share,
+    before the loop gathers it."""
+    return objective.target_features(online_backbone, select_views(x, objective.target_views, len(objective.views)))
 
 
 def checked(settings: S) -> S:

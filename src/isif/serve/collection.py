@@ -98,7 +98,7 @@ def _open(embed_dir: str | Path, checkpoint: str | None, device: str) -> tuple[E
     if not ckpt or not Path(ckpt).exists():
         raise UserError(f"{embed_dir}: the checkpoint that made it ({ckpt}) is missing; pass it with --checkpoint")
     embedder = Embedder(ckpt, device, batch_size=1)
-    return load_embed_dir(embed_dir, embedder.fingerprint, int(embedder.cfg.model.dim)), embedder
+    return load_embed_dir(embed_dir, embedder.fingerprint, int(embedder.dim)), embedder
 
 
 class Collection:

@@ -222,6 +222,9 @@ def load_trained(path: str | os.PathLike, device: torch.device | str = "cpu"):
         size = spec.size if spec is not None else None  # the side a timm ViT was built for
         model = build_model(dataclasses.replace(cfg.model, weights=None), size)  # the checkpoint has the weights
         model.to(param_dtype(cfg.train.precision)).load_state_dict(state["model"])
+        from .step import network_embedding
+
+        model.embedding = network_embedding(cfg)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"{p}: the weights do not fit {cfg.model.arch} width {cfg.model.width} "
                         f"({str(e).splitlines()[0][:120]})") from None

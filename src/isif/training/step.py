@@ -26,6 +26,7 @@ from ..data.types import Splits
 from ..evaluate.protocol import Extractor
 from ..models import build_model, input_recipe
 from ..objectives import build_objective
+from ..objectives.contract import target_of
 from .config import Config
 from .optim import build_optimizer
 
@@ -74,12 +75,30 @@ def run_input_spec(cfg: Config, splits: Splits) -> InputSpec:
     return InputSpec.for_run(cfg.data.size, cfg.augment.crop_mode, splits, input_recipe(cfg.model))
 
 
+def network_embedding(cfg: Config) -> str:
+    """"head" or "backbone": what the run's network embeds with (``EmbeddingNet.embedding``): ``--eval-features``,
+    else the method's declaration (its registry line). A method that trains no 128-d head cannot be evaluated on
+    it: a UserError naming the fix."""
+    from ..objectives import get_method
+
+    declared = get_method(cfg.method.name).embedding
+    asked = cfg.eval.features
+    if asked == "embedding" and declared == "backbone":
+        raise UserError(f"--eval-features embedding: {cfg.method.name} trains no 128-d head (its heads are its own "
+                        "and end in its loss); use --eval-features backbone, its default")
+    return declared if asked is None else ("head" if asked == "embedding" else "backbone")
+
+
 def make_model(cfg: Config) -> nn.Module:
-    """The configured network (on the CPU); unknown architectures and unusable weights are UserErrors."""
+    """The configured network (on the CPU) with the run's embedding (``network_embedding``); unknown
+    architectures and unusable weights are UserErrors."""
+    embedding = network_embedding(cfg)
     try:
-        return build_model(cfg.model, input_size(cfg))
+        model = build_model(cfg.model, input_size(cfg))
     except ValueError as e:
         raise UserError(str(e)) from None
+    model.embedding = embedding
+    return model
 
 
 def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.device,
@@ -94,12 +113,20 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     try:
+        steps = cfg.train.resolve_epochs(num_instances) * max(1, num_instances // t.batch_size)
+    except UserError:  # no epochs and no budget (a benchmark's parts): no schedule over the run to follow
+        steps = 0
+    try:
         objective = build_objective(cfg.method.name, num_instances, cfg.model.dim, t.seed,
-                                    settings=cfg.method.settings, engine=cfg.eval.engine).to(device)
+                                    settings=cfg.method.settings, engine=cfg.eval.engine,
+                                    features=int(getattr(model, "features", 0)),
+                                    backbone=getattr(model, "backbone", None), total_steps=steps).to(device)
     except ValueError as e:
         raise UserError(f"method {cfg.method.name}: {e}") from None
     if t.precision == "fp64":
         objective = objective.to(torch.float64)
+    if getattr(objective, "input", "embedding") == "backbone":
+        model.head.requires_grad_(False)  # the method's own heads replace it: never trained, never stepped
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     opt = build_optimizer(cfg.optim, params)
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
@@ -185,14 +212,23 @@ def forward_backward(parts: Parts, inp: torch.Tensor, idx: torch.Tensor,
     """Forward the views, gather, and backpropagate: from the objective's loss, or (``grad`` given, for the
     benchmark's limit) from that fixed gradient of the embeddings, skipping the objective. Returns (loss or a
     zero, z)."""
+    obj = parts.objective
+    backbone = getattr(obj, "input", "embedding") == "backbone"
     with autocast(parts.device, parts.cfg.train.precision):
-        z = parts.net(inp)  # (V*b, D)
+        z = parts.net(inp, part="backbone") if backbone else parts.net(inp)  # (V*b, D), or (V*b, F) features
     if grad is not None:
         parts.opt.zero_grad(set_to_none=True)
         z.backward(grad)
         return torch.zeros(()), z
+    if backbone:  # the method's heads and loss run in at least float32, outside autocast (as the 128-d head's end)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
     z = gather_views(z, len(parts.views), parts.world)  # (V*B, D), gradients kept
-    loss = parts.objective(z, idx)
+    kw = {}
+    if hasattr(obj, "target_features"):  # a momentum target: its features of this process's views, gathered
+        with torch.no_grad(), autocast(parts.device, parts.cfg.train.precision):
+            t = target_of(obj, parts.model.backbone, inp)
+        kw["target"] = gather_views(t.to(z.dtype), len(obj.target_views), parts.world)
+    loss = obj(z, idx, **kw)
     # the previous step's gradients are freed only now, just before the backward pass that allocates the new
     # ones: freed before the forward instead, the activations take that memory and the backward must map
     # fresh pages (measured 8-10% slower per step at full width on the 2-core CPU)
@@ -211,6 +247,8 @@ def train_step(parts: Parts, x: torch.Tensor, idx: torch.Tensor, gen: torch.Gene
     loss, _ = forward_backward(parts, inp, idx)
     parts.scaler.step(parts.opt)
     parts.scaler.update()
+    if hasattr(parts.objective, "after_step"):  # a momentum target follows the online network
+        parts.objective.after_step(parts.model.backbone)
     return loss
 
 
