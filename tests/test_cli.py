@@ -231,3 +231,16 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, image_tree):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)  # the resumed run's last kNN is that of the checkpoint it saved
     assert res["epoch"] == rows[-1]["epoch"] and res["knn_top1"] == pytest.approx(rows[-1]["knn_top1"])
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "moco"])
+def test_bench_of_a_method_with_its_own_heads_and_target_counts_them_in_the_limit(capsys, keep_threads, method):
+    """The limit of a successor is every network it runs (backbone, heads, a momentum target's forward): still one
+    part of the step, so the step cannot take less time than it (the invariant of the test above)."""
+    flags = ["--proj-hidden", "32", "--proj-dim", "16"] + (["--queue", "64"] if method == "moco" else [])
+    code, out, err = run_cli(capsys, "bench", "--preset", "cifar10-tiny", "--method", method, "--batch-size", "8",
+                             "--steps", "4", "--precision", "fp32", "--threads", "1", "--json", *flags)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["images_per_step"] == 16 and res["limit_ms"] > 0 and res["objective_ms"] > 0
+    assert res["step_ms"] >= 0.75 * res["limit_ms"] and res["ratio_step_to_limit"] <= 1 / 0.75, res

@@ -267,3 +267,43 @@ def test_stl10_105k_style_training_uses_labelled_bank(tmp_path, monkeypatch):
     cfg.eval.knn_k = 7  # larger than the 6 labelled images, though there are 16 training images
     with pytest.raises(UserError, match=r"--knn-k 7 is larger than the kNN bank \(6 labelled images\)"):
         train_mod.train(cfg, tmp_path / "run2", progress=False)
+
+
+def test_spearman_and_ranks_have_known_answers_and_equal_scipys():
+    from scipy.stats import spearmanr
+
+    from isif.training.race import ranks, spearman
+
+    assert ranks([3.0, 1.0, 2.0]) == [1.0, 3.0, 2.0] and ranks([5.0, 5.0, 1.0]) == [1.5, 1.5, 3.0]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = rng.integers(0, 6, 9).astype(float).tolist(), rng.normal(size=9).tolist()
+        if len(set(a)) > 1:
+            assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+
+
+def test_a_race_on_a_folder_without_labels_ranks_by_view_retrieval_and_correlates_with_knn(capsys, tmp_path,
+                                                                                           image_tree):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(sorted((image_tree / "train").rglob("*.png"))):
+        (flat / f"{i:04d}.png").write_bytes(f.read_bytes())
+    out = tmp_path / "race"
+    base = ["race", "--preset", "cifar10-tiny", "--dataset", "unlabelled", "--data", str(flat), "--width",
+            "0.03125", "--batch-size", "8", "--epochs", "1", "--size", "32", "--holdout", "8", "--quiet",
+            "--precision", "fp32"]
+    code, stdout, err = _cli(capsys, *base, "--methods", "isif,simclr,barlow-twins", "--out", str(out))
+    assert code == 0, err
+    table = (out / "race.md").read_text()
+    assert table.startswith("view top-1 after each evaluated epoch")  # no labels: view retrieval is raced
+    assert "Ranked without labels" in table and "| 1 |" in table and "Spearman" not in table  # no labels: no rho
+    # with labelled images to evaluate on, kNN joins and the two rankings are correlated
+    code, stdout, err = _cli(capsys, *base, "--methods", "isif,simclr,barlow-twins", "--knn-k", "5", "--eval-data",
+                             str(image_tree), "--out", str(tmp_path / "race2"))
+    assert code == 0, err
+    assert "Spearman's rho between the label-free ranking and the kNN ranking over 3 methods" in stdout
+    code, _, err = _cli(capsys, "race", "--methods", "isif", "--out", str(tmp_path / "x"))
+    assert code == 2 and "at least two methods" in err and err.count("\n") == 1

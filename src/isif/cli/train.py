@@ -43,13 +43,16 @@ def run_train(o: TrainOptions) -> int:
 
 def run_race(o: RaceOptions) -> int:
     from ..training.options import race_configs
-    from ..training.race import race, race_table
+    from ..training.race import label_free_ranking, race, race_table
 
     set_threads(o.threads)
     configs = race_configs(o)
     out = Path(o.out) if o.out else Path("runs") / f"race-{time.strftime('%Y%m%d-%H%M%S')}"
     histories = race(configs, out, progress=not o.quiet)
     print(race_table(histories), end="")
+    ranking = label_free_ranking(histories)
+    if ranking:
+        print("\n" + ranking, end="")
     print(f"race folder: {out} (race.png, race.md)")
     return 0
 

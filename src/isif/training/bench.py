@@ -85,15 +85,22 @@ def _time_pieces(parts, images: torch.Tensor, g: torch.Generator, steps: int, wa
 
     x0, idx0 = batch()
     ready = make_views(parts, x0, aug_gen)  # (2B, 3, S, S), the step's layout and dtype
-    grad_ready = _objective_grad(parts, ready, idx0)  # (2B, D): where the step's backward starts
-    z_ready = torch.nn.functional.normalize(torch.randn(ready.shape[0], parts.cfg.model.dim, device=device), dim=1)
+    if getattr(parts.objective, "input", "embedding") == "backbone":
+        limit, objective = _own_heads_pieces(parts, ready, idx0)
+    else:
+        grad_ready = _objective_grad(parts, ready, idx0)  # (2B, D): where the step's backward starts
+        z_ready = torch.nn.functional.normalize(torch.randn(ready.shape[0], parts.cfg.model.dim, device=device),
+                                                dim=1)
 
-    def objective() -> None:
-        z = z_ready.clone().requires_grad_(True)
-        parts.objective(z, torch.arange(b, device=device)).backward()
+        def objective() -> None:
+            z = z_ready.clone().requires_grad_(True)
+            parts.objective(z, torch.arange(b, device=device)).backward()
+
+        def limit() -> None:
+            forward_backward(parts, ready, idx0, grad=grad_ready)
 
     pieces = {"step": lambda: train_step(parts, *batch(), aug_gen),
-              "limit": lambda: forward_backward(parts, ready, idx0, grad=grad_ready),
+              "limit": limit,
               "augment": lambda: make_views(parts, batch()[0], aug_gen),
               "objective": objective}
     times: dict[str, list[float]] = {k: [] for k in pieces}
@@ -125,6 +132,41 @@ def _eval_figures(parts, images: torch.Tensor, eval_query: int, eval_bank: int) 
     knn_predict(query, bank, labels, 10, cfg.eval.knn_k, cfg.eval.knn_sigma)
     _sync(device)
     return eval_ips, time.perf_counter() - t0
+
+
+def _own_heads_pieces(parts, ready: torch.Tensor, idx: torch.Tensor):
+    """(limit, objective) for a method with heads of its own: the limit is the forward and backward of every
+    network it runs (the backbone, its heads, and a momentum target's forward), from a fixed gradient on the heads'
+    output; the objective piece is the whole objective (heads and loss) on fixed features."""
+    from ..objectives.contract import target_of
+
+    obj, t = parts.objective, parts.cfg.train
+
+    def features():
+        with autocast(parts.device, t.precision):
+            h = parts.net(ready, part="backbone")
+        h = h.to(torch.promote_types(h.dtype, torch.float32))
+        if not hasattr(obj, "target_features"):
+            return h, None
+        with torch.no_grad(), autocast(parts.device, t.precision):
+            tf = target_of(obj, parts.model.backbone, ready)
+        return h, tf.to(h.dtype)
+
+    h0, t0 = features()
+    grad = torch.randn_like(obj.networks(h0, t0)) * 1e-3
+    h_fixed, t_fixed = h0.detach(), (t0.detach() if t0 is not None else None)
+
+    def limit() -> None:
+        h, tf = features()
+        parts.opt.zero_grad(set_to_none=True)
+        obj.networks(h, tf).backward(grad)
+
+    def objective() -> None:
+        h = h_fixed.clone().requires_grad_(True)
+        kw = {"target": t_fixed} if t_fixed is not None else {}
+        obj(h, idx, **kw).backward()
+
+    return limit, objective
 
 
 def _objective_grad(parts, inp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -46,14 +46,77 @@ def check_methods(names: list[str]) -> None:
     unknown = [n for n in names if n not in registered()]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(registered()))}")
-    if not names:
-        raise UserError("--methods needs at least one method")
+    if len(set(names)) < 2:
+        raise UserError(f"--methods {','.join(names)}: a race needs at least two methods, e.g. --methods isif,simclr")
+
+
+LABEL_FREE = "view_top1"  # what ranks methods on images without labels: view retrieval on the held-out images
 
 
 def race_metric(histories: dict[str, list[dict]]) -> tuple[str, str]:
-    """(metrics-row key, label) the race compares: kNN top-1, or Recall@1 when the test classes are unseen."""
-    m = primary([r for h in histories.values() for r in h])
+    """(metrics-row key, label) the race compares: kNN top-1, or Recall@1 when the test classes are unseen, or,
+    on a folder without labels (no ``--eval-data``), the label-free view retrieval on the held-out images."""
+    rows = [r for h in histories.values() for r in h]
+    labelled = any(r.get("knn_top1") is not None or r.get("recall@1") is not None for r in rows)
+    m = primary(rows) if labelled or not any(r.get(LABEL_FREE) is not None for r in rows) else metric(LABEL_FREE)
     return m.key, m.axis()
+
+
+def final(hist: list[dict], key: str) -> float | None:
+    """The last evaluated value of ``key`` in a run's history."""
+    vals = [r[key] for r in hist if r.get(key) is not None]
+    return vals[-1] if vals else None
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, the largest first, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation of two equally long lists (Pearson's r of their ranks); None under 3 values or
+    when a list is constant."""
+    if len(a) != len(b) or len(a) < 3:
+        return None
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / (va * vb) ** 0.5 if va > 0 and vb > 0 else None
+
+
+def label_free_ranking(histories: dict[str, list[dict]]) -> str:
+    """The methods ranked by their last label-free figures (view top-1 first; RankMe and uniformity beside it),
+    with their labelled metric when there is one, and Spearman's rho between the two rankings."""
+    trained = {n: h for n, h in histories.items() if final(h, LABEL_FREE) is not None}
+    if not trained:
+        return ""
+    labelled = next((k for k in ("knn_top1", "recall@1") if any(final(h, k) is not None for h in trained.values())),
+                    None)
+    order = sorted(trained, key=lambda n: -final(trained[n], LABEL_FREE))
+    cols = [LABEL_FREE, "view_top5", "rankme", "uniformity"] + ([labelled] if labelled else [])
+    lines = ["| # | method | " + " | ".join(metric(k).short for k in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for i, n in enumerate(order, 1):
+        cells = [metric(k).format(v) if (v := final(trained[n], k)) is not None else "–" for k in cols]
+        lines.append(f"| {i} | {n} | " + " | ".join(cells) + " |")
+    text = "Ranked without labels (the last evaluation's view top-1 on the held-out images):\n\n" + "\n".join(lines)
+    if labelled:
+        both = [n for n in order if final(trained[n], labelled) is not None]
+        rho = spearman([final(trained[n], LABEL_FREE) for n in both], [final(trained[n], labelled) for n in both])
+        if rho is not None:
+            text += (f"\n\nSpearman's rho between the label-free ranking and the {metric(labelled).short} ranking "
+                     f"over {len(both)} methods: {rho:.3f}")
+    return text + "\n"
 
 
 def race_table(histories: dict[str, list[dict]]) -> str:
@@ -105,4 +168,7 @@ def write_race(histories: dict[str, list[dict]], out: Path, base: Config) -> Non
     key, label = race_metric(histories)
     plot_race(histories, out / "race.png", title, key=key, label=label)
     text = f"{label} after each evaluated epoch; {title}\n\n" + race_table(histories)
+    ranking = label_free_ranking(histories)
+    if ranking:
+        text += "\n" + ranking
     atomic_write_bytes(out / "race.md", lambda f: f.write(text.encode()))
