@@ -16,14 +16,12 @@ from PIL import Image
 
 from isif.base.errors import UserError
 from isif.cli import main
+from isif.collection.map_layout import MAP_JSON, MapLayout, load_map_layout
 from isif.collection.maps import (
-    MAP_JSON,
     UMAP_MISSING,
-    MapLayout,
     assignment_cost,
     grid_assign,
     grid_shape,
-    load_map_layout,
     map_folder,
     pca_2d,
 )

@@ -235,7 +235,7 @@ def test_clusters_are_browsable_when_isif_cluster_made_them(run, collection, tmp
 
 
 def test_the_map_of_isif_map_is_served_with_gallery_ids(client, mapped):
-    from isif.collection.maps import load_map_layout
+    from isif.collection.map_layout import load_map_layout
 
     paths = (mapped / "paths.txt").read_text().split()
     layout = load_map_layout(mapped, paths)

@@ -15,7 +15,7 @@ from PIL import Image
 from ..base.errors import UserError
 from ..collection.embed_dir import EmbedDir, load_embed_dir
 from ..collection.embedding import Embedder
-from ..collection.maps import MAP_FULL, MapLayout, load_map_layout
+from ..collection.map_layout import MAP_FULL, MapLayout, load_map_layout
 from ..data.decode import BadImage, TooLarge, decode_rgb, is_image_name
 from .errors import RequestError
 
