@@ -6,7 +6,11 @@
 #   4. bit-exact resume on this device, with and without --deterministic: 2 epochs straight against the same run
 #      killed (kill -9, ISIF_FAULT) after epoch 1 and resumed, final weights compared exactly; and what
 #      --deterministic costs (images/s of epoch 2, and `isif bench --deterministic`). Exits 1 when the
-#      --deterministic pair differs (on a CPU, when either pair does).
+#      --deterministic pair differs (on a CPU, when either pair does);
+#   5. one line per training method: `isif bench` of its step at the cifar10 preset (ResNet-18 with the CIFAR
+#      stem, batch 128 instances, bf16, channels_last), images/s, limit / step, and the projected time of 200
+#      epochs, the budget of lightly's published CIFAR-10 table (BYOL 86.9, SimCLR 84.7, DINO 84.0, Barlow Twins
+#      84.2, MoCo 83.8, SimSiam 81.9 kNN) that a later GPU session trains against.
 # --smoke runs the same steps on a CPU with a tiny network and a slice of the data (for CI).
 source "$(dirname "$0")/_setup.sh" "$@"
 EXTRA=(--precision bf16 --channels-last)
@@ -51,6 +55,21 @@ resume_pair deterministic --deterministic || echo "the --deterministic pair did 
 echo "== --deterministic: the bench's training step"
 isif bench --preset cifar10 --precision bf16 --channels-last --deterministic "${BENCH[@]}" \
   | grep -E "training step|step / limit" || echo "isif bench --deterministic failed (see above)"
+echo "== every method: its training step (isif bench, cifar10 preset, bf16, channels_last)"
+METHODS=$(isif methods | awk '$1 != "random" {print $1}')
+[[ $SMOKE == 1 ]] && METHODS="isif dino"  # CI: the loop of this step, on two methods (one with multi-crop)
+for m in $METHODS; do
+  isif bench --preset cifar10 --method "$m" --precision bf16 --channels-last "${BENCH[@]}" --json \
+    > "$OUT/bench-$m.json" 2>"$OUT/bench-$m.err" || { echo "$m: bench failed: $(tail -1 "$OUT/bench-$m.err")"; continue; }
+  python - "$m" "$OUT/bench-$m.json" <<'PY'
+import json, sys
+m, r = sys.argv[1], json.load(open(sys.argv[2]))
+step_s = r["step_ms"] / 1000
+steps_200 = 200 * (50000 // 128)
+print(f"{m:13s} {r['step_images_per_s']:8.0f} images/s  limit / step {r['ratio_step_to_limit']:.2f}  "
+      f"200 epochs: {steps_200 * step_s / 3600:.1f} h of steps")
+PY
+done
 python - "$OUT" "$SMOKE" <<'PY'
 import json, sys
 from pathlib import Path

@@ -88,7 +88,7 @@ def use_method(cfg, name: str):
 
     cfg.set("method.name", name)
     for key, value in (("nce_noise", 16), ("clusters", 4), ("proj_hidden", 32), ("proj_dim", 16), ("pred_hidden", 8),
-                       ("queue", 8)):
+                       ("queue", 8), ("prototypes", 16), ("local_crops", 2)):
         if key in method_fields(name):
             cfg.set(f"method.{key}", value)
     return cfg

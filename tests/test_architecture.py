@@ -153,7 +153,7 @@ def test_every_method_satisfies_the_contract():
         assert isinstance(obj, Objective) and isinstance(obj, torch.nn.Module), name
         assert m.summary and m.settings is not None
         assert getattr(obj, "input", "embedding") in ("embedding", "backbone"), name
-        assert m.embedding == getattr(obj, "embedding", "head"), name  # the registry line says what the class does
+        assert m.embedding_of() == getattr(obj, "embedding", "head"), name  # the registry line says what it does
         if hasattr(obj, "target_features"):  # a momentum target: which views it sees, and its step after each step
             assert set(obj.target_views) <= set(range(len(obj.views))) and callable(obj.after_step), name
 

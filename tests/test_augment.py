@@ -205,3 +205,21 @@ def test_seeded_generator_makes_augmentation_reproducible_and_independent_per_im
     assert torch.equal(a, b)
     diffs = [(a[0] - a[k]).abs().max().item() for k in range(1, 16)]
     assert min(diffs) > 1e-3  # every copy got its own parameters
+
+
+def test_round_uint8_holds_every_view_on_8_bit_levels_and_stays_near_the_float_path():
+    """--round-uint8 (the reference's PIL pipeline keeps uint8 images between operations): before normalisation
+    every value of every view is k/255, and each operation moves a value by at most half a level, so the views
+    stay within a few levels of the float path's."""
+    from isif.data.augment import BatchAugment
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8)
+    plain = BatchAugment(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    rounded = BatchAugment(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), round_uint8=True)
+    params = plain.sample(16, 32, 32, torch.Generator().manual_seed(1))
+    a, b = plain.apply(imgs, params), rounded.apply(imgs, params)
+    levels = b * 255
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert not torch.allclose(a * 255, (a * 255).round(), atol=1e-4)  # the float path is not on the levels
+    assert (a - b).abs().mean() < 1.5 / 255 and (a - b).abs().max() < 0.1

@@ -110,6 +110,13 @@ def test_cuda_device_without_cuda_is_a_user_error(capsys, image_tree, tmp_path):
     assert_one_line_error(code, err, "CUDA is not available")
 
 
+def test_multi_crop_views_larger_than_the_input_are_refused(capsys):
+    code, _, err = run_cli(capsys, "bench", "--preset", "cifar10-tiny", "--method", "dino", "--local-size", "64",
+                           "--steps", "1", "--json")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "local views would be 64 px, larger than the 32 px input; choose --local-size 32 or less" in err
+
+
 def test_garbage_checkpoint_is_refused(capsys, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 100)
@@ -233,14 +240,19 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path, image_tree):
     assert res["epoch"] == rows[-1]["epoch"] and res["knn_top1"] == pytest.approx(rows[-1]["knn_top1"])
 
 
-@pytest.mark.parametrize("method", ["simclr", "byol", "moco"])
+@pytest.mark.parametrize("method", ["simclr", "byol", "moco", "dino", "isif --projector mlp"])
 def test_bench_of_a_method_with_its_own_heads_and_target_counts_them_in_the_limit(capsys, keep_threads, method):
     """The limit of a successor is every network it runs (backbone, heads, a momentum target's forward): still one
-    part of the step, so the step cannot take less time than it (the invariant of the test above)."""
-    flags = ["--proj-hidden", "32", "--proj-dim", "16"] + (["--queue", "64"] if method == "moco" else [])
+    part of the step, so the step cannot take less time than it (the invariant of the test above). DINO's views
+    are of two sizes (multi-crop: 2 global and 2 local ones)."""
+    flags = ["--proj-hidden", "32", "--proj-dim", "16"] + (["--queue", "64"] if method == "moco" else []) + \
+        (["--prototypes", "32", "--local-crops", "2"] if method == "dino" else [])
+    if method.startswith("isif"):
+        method, flags = "isif", method.split()[1:]
     code, out, err = run_cli(capsys, "bench", "--preset", "cifar10-tiny", "--method", method, "--batch-size", "8",
                              "--steps", "4", "--precision", "fp32", "--threads", "1", "--json", *flags)
     assert code == 0, err
     res = json.loads(out)
-    assert res["images_per_step"] == 16 and res["limit_ms"] > 0 and res["objective_ms"] > 0
+    assert res["images_per_step"] == (32 if method == "dino" else 16)
+    assert res["limit_ms"] > 0 and res["objective_ms"] > 0
     assert res["step_ms"] >= 0.75 * res["limit_ms"] and res["ratio_step_to_limit"] <= 1 / 0.75, res

@@ -225,6 +225,8 @@ def test_gpu_scripts_run_end_to_end_on_cpu_with_smoke(tmp_path, script):
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
     if script == "gpu_check.sh":
         assert "step / limit" in r.stdout and "projected 200 epochs" in r.stdout
+        lines = [x for x in r.stdout.splitlines() if "limit / step" in x]  # one line per method (two in smoke)
+        assert [x.split()[0] for x in lines] == ["isif", "dino"] and all("200 epochs:" in x for x in lines), lines
     assert (tmp_path / ("gpu-check" if script == "gpu_check.sh" else "gpu-full") / "metrics.jsonl").is_file()
 
 

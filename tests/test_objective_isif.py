@@ -203,3 +203,27 @@ def test_registry_builds_isif_and_views():
     assert InvariantSpreading().views == ("augment", "augment")
     with pytest.raises(KeyError, match="unknown method"):
         build_objective("nope")
+
+
+def test_projector_mlp_is_the_isif_loss_on_a_projection_of_the_backbone_features():
+    """--projector mlp: the loss is exactly the paper's loss on the L2-normalised output of SimCLR's 2-layer
+    projector; the objective then owns that network and the run embeds with the backbone features."""
+    from isif.objectives import build_objective, get_method
+    from isif.objectives.isif import IsifSettings
+    from isif.training.presets import resolve
+    from isif.training.step import network_embedding
+
+    torch.manual_seed(0)
+    crit = build_objective("isif", dim=8, features=16, projector="mlp")
+    plain = build_objective("isif")
+    widths = [m.out_features for m in crit.projector if hasattr(m, "out_features")]
+    assert crit.input == "backbone" and widths == [16, 8]
+    h = torch.randn(12, 16)
+    z = torch.nn.functional.normalize(crit.projector(h), dim=1)
+    assert torch.allclose(crit(h, torch.arange(6)), plain(z, torch.arange(6)), atol=1e-6)
+    assert get_method("isif").embedding_of(IsifSettings(projector="mlp")) == "backbone"
+    assert get_method("isif").embedding_of() == "head" and not hasattr(plain, "input")
+    cfg = resolve("cifar10-tiny", {"method.projector": "mlp"})
+    assert network_embedding(cfg) == "backbone"
+    with pytest.raises(ValueError, match="projector"):
+        build_objective("isif", projector="mlp")  # no backbone width to build it on

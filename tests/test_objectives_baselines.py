@@ -170,7 +170,8 @@ def test_deepcluster_assigns_pseudo_labels_and_resets_head():
 TRAINABLE = sorted(m for m, e in methods().items() if e.trains)
 
 
-SMALL = {"nce_noise": 16, "clusters": 4, "proj_hidden": 16, "proj_dim": 8, "pred_hidden": 4, "queue": 16}
+SMALL = {"nce_noise": 16, "clusters": 4, "proj_hidden": 16, "proj_dim": 8, "pred_hidden": 4, "queue": 16,
+         "prototypes": 16, "local_crops": 2}
 
 
 def _make(name, n=32, dim=8, backbone=None):
@@ -239,7 +240,13 @@ def test_every_method_state_round_trips(name):
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_every_method_declares_views(name):
     crit = _make(name)
-    assert len(crit.views) in (1, 2) and set(crit.views) <= {"augment", "plain"}
+    crops = getattr(crit, "crops", {})
+    assert len(crit.views) >= 1 and set(crit.views) <= {"augment", "plain"} | set(crops)
+    if crops:  # multi-crop: views of one size are consecutive, so each size group is one batch of the network
+        sides = [crops[v].side(32) if v in crops else 32 for v in crit.views]
+        assert sides == sorted(sides, reverse=True), sides
+    else:
+        assert len(crit.views) in (1, 2)
 
 
 def test_random_method_takes_no_step():

@@ -13,14 +13,16 @@ from torch import nn
 from isif.objectives import build_objective
 from isif.objectives.barlow_twins import barlow_twins_loss
 from isif.objectives.byol import byol_loss
-from isif.objectives.contract import target_of
+from isif.objectives.contract import Crop, select_views, target_of
+from isif.objectives.dino import dino_loss, teacher_temperature
 from isif.objectives.moco import moco_loss
 from isif.objectives.momentum import MomentumTarget, cosine_momentum
 from isif.objectives.simclr import nt_xent
 from isif.objectives.simsiam import simsiam_loss
 from isif.objectives.vicreg import vicreg_loss
 
-SUCCESSORS = ("simclr", "moco", "byol", "simsiam", "barlow-twins", "vicreg")
+SUCCESSORS = ("simclr", "moco", "byol", "simsiam", "barlow-twins", "vicreg", "dino")
+SMALL = {"moco": {"queue": 16}, "dino": {"prototypes": 16, "proj_hidden": 32, "proj_dim": 8, "local_crops": 2}}
 
 
 def rand(*shape, seed=0):
@@ -70,6 +72,28 @@ def ref_vicreg(z1: np.ndarray, z2: np.ndarray, lam=25.0, mu=25.0, nu=1.0) -> flo
         c = zc.T @ zc / (b - 1)
         return sum(c[i, j] ** 2 for i in range(d) for j in range(d) if i != j) / d
     return lam * inv + mu * (var(z1) + var(z2)) + nu * (cov(z1) + cov(z2))
+
+
+def ref_dino(s: np.ndarray, t: np.ndarray, c: np.ndarray, tau_s: float, tau_t: float, views: int) -> float:
+    """DINO's loss from the paper's Algorithm 1: for every global teacher view a and student view v != a, the
+    cross-entropy H(P_t, P_s) = -sum_k P_t,k log P_s,k, averaged over the batch, then over the pairs."""
+    b = len(t) // 2
+    def softmax(x):
+        e = np.exp(x - x.max())
+        return e / e.sum()
+    total, pairs = 0.0, 0
+    for a in range(2):
+        for v in range(views):
+            if v == a:
+                continue
+            h = 0.0
+            for i in range(b):
+                pt = softmax((t[a * b + i] - c) / tau_t)
+                ps = softmax(s[v * b + i] / tau_s)
+                h += -sum(pt[k] * math.log(ps[k]) for k in range(len(pt)))
+            total += h / b
+            pairs += 1
+    return total / pairs
 
 
 def ref_moco(q: np.ndarray, k: np.ndarray, queue: np.ndarray, tau: float) -> float:
@@ -172,9 +196,10 @@ def test_the_momentum_schedule_and_the_ema_update():
 def test_each_successor_builds_from_the_registry_and_its_target_gets_no_gradient(name):
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 8)).double()
     obj = build_objective(name, num_instances=64, seed=0, features=8, backbone=backbone, total_steps=10,
-                          **({"queue": 16} if name == "moco" else {})).double()
-    assert obj.input == "backbone" and obj.embedding == "backbone" and obj.views == ("augment", "augment")
-    x = rand(8, 12, seed=5)
+                          **SMALL.get(name, {})).double()
+    assert obj.input == "backbone" and obj.embedding == "backbone"
+    assert obj.views == (("augment", "augment") if name != "dino" else ("global", "global", "local", "local"))
+    x = rand(4 * len(obj.views), 12, seed=5)
     h = backbone(x)
     kw = {}
     if hasattr(obj, "target_features"):
@@ -193,28 +218,144 @@ def test_each_successor_builds_from_the_registry_and_its_target_gets_no_gradient
 def test_each_successor_lowers_its_loss_on_a_batch_it_can_overfit(name):
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8))
+    # DINO: the loss is H(P_t) + KL(P_t || P_s), and on 16 points the teacher and student fall together to the
+    # uniform distribution (the collapse that centring trades against sharpening); with the teacher held still
+    # (m = 1) the student must lower its KL to it
+    fixed = {"target_momentum": 1.0} if name == "dino" else {}
     obj = build_objective(name, num_instances=64, seed=0, features=8, backbone=backbone, total_steps=60,
-                          **({"queue": 16} if name == "moco" else {}))
+                          **SMALL.get(name, {}), **fixed)
     params = [p for p in list(backbone.parameters()) + list(obj.parameters()) if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01 if name == "vicreg" else 0.05, momentum=0.9)  # VICReg: weights of 25
     g = torch.Generator().manual_seed(1)
     base = torch.randn(16, 12, generator=g)
     losses = []
     for _ in range(60):
-        x = torch.cat([base + 0.1 * torch.randn(16, 12, generator=g), base + 0.1 * torch.randn(16, 12, generator=g)])
+        x = torch.cat([base + 0.1 * torch.randn(16, 12, generator=g) for _ in obj.views])
         kw = {"target": target_of(obj, backbone, x)} if hasattr(obj, "target_features") else {}
+        entropy = _teacher_entropy(obj, kw["target"]) if name == "dino" else 0.0
         loss = obj(backbone(x), torch.arange(16), **kw)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if hasattr(obj, "after_step"):
             obj.after_step(backbone)
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach()) - entropy)
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.03 * abs(np.mean(losses[:10])), (name, losses[:3],
                                                                                                losses[-3:])
+
+
+def _teacher_entropy(obj, target) -> float:
+    """DINO's loss is H(P_t) + KL(P_t || P_s): the centring raises the teacher's entropy on purpose, so what the
+    student can lower is the KL, the loss less the entropy of the teacher (with the centre before this step's
+    update)."""
+    with torch.no_grad():
+        q = torch.softmax((obj.target.head(target) - obj.center) / obj.teacher_temp(), dim=1)
+        return float(-(q * q.clamp_min(1e-30).log()).sum(1).mean())
 
 
 def test_a_queue_longer_than_the_training_set_is_refused():
     backbone = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="longer than the training set"):
         build_objective("moco", num_instances=100, features=4, backbone=backbone, queue=4096)
+
+
+# ----------------------------------------------------------------------------- DINO
+
+
+def test_dino_loss_equals_its_reference_and_its_gradient_checks():
+    b, k, views = 3, 5, 4
+    s, t, c = rand(views * b, k), rand(2 * b, k, seed=1), rand(k, seed=2)
+    got = dino_loss(s, t, c, 0.1, 0.04, views)
+    assert float(got) == pytest.approx(ref_dino(s.numpy(), t.numpy(), c.numpy(), 0.1, 0.04, views), rel=1e-12)
+    assert torch.autograd.gradcheck(lambda x: dino_loss(x, t, c, 0.1, 0.07, views), (s.clone().requires_grad_(),))
+    # the teacher is a target: no gradient reaches it
+    tt = t.clone().requires_grad_()
+    assert torch.autograd.grad(dino_loss(s.clone().requires_grad_(), tt, c, 0.1, 0.04, views), tt,
+                               allow_unused=True)[0] is None
+
+
+def test_dino_closed_forms():
+    """A student that says nothing (equal logits) scores log K whatever the teacher says; a teacher whose centred
+    outputs are equal is uniform, and the loss is the student's mean log-sum-exp minus its mean logit; a sharp
+    teacher that picks the student's own arg-max of one-hot logits scores log(1 + (K-1) e^(-1/tau_s))."""
+    k, b = 6, 2
+    t = rand(2 * b, k, seed=3)
+    assert float(dino_loss(torch.zeros(3 * b, k, dtype=torch.float64), t, torch.zeros(k), 0.1, 0.04, 3)) \
+        == pytest.approx(math.log(k), rel=1e-12)
+    s = rand(3 * b, k, seed=4)
+    flat = torch.ones(2 * b, k, dtype=torch.float64)
+    expect = np.mean([float(torch.logsumexp(s[r] / 0.1, 0) - (s[r] / 0.1).mean())
+                      for a in range(2) for v in range(3) if v != a for r in range(v * b, (v + 1) * b)])
+    assert float(dino_loss(s, flat, torch.zeros(k), 0.1, 0.04, 3)) == pytest.approx(expect, rel=1e-12)
+    one_hot = torch.eye(k, dtype=torch.float64)[[0, 1]].repeat(3, 1)  # instance i: axis i in every view
+    got = dino_loss(one_hot, one_hot[: 2 * b] * 1e3, torch.zeros(k), 0.1, 0.04, 3)
+    assert float(got) == pytest.approx(math.log(1 + (k - 1) * math.exp(-1 / 0.1)), rel=1e-9)
+
+
+def test_dino_teacher_temperature_warms_up_and_the_centre_follows_the_teacher():
+    assert teacher_temperature(0.04, 0.07, 0.3, 0, 100) == pytest.approx(0.04)
+    assert teacher_temperature(0.04, 0.07, 0.3, 15, 100) == pytest.approx(0.055)
+    assert teacher_temperature(0.04, 0.07, 0.3, 30, 100) == pytest.approx(0.07)
+    assert teacher_temperature(0.04, 0.07, 0.3, 99, 100) == pytest.approx(0.07)
+    assert teacher_temperature(0.04, 0.07, 0.0, 0, 100) == pytest.approx(0.07)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 8)).double()
+    obj = build_objective("dino", features=8, backbone=backbone, total_steps=10, center_momentum=0.9,
+                          **SMALL["dino"]).double()
+    x = rand(4 * 4, 12, seed=6)
+    target = target_of(obj, backbone, x)
+    teacher = obj.target.head(target)
+    before = obj.center.clone()
+    obj(backbone(x), None, target=target)
+    assert torch.allclose(obj.center, 0.9 * before + 0.1 * teacher.detach().mean(0), atol=1e-12)
+    obj.eval()  # outside training (an evaluation's loss) the centre stays
+    c = obj.center.clone()
+    obj(backbone(x), None, target=target)
+    assert torch.equal(obj.center, c)
+    assert obj.teacher_temp() == pytest.approx(0.04)
+    for _ in range(3):
+        obj.after_step(backbone)
+    assert int(obj.steps) == 3 and obj.teacher_temp() == pytest.approx(0.07)  # 30% of 10 steps
+
+
+def test_dino_head_last_layer_has_unit_rows_and_its_teacher_sees_the_global_views():
+    from isif.objectives.dino import DINOHead
+
+    head = DINOHead(8, 16, 4, 10).double()
+    h = rand(5, 8)
+    z = torch.nn.functional.normalize(head.mlp(h), dim=1)
+    w = head.last / head.last.norm(dim=1, keepdim=True)
+    assert torch.allclose(head(h), z @ w.T, atol=1e-12)
+    assert float(head(h).abs().max()) <= 1 + 1e-12  # a cosine
+    groups = [rand(2 * 3, 4, seed=1), rand(2 * 3, 2, seed=2)]  # two global views of 3 images, two local ones
+    assert torch.equal(select_views([groups[0]], (0, 1), 2), groups[0])
+    assert torch.equal(select_views(rand(6, 2), (1,), 2), rand(6, 2)[3:])
+    assert Crop(relative=96 / 224).side(32) == 16 and Crop(relative=96 / 224).side(224) == 96
+    assert Crop(relative=96 / 224).side(64) == 24 and Crop(size=12).side(32) == 12 and Crop().side(40) == 40
+    assert Crop(relative=0.1).side(16) == 8  # never below 8
+
+
+def test_multi_crop_views_are_batched_per_size_and_the_step_runs_them_in_one_call():
+    from isif.data.types import ArrayDataset, Splits
+    from isif.training.presets import resolve
+    from isif.training.step import build_parts, make_views, train_step
+
+    from .conftest import use_method
+
+    cfg = use_method(resolve("cifar10-tiny", {"model.width": 0.0625, "train.batch_size": 4,
+                                              "train.precision": "fp32"}), "dino")
+    images = torch.randint(0, 256, (8, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    data = ArrayDataset(images, torch.zeros(8, dtype=torch.long), ["x"])
+    parts = build_parts(cfg, Splits(data, data, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), 8, torch.device("cpu"))
+    assert parts.views == ("global", "global", "local", "local") and parts.view_sides() == [32, 32, 16, 16]
+    assert parts.crops["global"].crop_scale == (0.4, 1.0) and parts.crops["local"].crop_scale == (0.05, 0.4)
+    views = make_views(parts, images[:4], torch.Generator().manual_seed(1))
+    assert [tuple(v.shape) for v in views] == [(8, 3, 32, 32), (8, 3, 16, 16)]
+    again = make_views(parts, images[:4], torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(views, again, strict=True))
+    h = parts.model(views, part="backbone")  # one call: each size group through the backbone, rows in view order
+    assert torch.allclose(h, torch.cat([parts.model(v, part="backbone") for v in views]), atol=1e-6)
+    before = {k: v.clone() for k, v in parts.objective.state_dict().items()}
+    loss = train_step(parts, images[:4], torch.arange(4), torch.Generator().manual_seed(2))
+    assert torch.isfinite(loss) and int(parts.objective.steps) == 1
+    assert not torch.equal(parts.objective.center, before["center"])
+    assert not torch.equal(parts.objective.target.head.last, before["target.head.last"])  # the teacher followed

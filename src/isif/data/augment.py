@@ -209,8 +209,16 @@ def sample_jitter_params(
     return JitterParams(lo + (hi - lo) * u, order)
 
 
-def color_jitter(x: torch.Tensor, params: JitterParams, active: tuple[bool, ...] = (True,) * 4) -> torch.Tensor:
-    """Apply the four jitter operations in each image's own order. ``x`` is float (N, 3, H, W) in [0, 1]."""
+def to_uint8_levels(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in [0, 1] rounded to the nearest of the 256 levels of an 8-bit image (what a PIL image holds after
+    every operation)."""
+    return x.mul(255).round_().clamp_(0, 255).div_(255)
+
+
+def color_jitter(x: torch.Tensor, params: JitterParams, active: tuple[bool, ...] = (True,) * 4,
+                 round_uint8: bool = False) -> torch.Tensor:
+    """Apply the four jitter operations in each image's own order. ``x`` is float (N, 3, H, W) in [0, 1];
+    ``round_uint8``: round to 8-bit levels after each operation."""
     factors = params.factors.to(x.device)
     order = params.order.to(x.device)
     for pos in range(4):
@@ -219,7 +227,8 @@ def color_jitter(x: torch.Tensor, params: JitterParams, active: tuple[bool, ...]
                 continue
             sel = torch.nonzero(order[:, pos] == op).squeeze(1)
             if sel.numel():
-                x[sel] = _JITTER_OPS[op](x[sel], factors[sel, op])
+                y = _JITTER_OPS[op](x[sel], factors[sel, op])
+                x[sel] = to_uint8_levels(y) if round_uint8 else y
     return x
 
 
@@ -251,6 +260,9 @@ class BatchAugment:
             ``None`` or all zero disables it.
         grayscale_p: probability of RandomGrayscale.
         flip: RandomHorizontalFlip with probability 1/2.
+        round_uint8: round to 8-bit levels after the crop, after each jitter operation and after the grey
+            conversion, as the reference code's PIL pipeline holds uint8 images between operations (round to
+            nearest; PIL's own arithmetic truncates in places and shifts hue in 8-bit HSV, not modelled).
 
     Call: ``aug(images_uint8, generator) -> float32 (N, 3, size, size)``.
     """
@@ -266,6 +278,7 @@ class BatchAugment:
         grayscale_p: float = 0.2,
         flip: bool = True,
         crop_mode: str = "resized",
+        round_uint8: bool = False,
     ) -> None:
         if crop_mode not in ("resized", "fixed"):
             raise ValueError(f"crop_mode must be resized or fixed, got {crop_mode!r}")
@@ -278,6 +291,7 @@ class BatchAugment:
         self.jitter = tuple(jitter) if jitter is not None and any(j > 0 for j in jitter) else None
         self.grayscale_p = grayscale_p
         self.flip = flip
+        self.round_uint8 = round_uint8
 
     def sample(self, n: int, height: int, width: int, generator: torch.Generator | None) -> AugmentParams:
         crop = None
@@ -298,13 +312,16 @@ class BatchAugment:
             full = torch.zeros(n, dtype=torch.long)
             crop = CropParams(full, full, full + height, full + width)
         x = resized_crop(x, crop, self.size, params.flip)
+        if self.round_uint8:
+            x = to_uint8_levels(x)
         if params.jitter is not None:
             active = tuple(j > 0 for j in self.jitter)  # type: ignore[union-attr]
-            x = color_jitter(x, params.jitter, active)
+            x = color_jitter(x, params.jitter, active, self.round_uint8)
         gray = params.gray.to(x.device)
         if bool(gray.any()):
             sel = torch.nonzero(gray).squeeze(1)
-            x[sel] = rgb_to_gray(x[sel]).expand(-1, 3, -1, -1)
+            g = rgb_to_gray(x[sel])
+            x[sel] = (to_uint8_levels(g) if self.round_uint8 else g).expand(-1, 3, -1, -1)
         return normalize(x, self.mean, self.std)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -348,6 +365,8 @@ class AugmentConfig:
     flip: bool = setting(True, "random horizontal flip")
     crop_mode: str = setting("resized", "resized (RandomResizedCrop) or fixed (RandomCrop of --size, centre at test)",
                              check=one_of("resized", "fixed"))
+    round_uint8: bool = setting(False, "round the views to 8-bit levels after every operation, as the reference "
+                                "code's PIL pipeline does")
 
     def check(self) -> None:
         if self.crop_scale is not None:
@@ -369,5 +388,6 @@ def build_transforms(cfg: AugmentConfig, size: int | None, splits: Splits) -> tu
         raise UserError(f"--size {size} is larger than the stored {stored}x{stored} images; a fixed crop needs "
                         "a smaller size")
     aug = BatchAugment(size, splits.mean, splits.std, cfg.crop_scale, jitter=cfg.jitter,
-                       grayscale_p=cfg.grayscale_p, flip=cfg.flip, crop_mode=cfg.crop_mode)
+                       grayscale_p=cfg.grayscale_p, flip=cfg.flip, crop_mode=cfg.crop_mode,
+                       round_uint8=cfg.round_uint8)
     return aug, PlainTransform(size, splits.mean, splits.std, center_crop=cfg.crop_mode == "fixed")

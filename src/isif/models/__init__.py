@@ -137,10 +137,14 @@ class EmbeddingNet(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, x: torch.Tensor, part: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | list[torch.Tensor], part: str | None = None) -> torch.Tensor:
         """The embedding (N, dim), every row of unit length; ``part="backbone"``: the raw pooled backbone
-        features (N, features), what a method with its own heads trains on."""
-        h = self.backbone(x)
+        features (N, features), what a method with its own heads trains on. ``x`` may be a list of batches of
+        different sizes (multi-crop): the backbone runs on each, the rows are concatenated in order."""
+        if isinstance(x, (list, tuple)):
+            h = torch.cat([self.backbone(g) for g in x])
+        else:
+            h = self.backbone(x)
         if part == "backbone":
             return h
         if self.embedding == "backbone":

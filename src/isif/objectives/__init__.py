@@ -15,6 +15,7 @@ from .barlow_twins import BarlowTwins, BarlowTwinsSettings
 from .byol import BYOL, BYOLSettings
 from .contract import BuildContext, EpochContext, FromSettings, Method, Objective
 from .deepcluster import DeepCluster, DeepClusterSettings
+from .dino import DINO, DINOSettings
 from .exemplar import Exemplar, ExemplarSettings
 from .instance_discrimination import NCE, MemoryBank, NCESettings, NPSoftmax, NPSoftmaxSettings
 from .isif import InvariantSpreading, IsifSettings
@@ -30,7 +31,7 @@ for _m in (
     Method("random", "no training: the randomly initialised network, evaluated once", NoSettings,
            NoTraining.from_settings, trains=False),
     Method("isif", "Invariant and Spreading Instance Feature: softmax over the batch's own features", IsifSettings,
-           InvariantSpreading.from_settings),
+           InvariantSpreading.from_settings, embedding=lambda s: "backbone" if s.projector == "mlp" else "head"),
     Method("npsoftmax", "Instance Discrimination: non-parametric softmax over a memory bank (tau 0.07)",
            NPSoftmaxSettings, NPSoftmax.from_settings),
     Method("nce", "Instance Discrimination with noise-contrastive estimation, 4096 noise samples (tau 0.07)",
@@ -55,6 +56,8 @@ for _m in (
            BarlowTwinsSettings, BarlowTwins.from_settings, embedding="backbone"),
     Method("vicreg", "VICReg: variance, invariance and covariance terms (25, 25, 1)", VICRegSettings,
            VICReg.from_settings, embedding="backbone"),
+    Method("dino", "DINO: match an EMA teacher's centred, sharpened outputs; 2 global + 6 local views", DINOSettings,
+           DINO.from_settings, embedding="backbone"),
 ):
     register(_m)
 
@@ -79,7 +82,7 @@ class MethodConfig:
                              f"Config.set('method.name', {self.name!r}) or MethodConfig.of({self.name!r})")
 
 
-__all__ = ["BYOL", "NCE", "BarlowTwins", "BuildContext", "DeepCluster", "EpochContext", "Exemplar", "FromSettings",
-           "InvariantSpreading", "MemoryBank", "Method", "MethodConfig", "MoCo", "NPSoftmax", "NoTraining", "Objective",
-           "SimCLR", "SimSiam", "Triplet", "VICReg", "build_objective", "get_method", "method_fields", "methods",
-           "register"]
+__all__ = ["BYOL", "BarlowTwins", "BuildContext", "DINO", "DeepCluster", "EpochContext", "Exemplar",
+           "FromSettings", "InvariantSpreading", "MemoryBank", "Method", "MethodConfig", "MoCo", "NCE", "NPSoftmax",
+           "NoTraining", "Objective", "SimCLR", "SimSiam", "Triplet", "VICReg", "build_objective", "get_method",
+           "method_fields", "methods", "register"]

@@ -61,6 +61,13 @@ Barlow Twins, VICReg) own networks on top of the backbone and say so:
   them as ``objective(h, idx, target=...)``. ``after_step(online_backbone)``
   is called after every optimiser step (the EMA update). The target's
   weights, the queue and the step counter are buffers: checkpoints carry them.
+- views of several sizes (multi-crop, DINO): a view name other than
+  ``"augment"`` and ``"plain"`` is a key of the objective's ``crops``, a
+  ``Crop`` (its side and crop area). The loop augments each kind of view
+  batched, runs the network once per group of consecutive views of one size
+  (inside one call, so DDP sees one forward), and concatenates the features in
+  view order: the objective still sees (V*B, F), view v at rows v*B to
+  (v+1)*B. A view larger than the run's input is refused.
 """
 
 from __future__ import annotations
@@ -123,17 +130,54 @@ class Method:
     settings: type  # a dataclass of ``setting`` fields: defaults, help, checks
     build: Callable[[Any, BuildContext], torch.nn.Module]  # (settings, context) -> objective
     trains: bool = True  # False: no optimisation step; the run evaluates the untrained network once
-    embedding: str = "head"  # what the trained network's embedding is: "head" (128-d) or "backbone" (pooled)
+    embedding: str | Callable[[Any], str] = "head"  # what the trained network's embedding is: "head" (128-d) or
+    # "backbone" (pooled); or a function of the settings (ISIF's --projector mlp embeds with the backbone)
+
+    def embedding_of(self, settings: Any = None) -> str:
+        """The declared embedding of a run with ``settings`` (default: the method's defaults)."""
+        if callable(self.embedding):
+            return self.embedding(settings if settings is not None else self.settings())
+        return self.embedding
 
 
-def select_views(x: torch.Tensor, which: tuple[int, ...], n_views: int) -> torch.Tensor:
-    """The rows of views ``which`` of ``x`` (n_views * b rows, view v at rows v*b to (v+1)*b), in that order: what a
-    momentum target sees of a batch (``target_views``)."""
-    b = x.shape[0] // n_views
-    return torch.cat([x[v * b:(v + 1) * b] for v in which])
+@dataclass(frozen=True)
+class Crop:
+    """A kind of view of its own size (multi-crop): RandomResizedCrop of ``scale`` of the image's area to a side of
+    ``size`` pixels, or, with ``size`` None, ``relative`` times the run's side rounded to a multiple of 8 (at least
+    8); both None: the run's side. The rest of the augmentation (jitter, grey, flip) is the run's."""
+
+    size: int | None = None
+    relative: float | None = None
+    scale: tuple[float, float] = (0.2, 1.0)
+    flag: str = ""  # the setting that sets its size, for the refusal of a view larger than the input
+
+    def side(self, run_side: int) -> int:
+        if self.size is not None:
+            return int(self.size)
+        if self.relative is not None:
+            return max(8, int(round(run_side * self.relative / 8)) * 8)
+        return run_side
 
 
-def target_of(objective, online_backbone, x: torch.Tensor) -> torch.Tensor:
+Views = torch.Tensor | list[torch.Tensor]  # one tensor of V*b views of one size, or one per group of one size
+
+
+def view_rows(x: Views) -> int:
+    """The number of images in a batch of views (of one size or of several)."""
+    return x.shape[0] if isinstance(x, torch.Tensor) else sum(g.shape[0] for g in x)
+
+
+def select_views(x: Views, which: tuple[int, ...], n_views: int) -> torch.Tensor:
+    """The rows of views ``which`` of ``x`` (n_views * b rows, view v at rows v*b to (v+1)*b, possibly split into
+    groups of one size), in that order: what a momentum target sees of a batch (``target_views``); the chosen views
+    must be of one size."""
+    groups = [x] if isinstance(x, torch.Tensor) else list(x)
+    b = view_rows(x) // n_views
+    per_view = [v for g in groups for v in g.split(b)]
+    return torch.cat([per_view[v] for v in which])
+
+
+def target_of(objective, online_backbone, x: Views) -> torch.Tensor:
     """A momentum target's features of its ``target_views`` of the views ``x`` (no gradient): one process's share,
     before the loop gathers it."""
     return objective.target_features(online_backbone, select_views(x, objective.target_views, len(objective.views)))

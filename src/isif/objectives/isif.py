@@ -11,13 +11,16 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..base.settings import FRACTION, POSITIVE, at_least, one_of, setting
 from .contract import BuildContext, FromSettings, checked
+from .heads import mlp
 
 VARIANTS = ("official", "paper")
 NEGATIVES = ("all", "hard", "easy")
+PROJECTORS = ("none", "mlp")
 _LN2 = math.log(2.0)
 
 
@@ -59,6 +62,9 @@ class IsifSettings:
     neg_weight: float = setting(1.0, "the reference code's negM: a factor >= 1 on the negatives", check=at_least(1))
     negatives: str = setting("all", "all, or Table 8's hard / easy half of them", check=one_of(*NEGATIVES))
     neg_fraction: float = setting(0.5, "share of negatives kept by --negatives hard / easy", check=FRACTION)
+    projector: str = setting("none", "none (the paper: the loss on the network's 128-d head) or mlp (SimCLR's "
+                             "2-layer projector on the backbone features instead, the embedding then the backbone's)",
+                             check=one_of(*PROJECTORS))
 
     def check(self) -> None:
         if self.negatives != "all" and self.variant != "official":
@@ -106,11 +112,18 @@ class InvariantSpreading(FromSettings, nn.Module):
     """
 
     def __init__(self, temperature: float = 0.1, variant: str = "official", neg_weight: float = 1.0,
-                 negatives: str = "all", neg_fraction: float = 0.5) -> None:
-        self._setup(checked(IsifSettings(temperature, variant, neg_weight, negatives, neg_fraction)))
+                 negatives: str = "all", neg_fraction: float = 0.5, projector: str = "none", features: int = 0,
+                 dim: int = 128) -> None:
+        self._setup(checked(IsifSettings(temperature, variant, neg_weight, negatives, neg_fraction, projector)),
+                    BuildContext(1, dim=dim, features=features))
 
     def _setup(self, s: IsifSettings, ctx: BuildContext | None = None) -> None:
         nn.Module.__init__(self)
+        if s.projector == "mlp":  # SimCLR's head, trained with this loss: the objective owns it, on the backbone
+            if ctx is None or ctx.features <= 0:
+                raise ValueError("--projector mlp needs the backbone's feature width")
+            self.input, self.embedding = "backbone", "backbone"
+            self.projector = mlp([ctx.features, ctx.features, ctx.dim])
         # below 1, neg_weight lets a negative's probability e_j / (negM * sum_neg + e_pos) exceed 1: log(1-p) NaN
         self.temperature = float(s.temperature)
         self.variant = s.variant
@@ -130,7 +143,14 @@ class InvariantSpreading(FromSettings, nn.Module):
         return (f"temperature={self.temperature}, variant={self.variant!r}, neg_weight={self.neg_weight}, "
                 f"negatives={self.negatives!r}")
 
+    def networks(self, h: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``--projector mlp``: the projector, the one network the method runs on the features (the bench)."""
+        return self.projector(h)
+
     def forward(self, z: torch.Tensor, instance_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """z: the embeddings (2B, D); with ``--projector mlp`` the backbone features (2B, F), projected here."""
+        if hasattr(self, "projector"):
+            z = F.normalize(self.projector(z), dim=1)
         b = _check_batch(z)
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         if self.variant == "official":

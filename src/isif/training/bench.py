@@ -31,6 +31,7 @@ from ..base.device import sync as _sync
 from ..base.dist import gather_views
 from ..data.types import ArrayDataset, Splits
 from ..evaluate import extract_features, knn_predict
+from ..objectives.contract import view_rows
 from .config import Config
 from .step import build_parts, forward_backward, kernel_choice, make_views, train_step
 
@@ -84,12 +85,12 @@ def _time_pieces(parts, images: torch.Tensor, g: torch.Generator, steps: int, wa
         return images[idx], idx
 
     x0, idx0 = batch()
-    ready = make_views(parts, x0, aug_gen)  # (2B, 3, S, S), the step's layout and dtype
+    ready = make_views(parts, x0, aug_gen)  # (2B, 3, S, S) (a list of them for multi-crop), the step's layout
     if getattr(parts.objective, "input", "embedding") == "backbone":
         limit, objective = _own_heads_pieces(parts, ready, idx0)
     else:
         grad_ready = _objective_grad(parts, ready, idx0)  # (2B, D): where the step's backward starts
-        z_ready = torch.nn.functional.normalize(torch.randn(ready.shape[0], parts.cfg.model.dim, device=device),
+        z_ready = torch.nn.functional.normalize(torch.randn(view_rows(ready), parts.cfg.model.dim, device=device),
                                                 dim=1)
 
         def objective() -> None:
@@ -112,7 +113,7 @@ def _time_pieces(parts, images: torch.Tensor, g: torch.Generator, steps: int, wa
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {**{k: statistics.median(v) for k, v in times.items()}, "images": ready.shape[0]}
+    return {**{k: statistics.median(v) for k, v in times.items()}, "images": view_rows(ready)}
 
 
 def _eval_figures(parts, images: torch.Tensor, eval_query: int, eval_bank: int) -> tuple[float, float]:

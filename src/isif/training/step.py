@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from ..data.types import Splits
 from ..evaluate.protocol import Extractor
 from ..models import build_model, input_recipe
 from ..objectives import build_objective
-from ..objectives.contract import target_of
+from ..objectives.contract import Views, target_of
 from .config import Config
 from .optim import build_optimizer
 
@@ -49,6 +51,11 @@ class Parts:
     input_spec: InputSpec  # how the network sees an image: stored in the checkpoint, read by isif eval and embed
     world: World = SINGLE
     probe: BatchAugment | None = None  # the label-free metrics' views: the default augmentation, for every run
+    crops: dict[str, BatchAugment] = dataclasses.field(default_factory=dict)  # multi-crop: a view kind's own size
+
+    def view_sides(self) -> list[int]:
+        """The side of each of the method's views, in order."""
+        return [self.crops[v].size if v in self.crops else self.plain.size for v in self.views]
 
     def probe_views(self) -> BatchAugment:
         """The augmentation of the held-out views: the default one at the run's size, whatever the run trains
@@ -81,11 +88,11 @@ def network_embedding(cfg: Config) -> str:
     it: a UserError naming the fix."""
     from ..objectives import get_method
 
-    declared = get_method(cfg.method.name).embedding
+    declared = get_method(cfg.method.name).embedding_of(cfg.method.settings)
     asked = cfg.eval.features
     if asked == "embedding" and declared == "backbone":
-        raise UserError(f"--eval-features embedding: {cfg.method.name} trains no 128-d head (its heads are its own "
-                        "and end in its loss); use --eval-features backbone, its default")
+        raise UserError(f"--eval-features embedding: {cfg.method.name} trains no 128-d head here (its heads are its "
+                        "own and end in its loss); use --eval-features backbone, its default")
     return declared if asked is None else ("head" if asked == "embedding" else "backbone")
 
 
@@ -140,8 +147,30 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
     if t.compile:
         net = torch.compile(net)
     aug_gen = torch.Generator().manual_seed(t.seed + 2)
+    crops = crop_augments(cfg.method.name, objective, augment)
     return Parts(cfg, device, model, net, objective, opt, scaler, augment, plain, tuple(objective.views), aug_gen,
-                 spec, world)
+                 spec, world, crops=crops)
+
+
+def crop_augments(method: str, objective: nn.Module, augment: BatchAugment) -> dict[str, BatchAugment]:
+    """The augmentation of each of the objective's own kinds of view (``crops``: multi-crop), the run's own but for
+    its side and crop area; a view larger than the input, or a view name the objective does not define, is a
+    UserError."""
+    crops = {k: c for k, c in getattr(objective, "crops", {}).items() if k in objective.views}
+    out = {}
+    for name, crop in crops.items():
+        side = crop.side(augment.size)
+        if side > augment.size:
+            raise UserError(f"method {method}: its {name} views would be {side} px, larger than the {augment.size} px "
+                            f"input; choose {crop.flag or 'a view size'} {augment.size} or less, or a larger --size")
+        aug = copy.copy(augment)
+        aug.size, aug.crop_scale, aug.crop_mode = side, crop.scale, "resized"
+        out[name] = aug
+    unknown = sorted(set(objective.views) - set(crops) - {"augment", "plain"})
+    if unknown:
+        raise UserError(f"method {method}: view kind {', '.join(unknown)} is neither augment, plain nor one of its "
+                        "crops")
+    return out
 
 
 @contextlib.contextmanager
@@ -179,8 +208,10 @@ def _not_deterministic(message: str) -> str:
     return f"--deterministic: {op} has no deterministic kernel on this device; drop --deterministic to run it"
 
 
-def make_views(parts: Parts, x: torch.Tensor, gen: torch.Generator, second: torch.Tensor | None = None) -> torch.Tensor:
-    """(b, 3, H, W) uint8 -> (V*b, 3, S, S) float: view v of local instance i at row v*b + i.
+def make_views(parts: Parts, x: torch.Tensor, gen: torch.Generator, second: torch.Tensor | None = None) -> Views:
+    """(b, 3, H, W) uint8 -> (V*b, 3, S, S) float: view v of local instance i at row v*b + i; for a method with
+    views of several sizes (``Parts.crops``), a list with one such tensor per group of consecutive views of one
+    size.
 
     Augmentation parameters are drawn for the whole global batch (W*b images
     per view, the same draws on every process) and each process applies its
@@ -194,12 +225,23 @@ def make_views(parts: Parts, x: torch.Tensor, gen: torch.Generator, second: torc
     out = []
     for i, v in enumerate(parts.views):
         src = second if (i == 1 and second is not None) else x
-        if v == "augment":
-            params = parts.augment.sample(b * w.size, src.shape[2], src.shape[3], gen)
-            out.append(parts.augment.apply(src, params.select(share) if w.active else params))
-        else:
+        if v == "plain":
             out.append(parts.plain(src))
-    inp = torch.cat(out)
+            continue
+        aug = parts.augment if v == "augment" else parts.crops[v]
+        params = aug.sample(b * w.size, src.shape[2], src.shape[3], gen)
+        out.append(aug.apply(src, params.select(share) if w.active else params))
+    groups: list[list[torch.Tensor]] = []
+    for view in out:  # consecutive views of one size go through the network together
+        if groups and groups[-1][0].shape[-1] == view.shape[-1]:
+            groups[-1].append(view)
+        else:
+            groups.append([view])
+    inps = [_layout(parts, torch.cat(g)) for g in groups]
+    return inps[0] if len(inps) == 1 else inps
+
+
+def _layout(parts: Parts, inp: torch.Tensor) -> torch.Tensor:
     if parts.cfg.train.precision == "fp64":
         inp = inp.to(torch.float64)
     if parts.cfg.train.channels_last:
@@ -207,7 +249,7 @@ def make_views(parts: Parts, x: torch.Tensor, gen: torch.Generator, second: torc
     return inp
 
 
-def forward_backward(parts: Parts, inp: torch.Tensor, idx: torch.Tensor,
+def forward_backward(parts: Parts, inp: Views, idx: torch.Tensor,
                      grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward the views, gather, and backpropagate: from the objective's loss, or (``grad`` given, for the
     benchmark's limit) from that fixed gradient of the embeddings, skipping the objective. Returns (loss or a
@@ -263,19 +305,27 @@ def estimate_step_seconds(parts: Parts, images, batch_size: int, repeats: int = 
     from ..data.types import LazyImages
 
     w, dev, t = parts.world, parts.device, parts.cfg.train
-    b, size = max(1, batch_size // w.size), parts.plain.size
+    b = max(1, batch_size // w.size)
     model = copy.deepcopy(parts.model).train()
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(len(parts.views) * b, 3, size, size, generator=g).to(dev, param_dtype(t.precision))
+    x: list[torch.Tensor] = []
+    for side in parts.view_sides():  # one tensor per group of consecutive views of one size, as make_views gives
+        v = torch.rand(b, 3, side, side, generator=g).to(dev, param_dtype(t.precision))
+        if x and x[-1].shape[-1] == side:
+            x[-1] = torch.cat([x[-1], v])
+        else:
+            x.append(v)
+    if not x:  # no views: nothing trains
+        return 0.0
     if t.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = [v.contiguous(memory_format=torch.channels_last) for v in x]
     start = 0.0
     for i in range(repeats + 1):
         if i == 1:
             sync(dev)
             start = time.perf_counter()
         with autocast(dev, t.precision):
-            z = model(x)
+            z = model(x if len(x) > 1 else x[0])
         z.float().square().sum().backward()
     sync(dev)
     compute = (time.perf_counter() - start) / repeats
