@@ -4,8 +4,8 @@
 # view top-1 of its held-out images; the labelled zip as --eval-data gives each run's kNN, and race.md ends
 # with Spearman's rho between the two rankings.
 #
-#   bash benchmarks/race_label_free.sh [SHARED_DATASETS] [OUT] [IMAGES] [EPOCHS]   (10,000 images, 2 epochs:
-#                                                                                  about 35 min on 2 CPU cores)
+#   bash benchmarks/race_label_free.sh [SHARED_DATASETS] [OUT] [IMAGES] [EPOCHS]   (default 10,000 images,
+#                                                                                  2 epochs; not yet timed)
 set -euo pipefail
 DATA=${1:-../shared/datasets}
 OUT=${2:-/tmp/isif-race-label-free}

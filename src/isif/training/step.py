@@ -231,14 +231,19 @@ def make_views(parts: Parts, x: torch.Tensor, gen: torch.Generator, second: torc
         aug = parts.augment if v == "augment" else parts.crops[v]
         params = aug.sample(b * w.size, src.shape[2], src.shape[3], gen)
         out.append(aug.apply(src, params.select(share) if w.active else params))
+    inps = [_layout(parts, g) for g in size_groups(out)]
+    return inps[0] if len(inps) == 1 else inps
+
+
+def size_groups(views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of one size concatenated: each group goes through the network as one batch."""
     groups: list[list[torch.Tensor]] = []
-    for view in out:  # consecutive views of one size go through the network together
+    for view in views:
         if groups and groups[-1][0].shape[-1] == view.shape[-1]:
             groups[-1].append(view)
         else:
             groups.append([view])
-    inps = [_layout(parts, torch.cat(g)) for g in groups]
-    return inps[0] if len(inps) == 1 else inps
+    return [torch.cat(g) for g in groups]
 
 
 def _layout(parts: Parts, inp: torch.Tensor) -> torch.Tensor:
@@ -308,13 +313,8 @@ def estimate_step_seconds(parts: Parts, images, batch_size: int, repeats: int = 
     b = max(1, batch_size // w.size)
     model = copy.deepcopy(parts.model).train()
     g = torch.Generator().manual_seed(0)
-    x: list[torch.Tensor] = []
-    for side in parts.view_sides():  # one tensor per group of consecutive views of one size, as make_views gives
-        v = torch.rand(b, 3, side, side, generator=g).to(dev, param_dtype(t.precision))
-        if x and x[-1].shape[-1] == side:
-            x[-1] = torch.cat([x[-1], v])
-        else:
-            x.append(v)
+    x = size_groups([torch.rand(b, 3, side, side, generator=g).to(dev, param_dtype(t.precision))
+                     for side in parts.view_sides()])  # one tensor per size group, as make_views gives
     if not x:  # no views: nothing trains
         return 0.0
     if t.channels_last:
