@@ -55,6 +55,8 @@ def make_synthetic(out: Path, n: int, like: Path, kind: str, seed: int) -> None:
     np.save(out / "features.npy", mixture(n, meta["dim"], 10_000, seed))
     (out / "paths.txt").write_text("".join(f"synthetic/{i:07d}.jpg\n" for i in range(n)))
     meta.update(images=n, shards=0)
+    for key in ("segments", "features_id"):  # the features are features.npy alone, as a folder of before reads
+        meta.pop(key, None)
     (out / "index.json").write_text(json.dumps(meta, indent=2))
     print(f"made {n} synthetic features in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()

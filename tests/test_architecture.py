@@ -214,5 +214,5 @@ def test_one_list_of_commands_and_the_docstring_does_not_repeat_it():
 
     names = [c.name for c in COMMANDS]
     parser_names = next(a for a in build_parser()._actions if a.dest == "command").choices
-    assert list(parser_names) == names and len(set(names)) == len(names) == 15
+    assert list(parser_names) == names and len(set(names)) == len(names) == 16
     assert "COMMANDS" in isif.cli.__doc__

@@ -53,7 +53,9 @@ def test_reads_what_embed_wrote_in_the_layout_of_before(embedded, tmp_path):
     ed = load_embed_dir(out, sha256_file(ckpt), dim)
     z = np.load(out / "features.npy")
     assert z.dtype == np.float32 and np.array_equal(ed.features, unit_rows(z))
-    assert load_embed_dir(out, unit=False).features.tobytes() == z.tobytes()
+    assert np.asarray(load_embed_dir(out, unit=False).features).tobytes() == z.tobytes()
+    assert ed.features[3:7].tobytes() == unit_rows(z[3:7]).tobytes() and np.array_equal(ed.features[[5, 0]],
+                                                                                      unit_rows(z[[5, 0]]))
     assert ed.paths == (out / "paths.txt").read_text().splitlines() and ed.root == (tree / "test").resolve()
     assert ed.checkpoint == str(ckpt.resolve()) and ed.checkpoint_sha256 == sha256_file(ckpt)
     from isif.training.config import Config
@@ -62,9 +64,11 @@ def test_reads_what_embed_wrote_in_the_layout_of_before(embedded, tmp_path):
     assert ed.labels == [p.split("/")[0] for p in ed.paths] and set(ed.labels) == {"class0", "class1", "class2"}
     # the files keep the layout of the code before: the same keys in the same order, the spec written back as read
     meta = json.loads((out / "index.json").read_text())
-    old = json.loads(old_folder(tmp_path, "builtin").joinpath("index.json").read_text())
-    # (plus, at the end, the near-duplicate calibration that embed measures since then)
-    assert list(meta) == [*old, "calibration"] and list(meta["input"]) == list(old["input"])
+    before = old_folder(tmp_path, "builtin")
+    old = json.loads(before.joinpath("index.json").read_text())
+    # (plus the segments of the shards and their id, and the near-duplicate calibration that embed measures since)
+    assert list(meta) == [*old, "segments", "features_id", "calibration"] and list(meta["input"]) == list(old["input"])
+    assert load_embed_dir(before).segments == []  # a folder of before: features.npy
     assert json.dumps(ed.input_spec.to_dict(), indent=2) == json.dumps(meta["input"], indent=2)
 
 
@@ -92,8 +96,11 @@ def test_refuses_each_mismatch_in_one_line(embedded, tmp_path):
         "no paths.txt": lambda d: (d / "paths.txt").unlink(),
         "holds 12 rows for 11 paths": lambda d: (d / "paths.txt").write_text(
             "".join(line + "\n" for line in (d / "paths.txt").read_text().splitlines()[1:])),
-        "non-empty (N, D) array of finite floats": lambda d: np.save(
-            d / "features.npy", np.full((12, dim), np.nan, np.float32)),
+        "non-empty (N, D) array of finite floats": lambda d: [np.save(f, np.full((12, dim), np.nan, np.float32))
+                                                              for f in (d / "shards").glob("*.npy")],
+        "holding rows of the collection is missing": lambda d: [f.unlink() for f in (d / "shards").glob("*.npy")],
+        "outside the shard's": lambda d: [np.save(f, np.zeros((3, dim), np.float32))
+                                           for f in (d / "shards").glob("*.npy")],
         "no image root": lambda d: (d / "index.json").write_text(json.dumps({"images": 12})),
         "unreadable embed output": lambda d: (d / "index.json").write_text("{not json"),
     }

@@ -199,7 +199,7 @@ def test_bad_input_is_refused_in_one_line(emb, images, tmp_path, capsys):
     one_line_error(capsys, "nowhere: no such folder", first)
     (tmp_path / "empty").mkdir()
     assert main(["duplicates", str(tmp_path / "empty")]) == 2
-    one_line_error(capsys, "features.npy", first)
+    one_line_error(capsys, "paths.txt", first)
     for argv, phrases in ((["cluster", str(emb), "--k", "25"], ("--k 25", "(24)")),
                           (["cluster", str(emb), "--k", "0"], ("--k 0",)),
                           (["map", str(emb), "--out", str(images / "cls0" / "map.png")], ("inside the image folder",)),

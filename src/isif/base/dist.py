@@ -35,11 +35,31 @@ class World:
         return self.size > 1
 
 
+SHARED_STORE_FIX = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+
+
+def check_restartable() -> None:
+    """Refuse, before joining any group, a torchrun that would hang on its first restart: several nodes, restarts
+    allowed, and the rendezvous store shared with the workers (torch's default). The workers of a restarted group
+    look up each other under a prefix of their own node's restart count, and a node whose workers were restarted
+    because another node's failed does not count it (pytorch issues 108158 and 135712), so the group waits for
+    peers under different names until the 30-minute timeout. With the store not shared, every round gets a fresh
+    store and port."""
+    env = os.environ
+    nodes, restarts = int(env.get("GROUP_WORLD_SIZE", "1") or 1), int(env.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if nodes > 1 and restarts > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        raise UserError(f"torchrun across {nodes} nodes with --max-restarts {restarts} needs {SHARED_STORE_FIX} in "
+                        "torchrun's environment on every node (else a restarted group hangs: the nodes count restarts "
+                        f"differently); run `{SHARED_STORE_FIX} torchrun ...`")
+
+
 def setup(device_name: str) -> World:
     """Join the process group that torchrun describes (nccl on CUDA, gloo on CPU); a no-op otherwise."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return World()
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        check_restartable()
     if world.size == 1:
         return world
     if not dist.is_initialized():
@@ -98,6 +118,23 @@ def any_flag(flag: bool, world: World, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t)
     return bool(t.item() > 0)
+
+
+def gather_objects(obj, world: World) -> list:
+    """Every process's ``obj`` (picklable), in rank order, on every process."""
+    if not world.active:
+        return [obj]
+    out: list = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree(world: World, error: str | None) -> None:
+    """Raise ``UserError`` on every process when any has an ``error`` (the lowest rank's), else return on all:
+    a refusal on one process never leaves the others waiting in a collective."""
+    errors = [e for e in gather_objects(error, world) if e]
+    if errors:
+        raise UserError(errors[0])
 
 
 def barrier(world: World) -> None:

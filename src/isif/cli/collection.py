@@ -1,5 +1,5 @@
-"""``isif embed``, ``index``, ``search``, ``cluster``, ``duplicates``, ``map`` and ``export``: thin commands over
-``isif.collection``; the printing of their results."""
+"""``isif embed``, ``index``, ``search``, ``cluster``, ``duplicates``, ``map``, ``export`` and
+``export-embeddings``: thin commands over ``isif.collection``; the printing of their results."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ..collection.options import (
     ClusterOptions,
     DuplicatesOptions,
     EmbedOptions,
+    ExportEmbeddingsOptions,
     ExportOptions,
     IndexOptions,
     MapOptions,
@@ -28,8 +29,13 @@ def run_embed(o: EmbedOptions) -> int:
     res = embed_folder(o.checkpoint, o.folder, out, o.batch_size, o.device, o.strict, workers, o.shard_size,
                        o.overwrite, progress=not o.quiet)
     if res["images"]:
-        print(f"embedded {res['images']} images ({res['dim']}-d) into {res['out']}/features.npy and paths.txt; "
+        print(f"embedded {res['images']} images ({res['dim']}-d) into {res['out']} (paths.txt, shards/); "
               f"{res['new']} new or changed" + (f", skipped {res['skipped']} unreadable" if res["skipped"] else ""))
+    ix = res.get("index")
+    if ix:
+        how = (f"extended with {ix['extended']:,} new rows" if "extended" in ix else
+               "rebuilt (files were removed or changed)")
+        print(f"the {ix['kind']} index {how}: {ix['images']:,} embeddings, {index_recall(ix)}")
     cal = res.get("calibration")
     if cal:
         print(f"near-duplicate threshold: cosine {cal['threshold']:g}, measured on {cal['sample']} images and a copy "
@@ -47,11 +53,19 @@ def found_by_edit(cal: dict) -> str:
 def run_index(o: IndexOptions) -> int:
     from ..collection.index import index_embed_dir
 
-    meta = index_embed_dir(o.embed_dir, o.kind, o.seed, o.recall_queries, **o.params())
+    meta = index_embed_dir(o.embed_dir, o.kind, o.seed, o.recall_queries, o.rerank, **o.params())
     print(f"{meta['kind']} index of {meta['images']:,} embeddings {json.dumps(meta['params'])}: built in "
-          f"{meta['build_s']:.1f} s, Recall@10 {meta['recall@10']:.4f} against exact search on "
-          f"{meta['recall_queries']} queries -> {o.embed_dir}/index.faiss")
+          f"{meta['build_s']:.1f} s, {meta['bytes_per_vector']:g} bytes a vector, {index_recall(meta)} against "
+          f"exact search on {meta['recall_queries']} queries -> {o.embed_dir}/index.faiss")
     return 0
+
+
+def index_recall(meta: dict) -> str:
+    """"Recall@10 0.7712, 0.9981 re-ranking the 100 best on the float features": an index's measured recall."""
+    out = f"Recall@10 {meta['recall@10']:.4f}"
+    if meta.get("rerank"):
+        out += f", {meta['recall@10_reranked']:.4f} re-ranking the {meta['rerank']} best on the float features"
+    return out
 
 
 def run_search(o: SearchOptions) -> int:
@@ -123,7 +137,15 @@ def run_export(o: ExportOptions) -> int:
     return 0
 
 
-EMBED = Command("embed", "embed a folder of images: features.npy and paths.txt (sharded, resumable, incremental)",
+def run_export_embeddings(o: ExportEmbeddingsOptions) -> int:
+    from ..collection.table import export_embeddings
+
+    res = export_embeddings(o.embed_dir, o.out)
+    print(f"wrote {res['images']:,} embeddings ({res['dim']}-d) to {res['out']}: columns {', '.join(res['columns'])}")
+    return 0
+
+
+EMBED = Command("embed", "embed a folder of images: paths.txt and memory-mapped shards (resumable, incremental)",
                 run_embed, EmbedOptions)
 INDEX = Command("index", "a faiss index beside an embed folder, with its Recall@10 against exact search", run_index,
                 IndexOptions)
@@ -138,3 +160,6 @@ MAP = Command("map", "a map of an embed folder: thumbnails on a grid placed by U
               MapOptions)
 EXPORT = Command("export", "export the embedding network to TorchScript or ONNX, or its weights to safetensors, "
                            "checked to 1e-5", run_export, ExportOptions)
+EXPORT_EMBEDDINGS = Command("export-embeddings", "an embed folder as Parquet (path, embedding, cluster, duplicate "
+                                                 "group) for DuckDB, pandas, LanceDB", run_export_embeddings,
+                             ExportEmbeddingsOptions)

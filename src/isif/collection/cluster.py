@@ -19,7 +19,7 @@ import numpy as np
 from ..base.errors import UserError
 from ..data.decode import report_skipped
 from .embed_dir import EmbedDir, load_embed_dir, output_dir, require_images
-from .render import rows_image, thumbnails, write_bytes, write_csv, write_png
+from .render import read_csv, rows_image, thumbnails, write_bytes, write_csv, write_png
 
 
 @dataclass
@@ -68,7 +68,7 @@ def cluster_folder(embed_dir: str, k: int, seed: int = 0, out: str | None = None
         raise UserError("--per-sheet must be >= 1 and --tile >= 16 pixels")
     require_images(ed)
     dest = output_dir(ed, out)
-    c = cluster_features(ed.features, k, seed)
+    c = cluster_features(np.asarray(ed.features), k, seed)  # k-means holds the collection in memory
     order = cluster_order(c)
     write_csv(dest / "clusters.csv", ("path", "cluster", "distance_to_centre"),
               ((ed.paths[i], int(c.labels[i]), f"{c.distances[i]:.6f}") for i in order))
@@ -122,7 +122,6 @@ def read_clusters(ed: EmbedDir, shown: str) -> ClusterTable | None:
     """The embed folder's clusters.csv (``isif cluster``) for exactly the images of its paths.txt, or None when there
     is none; None and one warning line naming the fix (``shown``: what goes without them) when it is unreadable or
     made for other images (before the last ``isif embed``)."""
-    import csv
     import sys
 
     path = ed.folder / "clusters.csv"
@@ -130,11 +129,8 @@ def read_clusters(ed: EmbedDir, shown: str) -> ClusterTable | None:
         return None
     fix = f"{shown} (re-run `isif cluster {ed.folder} --k K`)"
     where = {p: i for i, p in enumerate(ed.paths)}
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            rows = [(r["path"], int(r["cluster"]), float(r["distance_to_centre"])) for r in csv.DictReader(fh)]
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, csv.Error) as e:
-        print(f"isif: warning: {path} is unreadable ({str(e)[:60]}); {fix}", file=sys.stderr)
+    rows = read_csv(path, lambda r: (r["path"], int(r["cluster"]), float(r["distance_to_centre"])), fix)
+    if rows is None:
         return None
     named = {p for p, _, _ in rows}
     if len(rows) != len(ed.paths) or named != set(where) or any(c < 0 for _, c, _ in rows):

@@ -23,7 +23,7 @@ from ..base.errors import UserError
 from ..base.files import atomic_write_bytes
 from ..data.decode import report_skipped
 from .embed_dir import load_embed_dir, output_dir, require_images
-from .render import rows_image, thumbnails, write_csv, write_png
+from .render import read_csv, rows_image, thumbnails, write_csv, write_png
 
 
 def similar_pairs(z: np.ndarray, threshold: float,
@@ -175,7 +175,7 @@ def duplicates_folder(embed_dir: str, threshold: float | None = None, out: str |
         source = "calibrated"
     require_images(ed)
     dest = output_dir(ed, out)
-    z = ed.features
+    z = np.asarray(ed.features)  # every pair is compared: the collection in memory
     groups = duplicate_groups(z, threshold, block)
     sims = [z[g] @ z[g[0]] for g in groups]
     write_csv(dest / "duplicates.csv", ("group", "path", "similarity"),
@@ -194,7 +194,8 @@ def duplicates_folder(embed_dir: str, threshold: float | None = None, out: str |
     write_png(dest / "duplicates.png", rows_image(title, rows, tile))
     report_skipped(bad, "duplicates.png")
     warnings = group_warnings(groups, len(ed.paths), threshold, cal, source)
-    res = {"threshold": threshold, "source": source, "groups": len(groups),
+    res = {"threshold": threshold, "source": source, "groups": len(groups), "collection": len(ed.paths),
+           "features_of": ed.checkpoint_sha256,
            "images": int(sum(len(g) for g in groups)), "largest": int(len(groups[0])) if groups else 0,
            "warnings": warnings, "calibration": cal, "out": str(dest)}
     atomic_write_bytes(dest / "duplicates.json", lambda fh: fh.write(json.dumps(
@@ -222,3 +223,35 @@ def group_warnings(groups: list[np.ndarray], n: int, threshold: float, cal: dict
                    f"the images have a second-nearest image that close): expect look-alikes in the groups; the "
                    f"calibrated threshold is {cal['threshold']:g}")
     return out
+
+
+def read_duplicates(ed, shown: str) -> np.ndarray | None:
+    """duplicates.csv read back (``isif duplicates``): the group of paths.txt's row i, -1 outside every group; None
+    when there is none; None and one warning line naming the fix (``shown``: what goes without it) when it is
+    unreadable or was made for another collection (before the last ``isif embed``, or by another checkpoint)."""
+    import sys
+
+    path = ed.folder / "duplicates.csv"
+    if not path.is_file():
+        return None
+    fix = f"{shown} (re-run `isif duplicates {ed.folder}`)"
+    where = {p: i for i, p in enumerate(ed.paths)}
+    rows = read_csv(path, lambda r: (r["path"], int(r["group"])), fix)
+    if rows is None:
+        return None
+    try:
+        meta = json.loads((path.parent / "duplicates.json").read_text())
+    except (OSError, ValueError) as e:
+        print(f"isif: warning: {path.parent / 'duplicates.json'} is unreadable ({str(e)[:60]}); {fix}", file=sys.stderr)
+        return None
+    paths = [p for p, _ in rows]
+    if (not isinstance(meta, dict) or meta.get("collection") != len(ed.paths)
+            or meta.get("features_of") != ed.checkpoint_sha256 or len(set(paths)) != len(paths)
+            or any(p not in where for p in paths) or any(g < 0 for _, g in rows)):
+        print(f"isif: warning: {path} was made before the last `isif embed` (not for the images of {ed.folder}); "
+              f"{fix}", file=sys.stderr)
+        return None
+    of = np.full(len(ed.paths), -1, dtype=np.int64)
+    for p, g in rows:
+        of[where[p]] = g
+    return of

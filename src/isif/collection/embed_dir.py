@@ -1,11 +1,21 @@
 """The embed folder that ``isif embed`` writes, and its one owner: written, read, checked, labelled.
 
-    EMBED_DIR/features.npy   (N, D) float32, row i the embedding of paths.txt's line i
+    EMBED_DIR/shards/        NAME.npy features + NAME.json their files, the unit of resuming (``EmbedWriter``)
     EMBED_DIR/paths.txt      one image path a line, relative to the image root
     EMBED_DIR/index.json     root (the image folder), checkpoint, checkpoint_sha256, images, dim, shards,
+                             segments (which shard rows make the collection, in paths.txt's order), features_id,
                              input (the network's input spec, ``InputSpec.to_dict()``) and calibration (the
                              near-duplicate threshold measured on the collection, ``calibration.py``)
-    EMBED_DIR/shards/        NAME.npy features + NAME.json their files, the unit of resuming (``EmbedWriter``)
+    EMBED_DIR/features.npy   (N, D) float32, row i the embedding of paths.txt's line i: a copy of the segments for
+                             other tools, written only up to ``FEATURES_NPY_MAX`` images; isif reads the shards
+
+The features are the shards themselves, memory-mapped (``rows.Rows``): ``segments`` lists [shard, first row, end
+row) ranges whose concatenation is the collection, so no consolidated copy is needed and 100M embeddings never
+sit in memory. Row ids are stable: a rerun that adds files appends them (in their sorted order) after the rows
+kept, so an index over the old rows can be extended (``index.extend_index``); removed and changed files drop out.
+``features_id`` names the features exactly (the checkpoint and the segments, whose shard names hash their files),
+so an index or a derived file knows which rows it was made for without hashing gigabytes. A folder written before
+the segments (features.npy alone) is read as before.
 
 ``load_embed_dir(folder, checkpoint_sha256=None, dim=None)`` reads the three files and refuses, in one line naming
 the fix, a missing or unreadable file, features that are not a non-empty (N, D) array of finite floats, rows and
@@ -33,10 +43,12 @@ import numpy as np
 
 from ..base.errors import UserError
 from ..base.faults import fault_point
-from ..base.files import atomic_write_bytes
+from ..base.files import atomic_write_bytes, sha256_file
 from ..data.input_spec import InputSpec
+from .rows import BLOCK, Rows, unit_rows  # noqa: F401  (unit_rows: re-exported)
 
 FEATURES, PATHS, INDEX = "features.npy", "paths.txt", "index.json"
+FEATURES_NPY_MAX = 1_000_000  # features.npy is written up to here (512 MiB at 128-d); isif itself reads the shards
 FIRST = "run `isif embed CHECKPOINT FOLDER --out DIR` first"
 TOP_LEVEL = "(top level)"
 
@@ -44,7 +56,7 @@ TOP_LEVEL = "(top level)"
 @dataclass
 class EmbedDir:
     folder: Path
-    features: np.ndarray  # (N, D) float32, rows re-normalised to unit length (unless read with unit=False)
+    features: Rows  # (N, D) float32 on disk, rows re-normalised to unit length when read (unless unit=False)
     paths: list[str]  # relative to root, as in paths.txt
     root: Path  # the image folder (index.json's "root")
     meta: dict[str, Any] = field(default_factory=dict)  # index.json
@@ -61,6 +73,17 @@ class EmbedDir:
     def checkpoint_sha256(self) -> str | None:
         return self.meta.get("checkpoint_sha256")
 
+    @property
+    def features_id(self) -> str:
+        """What names these features exactly: index.json's ``features_id``, or for a folder written before the
+        segments the sha256 of its features.npy."""
+        return self.meta.get("features_id") or sha256_file(self.folder / FEATURES)
+
+    @property
+    def segments(self) -> list[tuple[str, int, int]]:
+        """The (shard, first row, end row) ranges that make the collection (empty for a features.npy folder)."""
+        return [tuple(x) for x in self.meta.get("segments", [])]
+
     @functools.cached_property
     def input_spec(self) -> InputSpec | None:
         """How the network saw the images (None for a folder written without it)."""
@@ -73,30 +96,78 @@ class EmbedDir:
 
 
 def is_embed_dir(folder: str | Path) -> bool:
-    """Whether ``folder`` holds the three files of an embed folder (else it may be a folder of images)."""
-    return all((Path(folder) / n).is_file() for n in (FEATURES, PATHS, INDEX))
+    """Whether ``folder`` holds an embed folder's paths.txt and index.json, and features (segments or
+    features.npy): else it may be a folder of images."""
+    d = Path(folder)
+    if not all((d / n).is_file() for n in (PATHS, INDEX)):
+        return False
+    if (d / FEATURES).is_file():
+        return True
+    try:
+        return "segments" in json.loads((d / INDEX).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _segment_rows(d: Path, meta: dict) -> list[np.ndarray]:
+    """The memory-mapped row ranges index.json's segments name (``ValueError`` for a missing or wrong one)."""
+    segs = meta["segments"]
+    if not isinstance(segs, list) or not segs:
+        raise ValueError("no segments")
+    maps: dict[str, np.ndarray] = {}
+    parts = []
+    for name, lo, hi in segs:
+        if not (isinstance(name, str) and name.isalnum() and isinstance(lo, int) and isinstance(hi, int)):
+            raise ValueError(f"bad segment {[name, lo, hi]}")
+        if name not in maps:
+            f = d / "shards" / f"{name}.npy"
+            if not f.is_file():
+                raise UserError(f"{d}: the shard {f.name} holding rows of the collection is missing (the float "
+                                f"features live in shards/); re-run `isif embed` to embed its images again")
+            maps[name] = np.load(f, mmap_mode="r", allow_pickle=False)
+        z = maps[name]
+        if z.ndim != 2 or not 0 <= lo < hi <= len(z):
+            raise ValueError(f"segment {name}[{lo}:{hi}] outside the shard's {z.shape} rows")
+        parts.append(z[lo:hi])
+    return parts
 
 
 def load_embed_dir(folder: str | Path, checkpoint_sha256: str | None = None, dim: int | None = None,
                    unit: bool = True) -> EmbedDir:
-    """Read and check an embed folder (see the module docstring), or refuse in one line. ``unit``: the rows
-    re-normalised to unit length (else as written)."""
+    """Read and check an embed folder (see the module docstring), or refuse in one line. The features stay on disk
+    (memory-mapped); ``unit``: rows re-normalised to unit length as they are read (else as written). Finiteness is
+    checked block by block, up to ``FEATURES_NPY_MAX`` images (beyond, reading it all would take minutes)."""
     d = Path(folder)
     if not d.is_dir():
         raise UserError(f"{folder}: no such folder; {FIRST}")
-    missing = [n for n in (FEATURES, PATHS, INDEX) if not (d / n).is_file()]
+    missing = [n for n in (PATHS, INDEX) if not (d / n).is_file()]
     if missing:
         raise UserError(f"{folder}: no {' or '.join(missing)} (not an `isif embed` output); {FIRST}")
     try:
-        z = np.load(d / FEATURES, allow_pickle=False)
-        paths = [line for line in (d / PATHS).read_text().splitlines() if line]
         meta = json.loads((d / INDEX).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("index.json is not an object")
+        if "segments" in meta:
+            parts, where = _segment_rows(d, meta), f"{d}/shards"
+        elif (d / FEATURES).is_file():
+            parts, where = [np.load(d / FEATURES, allow_pickle=False, mmap_mode="r")], f"{d}/{FEATURES}"
+        else:
+            raise UserError(f"{folder}: no {FEATURES} and no segments in {INDEX} (not an `isif embed` output); "
+                            f"{FIRST}")
+        paths = [line for line in (d / PATHS).read_text().splitlines() if line]
         root = meta.get("root")
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError, TypeError, KeyError) as e:
         raise UserError(f"{folder}: unreadable embed output ({str(e)[:80]}); {FIRST}") from None
-    if z.ndim != 2 or z.dtype.kind != "f" or z.shape[0] == 0 or not np.isfinite(z).all():
-        raise UserError(f"{folder}/{FEATURES}: expected a non-empty (N, D) array of finite floats, got "
-                        f"{z.dtype} {z.shape}; {FIRST}")
+    bad = [p for p in parts if p.ndim != 2 or p.dtype.kind != "f"]
+    widths = {p.shape[1] for p in parts if p.ndim == 2}
+    if bad or len(widths) != 1 or sum(len(p) for p in parts) == 0:
+        shown = bad[0] if bad else parts[0]
+        raise UserError(f"{where}: expected a non-empty (N, D) array of finite floats, got {shown.dtype} "
+                        f"{shown.shape}; {FIRST}")
+    z = Rows(parts, unit=unit)
+    if len(z) <= FEATURES_NPY_MAX and not all(all_finite(p) for p in parts):
+        raise UserError(f"{where}: expected a non-empty (N, D) array of finite floats, got values that are not "
+                        f"finite; {FIRST}")
     if z.shape[0] != len(paths):
         raise UserError(f"{folder}: {FEATURES} holds {z.shape[0]} rows for {len(paths)} paths in {PATHS}; "
                         "re-run `isif embed`")
@@ -110,12 +181,12 @@ def load_embed_dir(folder: str | Path, checkpoint_sha256: str | None = None, dim
     if dim is not None and z.shape[1] != dim:
         raise UserError(f"{folder}: {FEATURES} holds {z.shape[1]}-d features but the checkpoint gives {dim}-d; "
                         "re-run `isif embed` with it")
-    return EmbedDir(d, unit_rows(z) if unit else z, paths, Path(root), meta)
+    return EmbedDir(d, z, paths, Path(root), meta)
 
 
-def unit_rows(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float32)
-    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+def all_finite(z: np.ndarray, block: int = BLOCK) -> bool:
+    """Whether every value of ``z`` is finite, read ``block`` rows at a time (a memory map stays on disk)."""
+    return all(bool(np.isfinite(z[s:s + block]).all()) for s in range(0, len(z), block))
 
 
 def class_labels(paths: list[str]) -> list[str] | None:
@@ -193,8 +264,15 @@ class EmbedWriter:
 
     def done(self, sha: str) -> tuple[dict[tuple, tuple[str, int]], dict[tuple, str]]:
         """({file key: (shard, row)}, {file key: reason it is broken}) of every complete shard."""
+        rows, broken, _ = self._manifests(sha)
+        return rows, broken
+
+    def _manifests(self, sha: str) -> tuple[dict[tuple, tuple[str, int]], dict[tuple, str], dict[str, int]]:
+        """``done``'s two maps and {shard: its sequence number} (the order shards were made in; 0 for a shard
+        written before they were numbered)."""
         rows: dict[tuple, tuple[str, int]] = {}
         broken: dict[tuple, str] = {}
+        seq: dict[str, int] = {}
         for meta in sorted(self.shards.glob("*.json")):
             try:
                 m = json.loads(meta.read_text())
@@ -202,11 +280,16 @@ class EmbedWriter:
                 continue  # a shard is complete only once its manifest is written
             if m.get("checkpoint_sha256") != sha or not (self.shards / f"{meta.stem}.npy").is_file():
                 continue
+            seq[meta.stem] = int(m.get("seq", 0))
             for r, k in enumerate(m["files"]):
                 rows[tuple(k)] = (meta.stem, r)
             for k, reason in m["broken"]:
                 broken[tuple(k)] = reason
-        return rows, broken
+        return rows, broken, seq
+
+    def next_seq(self, sha: str) -> int:
+        """The sequence number after every complete shard's: where this run's shards are numbered from."""
+        return max(self._manifests(sha)[2].values(), default=-1) + 1
 
     def calibration(self, sha: str) -> dict | None:
         """The near-duplicate calibration index.json holds for checkpoint ``sha``, or None."""
@@ -224,12 +307,14 @@ class EmbedWriter:
         meta["calibration"] = calibration
         atomic_write_bytes(self.out / INDEX, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
 
-    def write_shard(self, keys: list, z: np.ndarray, kept: list[int], broken: dict[int, str], sha: str) -> str:
-        """Features first, then the manifest that makes the shard count: a kill in between leaves no shard."""
+    def write_shard(self, keys: list, z: np.ndarray, kept: list[int], broken: dict[int, str], sha: str,
+                    seq: int = 0) -> str:
+        """Features first, then the manifest that makes the shard count: a kill in between leaves no shard.
+        ``seq``: the shard's place in the collection's order (a rerun's shards come after the earlier ones)."""
         name = _shard_name(keys)
         self.shards.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.shards / f"{name}.npy", lambda fh: np.save(fh, z))
-        meta = {"checkpoint_sha256": sha, "files": [list(keys[i]) for i in kept],
+        meta = {"checkpoint_sha256": sha, "seq": seq, "files": [list(keys[i]) for i in kept],
                 "broken": [[list(keys[i]), r] for i, r in sorted(broken.items())]}
         atomic_write_bytes(self.shards / f"{name}.json", lambda fh: fh.write(json.dumps(meta).encode()))
         fault_point("embed-shard")
@@ -237,17 +322,30 @@ class EmbedWriter:
 
     def consolidate(self, keys: list[tuple], root: Path, checkpoint: Path, sha: str, dim: int,
                     spec: InputSpec) -> tuple[int, int]:
-        """features.npy, paths.txt and index.json for ``keys`` (the folder as it is now): removed and changed
-        files drop out; shards no row is read from any more are deleted. Returns (images, broken)."""
-        rows, broken = self.done(sha)
-        live = [k for k in keys if k in rows]
-        used = sorted({rows[k][0] for k in live})
-        arrays = {name: np.load(self.shards / f"{name}.npy", mmap_mode="r") for name in used}
-        z = np.stack([arrays[rows[k][0]][rows[k][1]] for k in live]) if live else np.zeros((0, dim), np.float32)
-        atomic_write_bytes(self.out / FEATURES, lambda fh: np.save(fh, z.astype(np.float32)))
+        """paths.txt and index.json (with the segments) for ``keys`` (the folder as it is now), and features.npy up
+        to ``FEATURES_NPY_MAX`` images, streamed: removed and changed files drop out, the rows kept keep their
+        order and new ones follow (by shard, then file order); shards no row is read from any more are deleted.
+        Returns (images, broken)."""
+        rows, broken, seq = self._manifests(sha)
+        place = {k: i for i, k in enumerate(keys)}
+        live = sorted((k for k in keys if k in rows), key=lambda k: (seq[rows[k][0]], place[k]))
+        segments: list[list] = []
+        for k in live:
+            name, r = rows[k]
+            if segments and segments[-1][0] == name and segments[-1][2] == r:
+                segments[-1][2] = r + 1
+            else:
+                segments.append([name, r, r + 1])
+        used = sorted({name for name, _, _ in segments})
+        if 0 < len(live) <= FEATURES_NPY_MAX:
+            atomic_write_bytes(self.out / FEATURES, lambda fh: self._write_features(fh, segments, len(live), dim))
+        else:
+            (self.out / FEATURES).unlink(missing_ok=True)  # never a stale copy beside the segments
         atomic_write_bytes(self.out / PATHS, lambda fh: fh.write("".join(k[0] + "\n" for k in live).encode()))
+        fid = hashlib.sha256(json.dumps([sha, segments]).encode()).hexdigest()
         meta = {"root": str(root.resolve()), "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": sha,
-                "images": len(live), "dim": dim, "shards": len(used), "input": spec.to_dict()}
+                "images": len(live), "dim": dim, "shards": len(used), "input": spec.to_dict(),
+                "segments": segments, "features_id": fid}
         kept = self.calibration(sha)
         if kept:  # measured once per checkpoint, on the collection as it was then (see calibration.py)
             meta["calibration"] = kept
@@ -257,3 +355,13 @@ class EmbedWriter:
                 stale.unlink()
                 (self.shards / f"{stale.stem}.npy").unlink(missing_ok=True)
         return len(live), sum(1 for k in keys if k in broken)
+
+    def _write_features(self, fh, segments: list[list], n: int, dim: int) -> None:
+        """features.npy streamed from the segments: the .npy header, then each range's rows as they are on disk."""
+        np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                  "fortran_order": False, "shape": (n, dim)})
+        maps: dict[str, np.ndarray] = {}
+        for name, lo, hi in segments:
+            z = maps.setdefault(name, np.load(self.shards / f"{name}.npy", mmap_mode="r"))
+            for s in range(lo, hi, BLOCK):
+                fh.write(np.ascontiguousarray(z[s:min(hi, s + BLOCK)], dtype=np.float32).tobytes())

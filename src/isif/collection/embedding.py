@@ -169,13 +169,15 @@ def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256,
         raise broken_image(root / k[0], broken[k])
     pending = [i for i, k in enumerate(keys) if k not in rows and k not in broken]
     chunks = [pending[s:s + shard_size] for s in range(0, len(pending), shard_size)]
+    first_seq = store.next_seq(embedder.fingerprint)
+    barrier(world)  # every process has read the same finished shards before any writes a new one
     bar = tqdm(total=len(pending), desc="embedding", unit="img", disable=None if progress and world.main else True,
                file=sys.stderr)
     for c, chunk in enumerate(chunks):
         if c % world.size != world.rank:
             continue
         z, kept, bad = embed_files(embedder, [files[i] for i in chunk], workers, strict, bar)
-        store.write_shard([keys[i] for i in chunk], z, kept, bad, embedder.fingerprint)
+        store.write_shard([keys[i] for i in chunk], z, kept, bad, embedder.fingerprint, first_seq + c)
     bar.close()
     barrier(world)
     n, skipped = (store.consolidate(keys, root, embedder.path, embedder.fingerprint, int(embedder.dim),
@@ -186,8 +188,18 @@ def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256,
     barrier(world)
     if world.main and n == 0:
         raise UserError(f"{folder}: none of the {len(files)} images could be read")
-    calibrated = None
-    if world.main and store.calibration(embedder.fingerprint) is None:
+    calibrated, index = _after(embedder, store, Path(out)) if world.main else (None, None)
+    barrier(world)
+    return {"images": n, "skipped": skipped, "new": len(pending), "dim": int(embedder.dim),
+            "out": str(out), "shards": len(chunks), "calibration": calibrated, "index": index}
+
+
+def _after(embedder: Embedder, store: EmbedWriter, out: Path) -> tuple[dict | None, dict | None]:
+    """What follows a consolidated embed folder: the near-duplicate calibration, measured once per checkpoint, and
+    an existing index brought up to date (extended with the new rows, as row ids are stable, or rebuilt after
+    removals)."""
+    calibrated = index = None
+    if store.calibration(embedder.fingerprint) is None:
         from .calibration import calibrate
         from .embed_dir import load_embed_dir
 
@@ -195,6 +207,8 @@ def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256,
         calibrated = calibrate(embedder, [ed.image(i) for i in range(len(ed.paths))], ed.features)
         if calibrated:
             store.record_calibration(calibrated)
-    barrier(world)
-    return {"images": n, "skipped": skipped, "new": len(pending), "dim": int(embedder.dim),
-            "out": str(out), "shards": len(chunks), "calibration": calibrated}
+    if (out / "index.faiss").is_file():
+        from .index import extend_index
+
+        index = extend_index(out)
+    return calibrated, index

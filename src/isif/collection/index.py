@@ -1,19 +1,37 @@
 """A faiss index beside an ``isif embed`` folder, checked against exact search when it is built.
 
-    isif index EMBED_DIR [--kind auto|exact|ivf|hnsw]     (index_embed_dir; build_index indexes an array)
+    isif index EMBED_DIR [--kind auto|exact|ivf|hnsw|ivfpq|ivfpq-hnsw] [--rerank K]
+                                                        (index_embed_dir; build_index indexes an array)
 
 - ``exact``: faiss's flat inner-product index: the same answers as brute force (cosine on unit rows).
 - ``ivf``: an inverted file of ``nlist`` cells (about 4 sqrt(N)), trained by k-means on a seeded sample;
   ``nprobe`` cells are visited per query.
 - ``hnsw``: a graph of ``M`` links per node (``efConstruction`` when built, ``efSearch`` when searched).
+- ``ivfpq``: the inverted file with product-quantised codes, ``pq_m`` sub-quantisers of ``pq_bits`` bits each
+  (``pq_m * pq_bits / 8`` bytes a vector, 32 at the default 32 x 8, plus faiss's 8-byte id), optionally after an
+  OPQ rotation (``opq``, learnt on the training sample): the faiss wiki's compressed index for 1M-1B vectors.
+- ``ivfpq-hnsw``: the same codes behind an HNSW coarse quantiser (``IVF{nlist}_HNSW32``), which finds the cells
+  of a query among 65,536 or 262,144 in well under a millisecond; the wiki's choice from about 1M vectors
+  (``nlist`` 65,536 for 1M-10M, 262,144 for 10M-100M). Its default ``nlist`` here is the wiki's, bounded by the
+  training sample (39 vectors a cell, faiss's own floor).
+
+Training uses a seeded sample of the collection (``TRAIN_PER_CELL`` vectors a cell, at most ``TRAIN_MAX``); the
+rows are added block by block from the memory-mapped features (``rows.Rows``), so building never holds the float
+collection in memory. PQ codes lose recall; ``rerank`` K re-scores the index's K best candidates exactly on the
+memory-mapped float features (the search then reads K rows per query), which brings Recall@10 back to that of the
+candidate list (``exact_rescore``).
 
 At build time the index measures its own Recall@10 against exact search on a seeded sample of the collection
-(each sampled image a query; the true 10 nearest by brute force in float64-accumulated float32 matrix
-products), and records it with the build parameters and timings in ``index-meta.json``, with the sha256 of
-the ``features.npy`` it was built on: an index of other embeddings is refused. ``auto`` picks exact search
-below ``EXACT_BELOW`` images and HNSW above: measured by ``benchmarks/index_scale.py`` on the 2-core
-development machine, exact search of one query over 1,000,000 128-d embeddings takes 19.8 ms (p50), linear in
-the collection, so it stays within 2 ms below about 100,000; HNSW answered in 0.09 ms at Recall@10 0.99.
+(each sampled image a query; the true 10 nearest by brute force in float32 matrix products, block by block), with
+and without the re-ranking, and records it with the build parameters, timings and bytes a vector in
+``index-meta.json``, with the ``features_id`` of the rows it holds: an index of other embeddings is refused.
+When ``isif embed`` adds files, the index is extended with their rows (row ids are stable, see ``embed_dir``) and
+measured again, instead of rebuilt; when files were removed or changed it is rebuilt with the same settings.
+
+``auto`` picks by collection size, from ``benchmarks/index_scale.py`` on the 2-core development machine (see the
+README): exact search below ``EXACT_BELOW`` (one query over 1,000,000 128-d embeddings takes 19.8 ms, linear in
+N, so it stays within 2 ms below about 100,000), HNSW below ``HNSW_BELOW`` (0.09 ms at Recall@10 0.99, but 748
+MiB at 1M: about 780 bytes a vector), and ``ivfpq-hnsw`` with ``rerank`` 100 above (tens of bytes a vector).
 
 faiss is an extra (``pip install 'isif[search]'``); without it exact search still works everywhere.
 """
@@ -29,72 +47,189 @@ import numpy as np
 
 from ..base.errors import UserError
 from ..base.extras import FAISS_INSTALL, faiss_module
-from ..base.files import atomic_write_bytes, sha256_file
+from ..base.files import atomic_write_bytes
+from .rows import BLOCK, Rows
 
-KINDS = ("exact", "ivf", "hnsw")
+KINDS = ("exact", "ivf", "hnsw", "ivfpq", "ivfpq-hnsw")
 EXACT_BELOW = 100_000  # exact search's single-query p50 reaches 2 ms here (see the module docstring)
+HNSW_BELOW = 2_000_000  # HNSW's ~780 bytes a vector pass 1.5 GiB here; compressed codes above
+AUTO_RERANK = 100  # the re-ranking ``auto`` gives a compressed index
+TRAIN_PER_CELL, TRAIN_MAX = 64, 1_000_000  # the seeded training sample: vectors a k-means centroid, at most
+MIN_PER_CELL = 39  # below this many training vectors a centroid, faiss's k-means warns; isif refuses
 INDEX_FILE, META_FILE = "index.faiss", "index-meta.json"
 INSTALL = FAISS_INSTALL
 
 
 def default_kind(n: int) -> str:
-    return "exact" if n < EXACT_BELOW else "hnsw"
+    return "exact" if n < EXACT_BELOW else "hnsw" if n < HNSW_BELOW else "ivfpq-hnsw"
 
 
-def exact_topk(queries: np.ndarray, z: np.ndarray, k: int, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def default_nlist(n: int, kind: str) -> int:
+    """Cells of the inverted file: about 4 sqrt(N) (flat quantiser), or the faiss wiki's 65,536 / 262,144 /
+    1,048,576 for 1M / 10M / 100M vectors (HNSW quantiser); never more than the training floor allows."""
+    if kind == "ivfpq-hnsw":
+        want = 1_048_576 if n >= 100_000_000 else 262_144 if n >= 10_000_000 else 65_536 if n >= 1_000_000 else \
+            int(16 * np.sqrt(n))
+    else:
+        want = int(4 * np.sqrt(n))
+    return max(1, min(want, n // MIN_PER_CELL, TRAIN_MAX // MIN_PER_CELL))
+
+
+def exact_topk(queries: np.ndarray, z, k: int, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores (q, k), ids (q, k)) by brute force, in blocks of queries (at most 2^26 similarities, 256 MiB, at
-    a time by default); ties go to the lower id."""
+    a time by default); ties go to the lower id. ``z``: an array, or ``Rows`` on disk (read a block at a time)."""
+    if isinstance(z, Rows):
+        return _exact_topk_rows(np.asarray(queries, np.float32), z, k)
     out_s, out_i = [], []
     zt = np.ascontiguousarray(z, dtype=np.float32).T
     block = block or max(1, 2**26 // max(1, len(z)))
     for s in range(0, len(queries), block):
         sim = np.asarray(queries[s:s + block], dtype=np.float32) @ zt  # (b, N)
-        if k < sim.shape[1]:
-            cand = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        else:
-            cand = np.tile(np.arange(sim.shape[1]), (len(sim), 1))
-        cs = np.take_along_axis(sim, cand, 1)
-        order = np.lexsort((cand, -cs), axis=1)  # by score, then by id
-        out_i.append(np.take_along_axis(cand, order, 1))
-        out_s.append(np.take_along_axis(cs, order, 1))
+        cs, cand = _topk(sim, k)
+        out_i.append(cand)
+        out_s.append(cs)
     return np.concatenate(out_s), np.concatenate(out_i)
 
 
-def build(z: np.ndarray, kind: str, seed: int = 0, nlist: int | None = None, nprobe: int | None = None,
-          m: int = 32, ef_construction: int = 80, ef_search: int = 64):
-    """(faiss index over the unit rows of ``z``, its parameters)."""
+def _topk(sim: np.ndarray, k: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k best columns of each row of ``sim`` by (score, id), their ids ``ids`` (default the column)."""
+    if k < sim.shape[1]:
+        cand = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    else:
+        cand = np.tile(np.arange(sim.shape[1]), (len(sim), 1))
+    cs = np.take_along_axis(sim, cand, 1)
+    cid = cand if ids is None else np.take_along_axis(ids, cand, 1) if ids.ndim == 2 else ids[cand]
+    order = np.lexsort((cid, -cs), axis=1)  # by score, then by id
+    return np.take_along_axis(cs, order, 1), np.take_along_axis(cid, order, 1)
+
+
+def _exact_topk_rows(q: np.ndarray, rows: Rows, k: int, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """``exact_topk`` over rows on disk: each block's k best, merged by (score, id), with all queries at once."""
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(q), 0), np.int64)
+    for s0, z in rows.blocks(block):
+        cs, ci = _topk(q @ z.T, min(k, len(z)))
+        both_s, both_i = np.concatenate([best_s, cs], 1), np.concatenate([best_i, ci + s0], 1)
+        best_s, best_i = _topk(both_s, min(k, both_s.shape[1]), both_i)
+    return best_s, best_i
+
+
+def _check(n: int, d: int, kind: str, nlist: int | None, pq_m: int, pq_bits: int) -> None:
+    """Refuse, in one line with the fix, settings faiss cannot build (or would train on too little)."""
+    if kind not in KINDS:
+        raise UserError(f"--kind {kind}: choose auto, {', '.join(KINDS)}")
+    if kind.startswith("ivfpq"):
+        if pq_m > d or d % pq_m:
+            ok = [m for m in (4, 8, 16, 32, 48, 64) if m <= d and d % m == 0]
+            raise UserError(f"--pq-m {pq_m}: the {d}-d vectors split into sub-vectors only when --pq-m divides {d} "
+                            f"(and is at most {d}); try {', '.join(map(str, ok))}")
+        if not 1 <= pq_bits <= 16:
+            raise UserError(f"--pq-bits {pq_bits}: choose 1 to 16 (8 is faiss's fast path)")
+        need = MIN_PER_CELL * (1 << pq_bits)
+        if n < need:
+            raise UserError(f"too few vectors to train --kind {kind}: {n:,} embeddings, and {pq_bits}-bit codes need "
+                            f"{need:,} ({MIN_PER_CELL} a centroid); use --kind exact or hnsw, or fewer --pq-bits")
+    if kind != "exact" and kind != "hnsw" and nlist is not None and n < MIN_PER_CELL * nlist:
+        raise UserError(f"too few vectors to train --nlist {nlist}: {n:,} embeddings, {MIN_PER_CELL} a cell needs "
+                        f"{MIN_PER_CELL * nlist:,}; lower --nlist (or leave it to the default)")
+
+
+def _train_sample(z, n_train: int, seed: int) -> np.ndarray:
+    n = len(z)
+    if n_train >= n:
+        return np.ascontiguousarray(z[:], dtype=np.float32)
+    ids = np.sort(np.random.default_rng(seed).choice(n, size=n_train, replace=False))
+    return np.ascontiguousarray(z[ids], dtype=np.float32)
+
+
+def build(z, kind: str, seed: int = 0, nlist: int | None = None, nprobe: int | None = None,
+          m: int = 32, ef_construction: int = 80, ef_search: int = 64, pq_m: int = 32, pq_bits: int = 8,
+          opq: bool = False):
+    """(faiss index over the rows of ``z`` (an array or ``Rows``; added block by block), its parameters)."""
     faiss = faiss_module()
     n, d = z.shape
-    x = np.ascontiguousarray(z, dtype=np.float32)
+    _check(n, d, kind, nlist, pq_m, pq_bits)
     if kind == "exact":
         index, params = faiss.IndexFlatIP(d), {}
-    elif kind == "ivf":
-        nlist = nlist or max(1, min(n // 39, int(4 * np.sqrt(n))))
-        nprobe = nprobe or max(1, min(nlist, nlist // 16 or 1))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        train = x[np.random.default_rng(seed).permutation(n)[: min(n, 256 * nlist)]]
-        index.cp.seed = seed
-        index.train(train)
-        index.nprobe = nprobe
-        params = {"nlist": nlist, "nprobe": nprobe}
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
         index.hnsw.efSearch = ef_search
         params = {"M": m, "efConstruction": ef_construction, "efSearch": ef_search}
     else:
-        raise UserError(f"--kind {kind}: choose auto, {', '.join(KINDS)}")
-    index.add(x)
+        nlist = nlist or default_nlist(n, kind)
+        if kind == "ivf":
+            nprobe = nprobe or max(1, min(nlist, nlist // 16 or 1))
+            factory = f"IVF{nlist},Flat"
+        else:
+            nprobe = nprobe or max(1, min(nlist, 64 if kind == "ivfpq-hnsw" else max(1, nlist // 16)))
+            coarse = f"IVF{nlist}_HNSW32" if kind == "ivfpq-hnsw" else f"IVF{nlist}"
+            factory = (f"OPQ{pq_m}," if opq else "") + f"{coarse},PQ{pq_m}x{pq_bits}"
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = seed
+        per_cell = TRAIN_PER_CELL * max(nlist, 1 << pq_bits if kind.startswith("ivfpq") else 1)
+        train = _train_sample(z, min(n, per_cell, TRAIN_MAX), seed)
+        index.train(train)
+        params = {"nlist": nlist, "nprobe": nprobe, "factory": factory, "train": int(len(train))}
+        if kind.startswith("ivfpq"):
+            params |= {"pq_m": pq_m, "pq_bits": pq_bits, "opq": opq}
+        if kind == "ivfpq-hnsw":
+            params["quantizer_efSearch"] = max(64, 2 * nprobe)
+        set_search_params(index, params)
+    for s in range(0, n, 4 * BLOCK):
+        index.add(np.ascontiguousarray(z[s:s + 4 * BLOCK], dtype=np.float32))
     return index, params
 
 
-def recall_at_10(index, z: np.ndarray, sample: int = 1000, seed: int = 0) -> float:
-    """Mean share of the true 10 nearest (brute force) that the index returns, over a seeded sample of rows."""
+def set_search_params(index, params: dict) -> None:
+    """The search-time parameters a build recorded (efSearch, nprobe, the HNSW quantiser's efSearch)."""
+    faiss = faiss_module()
+    if "efSearch" in params:
+        faiss.downcast_index(index).hnsw.efSearch = params["efSearch"]
+    if "nprobe" in params:
+        ps = faiss.ParameterSpace()
+        ps.set_index_parameter(index, "nprobe", params["nprobe"])
+        if "quantizer_efSearch" in params:
+            ps.set_index_parameter(index, "quantizer_efSearch", params["quantizer_efSearch"])
+
+
+def recall_at_10(index, z, sample: int = 1000, seed: int = 0, rerank: int = 0) -> float:
+    """Mean share of the true 10 nearest (brute force) that the index returns, over a seeded sample of rows; with
+    ``rerank``, of the index's ``rerank`` best re-scored exactly on ``z``."""
+    return _recalls(index, z, sample, seed, rerank)[1 if rerank else 0]
+
+
+def exact_rescore(query: np.ndarray, rows: Rows, ids: np.ndarray, k: int,
+                  exclude: list[int | None]) -> tuple[np.ndarray, np.ndarray]:
+    """The index's candidates ``ids`` (q, c) re-scored exactly against the rows on disk: (scores (q, k), ids (q, k))
+    by exact inner product, ties to the lower id; -1 (a shortfall of the index) and ``exclude`` left out."""
+    out_s, out_i = [], []
+    for i, j in enumerate(exclude):
+        cand = np.unique(ids[i][(ids[i] >= 0) & (ids[i] != (-1 if j is None else j))])
+        sc = rows[cand] @ np.asarray(query[i], np.float32)
+        order = np.lexsort((cand, -sc))[:k]
+        out_s.append(sc[order])
+        out_i.append(cand[order])
+    return np.stack(out_s), np.stack(out_i)
+
+
+def _recalls(index, z, sample: int, seed: int, rerank: int) -> tuple[float, float | None]:
     k = min(10, len(z))
-    q = z[np.random.default_rng(seed).permutation(len(z))[: min(sample, len(z))]].astype(np.float32)
+    pick = np.sort(np.random.default_rng(seed).permutation(len(z))[: min(sample, len(z))])
+    q = np.ascontiguousarray(z[pick], dtype=np.float32)
     _, truth = exact_topk(q, z, k)
-    _, got = index.search(np.ascontiguousarray(q), k)
-    return float(np.mean([len(set(t) & set(g)) / k for t, g in zip(truth.tolist(), got.tolist(), strict=True)]))
+
+    def share(got: np.ndarray) -> float:
+        return float(np.mean([len(set(t) & set(g)) / k for t, g in zip(truth.tolist(), got.tolist(), strict=True)]))
+
+    _, got = index.search(q, max(k, rerank))
+    plain = share(got[:, :k])
+    if not rerank:
+        return plain, None
+    rows = z if isinstance(z, Rows) else Rows([np.asarray(z, np.float32)])
+    _, ids = exact_rescore(q, rows, got, k, [None] * len(q))
+    return plain, share(ids)
 
 
 def build_index(embeddings, kind: str = "auto", seed: int = 0, **params: Any) -> tuple[Any, dict[str, Any]]:
@@ -102,8 +237,9 @@ def build_index(embeddings, kind: str = "auto", seed: int = 0, **params: Any) ->
     ``index.search(queries, k)`` gives cosine similarities and row ids.
 
     ``embeddings``: a torch tensor or a numpy array. ``kind``: exact, ivf (``nlist``, ``nprobe``), hnsw (``m``,
-    ``ef_construction``, ``ef_search``) or auto (exact below 100,000 rows, else hnsw). Needs faiss
-    (``pip install 'isif[search]'``); ``search`` and ``exact_topk`` search exactly without it.
+    ``ef_construction``, ``ef_search``), ivfpq or ivfpq-hnsw (``nlist``, ``nprobe``, ``pq_m``, ``pq_bits``,
+    ``opq``) or auto (by size, see the module docstring). Needs faiss (``pip install 'isif[search]'``); ``search``
+    and ``exact_topk`` search exactly without it.
     """
     import torch
 
@@ -112,33 +248,99 @@ def build_index(embeddings, kind: str = "auto", seed: int = 0, **params: Any) ->
     return build(z, default_kind(len(z)) if kind == "auto" else kind, seed, **params)
 
 
-def index_embed_dir(embed_dir: str | Path, kind: str = "auto", seed: int = 0, sample: int = 1000, **params) -> dict:
-    """Build, measure and save the index of ``embed_dir``'s features.npy (``isif index``); returns its metadata."""
+def index_embed_dir(embed_dir: str | Path, kind: str = "auto", seed: int = 0, sample: int = 1000,
+                    rerank: int | None = None, **params) -> dict:
+    """Build, measure and save the index of ``embed_dir``'s features (``isif index``); returns its metadata.
+    ``rerank``: candidates re-scored exactly at search time (default: ``AUTO_RERANK`` for a compressed index that
+    ``auto`` chose, else none)."""
+    ed = _embed_dir(embed_dir)
+    z = ed.features
+    chosen = default_kind(len(z)) if kind == "auto" else kind
+    if rerank is None:
+        rerank = AUTO_RERANK if kind == "auto" and chosen.startswith("ivfpq") else 0
+    if rerank and rerank < 10:
+        raise UserError(f"--rerank {rerank}: re-rank at least the 10 candidates Recall@10 counts (or 0 for none)")
+    return _build_and_save(ed, chosen, seed, sample, rerank, params)
+
+
+def _embed_dir(embed_dir):
+    from .embed_dir import is_embed_dir, load_embed_dir
+
     d = Path(embed_dir)
-    feats = d / "features.npy"
-    if not feats.is_file():
-        raise UserError(f"{d}: no features.npy; run `isif embed CHECKPOINT FOLDER --out {d}` first")
-    z = np.load(feats, mmap_mode="r")
-    kind = default_kind(len(z)) if kind == "auto" else kind
+    if not is_embed_dir(d):
+        raise UserError(f"{d}: no embed output (features and paths.txt); run `isif embed CHECKPOINT FOLDER --out {d}` "
+                        "first")
+    return load_embed_dir(d, unit=False)
+
+
+def _build_and_save(ed, kind: str, seed: int, sample: int, rerank: int, params: dict,
+                    index=None, t_build: float | None = None) -> dict:
     faiss = faiss_module()
+    z = ed.features
+    if index is None:
+        t0 = time.perf_counter()
+        index, used = build(z, kind, seed, **params)
+        t_build = time.perf_counter() - t0
+    else:
+        used = params
     t0 = time.perf_counter()
-    index, used = build(np.asarray(z), kind, seed, **params)
-    build_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    recall = recall_at_10(index, np.asarray(z), sample, seed)
-    meta = {"kind": kind, "params": used, "images": int(len(z)), "dim": int(z.shape[1]), "recall@10": recall,
-            "recall_queries": int(min(sample, len(z))), "seed": seed, "build_s": build_s,
-            "recall_s": time.perf_counter() - t0, "features_sha256": sha256_file(feats),
-            "faiss": getattr(faiss, "__version__", "?")}
+    plain, reranked = _recalls(index, z, sample, seed, rerank)
     data = faiss.serialize_index(index)
-    atomic_write_bytes(d / INDEX_FILE, lambda fh: fh.write(data.tobytes()))
-    atomic_write_bytes(d / META_FILE, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    meta = {"kind": kind, "params": used, "images": int(len(z)), "dim": int(z.shape[1]), "recall@10": plain,
+            "rerank": rerank, "recall@10_reranked": reranked, "recall_queries": int(min(sample, len(z))),
+            "seed": seed, "build_s": t_build, "recall_s": time.perf_counter() - t0,
+            "bytes_per_vector": round(data.nbytes / len(z), 1), "features_id": ed.features_id,
+            "segments": ed.segments, "faiss": getattr(faiss, "__version__", "?")}
+    atomic_write_bytes(ed.folder / INDEX_FILE, lambda fh: fh.write(data.tobytes()))
+    atomic_write_bytes(ed.folder / META_FILE, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
     return meta
 
 
-def load_index(embed_dir: str | Path) -> tuple[Any, dict] | None:
+def build_options(meta: dict) -> dict:
+    """The ``build`` keyword arguments that made an index, from its recorded parameters."""
+    p = meta.get("params", {})
+    names = {"nlist": "nlist", "nprobe": "nprobe", "M": "m", "efConstruction": "ef_construction",
+             "efSearch": "ef_search", "pq_m": "pq_m", "pq_bits": "pq_bits", "opq": "opq"}
+    return {names[k]: v for k, v in p.items() if k in names}
+
+
+def extend_index(embed_dir: str | Path) -> dict | None:
+    """After ``isif embed`` changed the collection: the existing index extended with the new rows when the old
+    rows are all still there in order (its segments a prefix of the folder's), else rebuilt with the same kind and
+    settings; Recall@10 measured again either way. None when there is no index or it is already current."""
+    d = Path(embed_dir)
+    if not (d / INDEX_FILE).is_file():
+        return None
+    ed = _embed_dir(d)
+    try:
+        meta = json.loads((d / META_FILE).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("features_id") == ed.features_id:
+        return None
+    faiss = faiss_module()
+    old, new = [tuple(s) for s in meta.get("segments", [])], ed.segments
+    kind = meta.get("kind", default_kind(len(ed.features)))
+    sample, seed, rerank = meta.get("recall_queries", 1000), meta.get("seed", 0), meta.get("rerank", 0)
+    if old and new[:len(old)] == old and kind in KINDS:
+        t0 = time.perf_counter()
+        index = faiss.deserialize_index(np.frombuffer((d / INDEX_FILE).read_bytes(), dtype=np.uint8))
+        start = int(sum(hi - lo for _, lo, hi in old))
+        for s in range(start, len(ed.features), 4 * BLOCK):
+            index.add(np.ascontiguousarray(ed.features[s:s + 4 * BLOCK], dtype=np.float32))
+        set_search_params(index, meta.get("params", {}))
+        res = _build_and_save(ed, kind, seed, sample, rerank, meta.get("params", {}), index,
+                              (meta.get("build_s") or 0.0) + time.perf_counter() - t0)
+        return res | {"extended": len(ed.features) - start}
+    return _build_and_save(ed, kind, seed, sample, rerank, build_options(meta)) | {"rebuilt": True}
+
+
+def load_index(embed_dir: str | Path, features_id: str | None = None) -> tuple[Any, dict] | None:
     """(faiss index, its metadata) of an ``isif embed`` folder indexed by ``isif index``, or None without an
-    index; a ``UserError`` when it was built on other embeddings or its file is damaged."""
+    index; a ``UserError`` when it was built on other embeddings (``features_id``: the folder's, when the caller
+    has read it) or its file is damaged."""
+    from .embed_dir import load_embed_dir
+
     d = Path(embed_dir)
     if not (d / INDEX_FILE).is_file():
         return None
@@ -149,11 +351,9 @@ def load_index(embed_dir: str | Path) -> tuple[Any, dict] | None:
     except Exception as e:  # faiss raises RuntimeError on damage; a missing or bad meta file is OSError/ValueError
         raise UserError(f"{d / INDEX_FILE}: damaged or unreadable index ({type(e).__name__}); rebuild it with "
                         f"`isif index {d}` or search with --exact") from None
-    if meta.get("features_sha256") != sha256_file(d / "features.npy") or index.ntotal != meta.get("images"):
-        raise UserError(f"{d / INDEX_FILE} was built on other embeddings than {d / 'features.npy'}; rebuild it "
-                        f"with `isif index {d}`, or search with --exact")
-    if "efSearch" in meta.get("params", {}):
-        index.hnsw.efSearch = meta["params"]["efSearch"]
-    if "nprobe" in meta.get("params", {}):
-        index.nprobe = meta["params"]["nprobe"]
+    built_on = meta.get("features_id") or meta.get("features_sha256")
+    if built_on != (features_id or load_embed_dir(d, unit=False).features_id) or index.ntotal != meta.get("images"):
+        raise UserError(f"{d / INDEX_FILE} was built on other embeddings than those of {d}; rebuild it with "
+                        f"`isif index {d}`, or search with --exact")
+    set_search_params(index, meta.get("params", {}))
     return index, meta

@@ -249,7 +249,7 @@ def map_folder(embed_dir: str, method: str = "auto", out: str | None = None, thu
     ed, png, pick = _checked(embed_dir, method, out, thumbs, seed, tile, full_tile)
     n = len(ed.paths)
     colouring = map_colours(ed)
-    xy, used = embed_2d(ed.features, method, seed)
+    xy, used = embed_2d(np.asarray(ed.features), method, seed)
     full_style, screen_style = TileStyle(full_tile, colouring.kind != "none"), TileStyle(tile, colouring.kind != "none")
     bad: list[str] = []
     kept, ims = [], []

@@ -1,9 +1,9 @@
 """The options of the commands over checkpoints and image collections: one dataclass of ``setting`` fields each.
 
-``isif embed``, ``search``, ``index``, ``export``, ``cluster``, ``duplicates``, ``map``, ``eval knn | retrieval |
-linear`` and ``plot similarity``. A field gives the flag (or argument), its default, its help and its check
-(``isif.base.settings.check_fields``); a field without a default is required. Checks that need the data (``--k``
-against the number of images, ``--threshold`` of a cosine) stay with the functions that read it.
+``isif embed``, ``search``, ``index``, ``export``, ``export-embeddings``, ``cluster``, ``duplicates``, ``map``,
+``eval knn | retrieval | linear`` and ``plot similarity``. A field gives the flag (or argument), its default, its
+help and its check (``isif.base.settings.check_fields``); a field without a default is required. Checks that need
+the data (``--k`` against the number of images, ``--threshold`` of a cosine) stay with the functions that read it.
 """
 
 from __future__ import annotations
@@ -61,12 +61,21 @@ class SearchOptions:
 @dataclass(kw_only=True)
 class IndexOptions:
     embed_dir: str = setting(help="an `isif embed` output folder", positional=True, metavar="EMBED_DIR")
-    kind: str = setting("auto", "auto: exact below 100,000 images, HNSW above",
-                        check=one_of("auto", "exact", "ivf", "hnsw"))
-    nlist: int | None = setting(None, "ivf: cells (default about 4 sqrt(N))", check=at_least(1))
-    nprobe: int | None = setting(None, "ivf: cells visited per query (default nlist/16)", check=at_least(1))
+    kind: str = setting("auto", "auto: exact below 100,000 images, HNSW below 2,000,000, ivfpq-hnsw with --rerank "
+                                "100 above; ivfpq and ivfpq-hnsw hold product-quantised codes (--pq-m bytes a vector)",
+                        check=one_of("auto", "exact", "ivf", "hnsw", "ivfpq", "ivfpq-hnsw"))
+    nlist: int | None = setting(None, "ivf, ivfpq: cells (default about 4 sqrt(N)); ivfpq-hnsw: the faiss wiki's "
+                                      "65,536 from 1M vectors, 262,144 from 10M", check=at_least(1))
+    nprobe: int | None = setting(None, "cells visited per query (default nlist/16; ivfpq-hnsw 64)", check=at_least(1))
     m: int = setting(32, "hnsw: links per node", check=at_least(1))
     ef_search: int = setting(64, "hnsw: candidates kept per query", check=at_least(1))
+    pq_m: int = setting(32, "ivfpq: sub-quantisers, must divide the dimension (bytes a code at 8 bits)",
+                        check=at_least(1))
+    pq_bits: int = setting(8, "ivfpq: bits a sub-quantiser", check=at_least(1))
+    opq: bool = setting(False, "ivfpq: an OPQ rotation before the codes (learnt on the training sample)")
+    rerank: int | None = setting(None, "re-score the index's K best candidates exactly on the float features (0: "
+                                       "none; default 100 for a compressed index chosen by auto, else 0)",
+                                 check=at_least(0))
     recall_queries: int = setting(1000, "sampled queries of the Recall@10 check", check=at_least(1))
     seed: int = setting(0, "seed of the index build and of the Recall@10 queries")
 
@@ -74,6 +83,9 @@ class IndexOptions:
         """The index's own parameters, for the kind that takes them."""
         if self.kind == "ivf":
             return {"nlist": self.nlist, "nprobe": self.nprobe}
+        if self.kind.startswith("ivfpq"):
+            return {"nlist": self.nlist, "nprobe": self.nprobe, "pq_m": self.pq_m, "pq_bits": self.pq_bits,
+                    "opq": self.opq}
         return {"m": self.m, "ef_search": self.ef_search} if self.kind == "hnsw" else {}
 
 
@@ -87,6 +99,13 @@ class ExportOptions:
     out: str | None = setting(None, "output file (default CHECKPOINT_NAME.torchscript.pt, .onnx or .safetensors "
                                     "beside it)")
     atol: float = setting(1e-5, "largest allowed embedding difference")
+
+
+@dataclass(kw_only=True)
+class ExportEmbeddingsOptions:
+    embed_dir: str = _embed_dir()
+    out: str | None = setting(None, "the Parquet file (default EMBED_DIR/embeddings.parquet); never inside the image "
+                                    "folder")
 
 
 @dataclass(kw_only=True)

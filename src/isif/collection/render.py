@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -72,6 +72,19 @@ def write_csv(path: Path, header: tuple[str, ...], rows: Iterable[tuple]) -> Non
     w.writerow(header)
     w.writerows(rows)
     write_bytes(path, buf.getvalue().encode())
+
+
+def read_csv(path: Path, parse: Callable[[dict], tuple], fix: str) -> list[tuple] | None:
+    """The rows of a CSV table that ``write_csv`` wrote, each through ``parse``; None and one warning line ending in
+    ``fix`` when the file is unreadable or a row does not parse."""
+    import sys
+
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return [parse(r) for r in csv.DictReader(fh)]
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, csv.Error) as e:
+        print(f"isif: warning: {path} is unreadable ({str(e)[:60]}); {fix}", file=sys.stderr)
+        return None
 
 
 def write_png(path: Path, img: Image.Image) -> None:

@@ -22,17 +22,24 @@ from ..data.decode import IMAGE_EXTS, is_image_name
 from ..evaluate.engine import order_candidates
 from .embed_dir import class_labels, is_embed_dir, label_of, load_embed_dir
 from .embedding import Embedder, list_images
+from .rows import BLOCK, Rows
 
 GREEN, RED, GREY, BLUE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (50, 110, 220)
 
 
 @dataclass
 class Gallery:
-    features: torch.Tensor  # (N, D) L2-normalised
+    features: torch.Tensor | Rows  # (N, D) L2-normalised: in memory, or an embed folder's rows on disk
     paths: list[Path]  # absolute
     labels: list[str] | None  # class-folder names (``embed_dir.class_labels``), when the gallery has classes
     index: object | None = None  # the embed folder's faiss index (isif index), unless --exact
     root: Path | None = None  # the image folder the labels are relative to
+    rerank: int = 0  # candidates of the index re-scored exactly on the features (the index's --rerank), 0: none
+
+    def row(self, i: int) -> torch.Tensor:
+        """Gallery row i as a float32 tensor (D,)."""
+        f = self.features
+        return f[i].float() if isinstance(f, torch.Tensor) else torch.from_numpy(f[i])
 
     def label_of(self, query: Path) -> str | None:
         """The query's class by the gallery's rule, or None when the gallery has no labels."""
@@ -52,9 +59,9 @@ def load_gallery(embedder: Embedder, gallery: str, strict: bool = False, exact: 
         ed = load_embed_dir(root, embedder.fingerprint, int(embedder.dim), unit=False)
         from .index import load_index
 
-        loaded = None if exact else load_index(root)
-        return Gallery(torch.from_numpy(ed.features), [ed.image(i) for i in range(len(ed.paths))], ed.labels,
-                       loaded[0] if loaded else None, ed.root)
+        loaded = None if exact else load_index(root, ed.features_id)
+        return Gallery(ed.features, [ed.image(i) for i in range(len(ed.paths))], ed.labels,
+                       loaded[0] if loaded else None, ed.root, loaded[1].get("rerank", 0) if loaded else 0)
     files = list_images(gallery)
     z, kept, _ = embedder.files(files, strict)
     if not kept:
@@ -103,13 +110,43 @@ def search(query: torch.Tensor, gallery: torch.Tensor, k: int,
     return vals, idx
 
 
+def search_rows(query: torch.Tensor, rows: Rows, k: int, exclude: list[int | None] | None = None,
+                block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``search`` over rows on disk, ``block`` gallery rows at a time: each block's exact top k (ties to the lower
+    index), then the best k of those by (score, index), the answer of one ``search`` over all rows."""
+    if len(rows) <= block:
+        return search(query, torch.from_numpy(rows[:]), k, exclude)
+    cand_s, cand_i = [], []
+    for s0, z in rows.blocks(block):
+        ex = [None if j is None or not s0 <= j < s0 + len(z) else j - s0 for j in (exclude or [None] * len(query))]
+        kk = min(k, len(z) - (1 if any(e is not None for e in ex) else 0))
+        if kk < 1:
+            continue
+        v, i = search(query, torch.from_numpy(z), kk, ex)
+        cand_s.append(v)
+        cand_i.append(i + s0)
+    vals, idx = torch.cat(cand_s, 1), torch.cat(cand_i, 1)
+    out_s, out_i = order_candidates(vals, idx)  # by score, then by index
+    return out_s[:, :k], out_i[:, :k]
+
+
 def search_gallery(query: torch.Tensor, gal: Gallery, k: int,
                    exclude: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """``search`` through the gallery's faiss index when it has one (asking for one more to leave the query's
-    own row out), else exactly."""
+    own row out, or for ``rerank`` candidates re-scored exactly on the features), else exactly (block by block for
+    rows on disk)."""
     if gal.index is None:
+        if isinstance(gal.features, Rows):
+            return search_rows(query, gal.features, k, exclude)
         return search(query, gal.features, k, exclude)
-    scores, ids = gal.index.search(np.ascontiguousarray(query.float().numpy()), k + 1)
+    q = np.ascontiguousarray(query.float().numpy())
+    if gal.rerank and isinstance(gal.features, Rows):
+        from .index import exact_rescore
+
+        _, ids = gal.index.search(q, max(gal.rerank, k + 1))
+        scores, ids = exact_rescore(q, gal.features, ids, k, exclude)
+        return torch.from_numpy(scores), torch.from_numpy(ids.astype(np.int64))
+    scores, ids = gal.index.search(q, k + 1)
     out_s, out_i = [], []
     for i, j in enumerate(exclude):
         keep = [c for c in range(k + 1) if ids[i, c] >= 0 and ids[i, c] != j][:k]

@@ -118,14 +118,15 @@ class Collection:
             from ..collection.index import load_index
 
             try:
-                loaded = load_index(self.ed.folder)
+                loaded = load_index(self.ed.folder, self.ed.features_id)
             except UserError as e:
                 if "not installed" not in str(e):
                     raise
                 loaded = None  # no faiss: the exact search is the same answer, only slower
         self.index_meta = loaded[1] if loaded else None
-        self.gallery = Gallery(torch.from_numpy(self.ed.features), [self.ed.image(i) for i in range(len(self))],
-                               self.ed.labels, loaded[0] if loaded else None, self.ed.root)
+        self.gallery = Gallery(self.ed.features, [self.ed.image(i) for i in range(len(self))],
+                               self.ed.labels, loaded[0] if loaded else None, self.ed.root,
+                               loaded[1].get("rerank", 0) if loaded else 0)
         self.clusters = load_clusters(self.ed)
         self.map = load_map(self.ed)
         self._model_lock = threading.Lock()
@@ -165,7 +166,7 @@ class Collection:
 
     def search_id(self, i: int, k: int) -> dict:
         self.check_id(i)
-        return {"query": self.describe(i), "results": self.search(self.gallery.features[i], k, exclude=i)}
+        return {"query": self.describe(i), "results": self.search(self.gallery.row(i), k, exclude=i)}
 
     def search_upload(self, data: bytes, k: int, name: str = "upload") -> dict:
         if not data:

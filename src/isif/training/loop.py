@@ -39,8 +39,9 @@ from ..evaluate.retrieval import nearest_neighbour
 from ..objectives import EpochContext, get_method
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .config import Config
+from .elastic import check_shared, launch_record, settle_run, write_launch
 from .optim import lr_at, set_lr
-from .runlog import RunDir, RunLog, check_logger, check_run_dir
+from .runlog import RunDir, RunLog, check_logger
 from .sampler import InstanceSampler
 from .step import Parts, build_parts, estimate_step_seconds, kernel_choice, make_model, train_step
 
@@ -66,6 +67,7 @@ class Session:
     sets: Sets
     resumed: bool
     budgeted: bool = False  # the epochs came from --budget
+    launch: dict | None = None  # launch.json of a run under torchrun: its command line (``elastic``)
     steps_done: int = 0  # optimiser steps in this call (for ``stop_after_steps``)
 
 
@@ -97,6 +99,8 @@ def run_session(s: Session, progress: bool, stop_after_steps: int | None) -> lis
     log = RunLog(s.run, f"{cfg.preset}: {cfg.method.name}", t.epochs, sampler.steps_per_epoch, console)
     if s.world.main:
         log.open(cfg.to_dict(), state.history, s.resumed, state.epoch * sampler.steps_per_epoch + state.step)
+        if s.launch is not None and not s.resumed:
+            write_launch(s.run, s.launch)
     images = s.sets.train.images
     images = images if isinstance(images, LazyImages) else images.to(parts.device)
     if cfg.sampler.nn_positive > 0 and sampler.neighbours is None:  # in the initial network's feature space
@@ -128,11 +132,16 @@ def prepare(cfg: Config, out: Path, resume: bool, overwrite: bool) -> Session:
     """Check everything, build the parts and restore the state; nothing on disk changes."""
     cfg.validate()
     check_logger(cfg.log)
+    world = setup(cfg.train.device)
+    run, restarted, overwrite, note = settle_run(out, resume, overwrite, world)  # torchrun restarts: see elastic
+    check_shared(out, world)
+    saved = load_checkpoint(run.last) if restarted else None
+    if restarted and not resume:  # a restarted group continues as --resume would: the run's own config
+        cfg = Config.from_dict(saved["config"])
+    resume = restarted
+    if note and world.main:
+        print(note, file=sys.stderr, flush=True)
     t = cfg.train
-    world = setup(t.device)
-    run = check_run_dir(out, resume, overwrite) if world.main else RunDir(out)
-    barrier(world)
-    saved = load_checkpoint(run.last) if resume else None
     device = resolve_device(device_for(world, t.device))
     if t.sync_bn and world.active and device.type != "cuda":
         raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm has no CPU kernel; drop it on CPU")
@@ -152,7 +161,8 @@ def prepare(cfg: Config, out: Path, resume: bool, overwrite: bool) -> Session:
     state = TrainState()
     if saved is not None:
         state.load_state_dict(saved, parts, sampler)
-    return Session(cfg, run, world, parts, sampler, state, sets, resumed=resume, budgeted=budgeted)
+    return Session(cfg, run, world, parts, sampler, state, sets, resumed=resume, budgeted=budgeted,
+                   launch=launch_record() if "RANK" in os.environ else None)
 
 
 def check_evaluation(cfg: Config, sets: Sets) -> None:

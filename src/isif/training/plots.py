@@ -73,21 +73,34 @@ def plot_curve(history: list[dict], path: Path, title: str = "") -> None:
 
 def plot_race(histories: dict[str, list[dict]], path: Path, title: str = "", key: str = "knn_top1",
               label: str | None = None) -> None:
-    """A metric (kNN top-1 by default) against epoch, one line per method; ``label``: the axis (the metric's)."""
+    """A metric (kNN top-1 by default) against epoch, one line per method, each its own colour and marker; the
+    legend, outside the axes, lists the methods by their last value (highest first); ``label``: the axis."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     label = metric(key).axis() if label is None else label
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name, hist in histories.items():
-        ev = [r for r in hist if r.get(key) is not None]
-        if len(ev) == 1 and ev[0]["epoch"] == 0:  # an untrained network: a flat reference line
+    curves = {n: [r for r in h if r.get(key) is not None] for n, h in histories.items()}
+    curves = {n: ev for n, ev in curves.items() if ev}
+    order = sorted(curves, key=lambda n: -curves[n][-1][key])
+    fig, ax = plt.subplots(figsize=(7.6, 4.4))
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^vP*Xhp<>"
+    trained = [n for n in order if not (len(curves[n]) == 1 and curves[n][0]["epoch"] == 0)]
+    style = {n: (colours[(2 * i) % 20 + (2 * i) // 20 % 2], markers[i % len(markers)]) for i, n in
+             enumerate(sorted(trained))}  # by name: a method keeps its colour whatever the others do
+    for name in order:
+        ev = curves[name]
+        if name not in style:  # an untrained network: a flat reference line
             ax.axhline(ev[0][key], ls="--", color="grey", label=f"{name} ({ev[0][key]:.1f})")
             continue
-        ax.plot([r["epoch"] for r in ev], [r[key] for r in ev], marker="o", label=name,
-                lw=2.5 if name == "isif" else 1.5)
+        colour, marker = style[name]
+        ax.plot([r["epoch"] for r in ev], [r[key] for r in ev], marker=marker, color=colour,
+                label=f"{name} ({ev[-1][key]:.1f})", lw=2.8 if name == "isif" else 1.5, ms=5)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
