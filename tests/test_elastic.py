@@ -100,3 +100,36 @@ def test_a_run_folder_another_node_cannot_see_is_refused_before_training(tmp_pat
         line = next(x for x in log.splitlines() if x.startswith("isif: error: "))
         assert "rank 1 cannot see the run folder rank 0 writes" in line and "--max-restarts 0" in line
     assert not (private / "run" / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_embedding_across_nodes_refuses_an_embed_folder_a_node_cannot_see(tmp_path):
+    """isif embed on two torchrun nodes, the second with a disk of its own: its shards would never reach rank 0's
+    consolidation, so the images they hold would silently be missing; refused on both nodes first."""
+    import os
+
+    from elastic_restart import free_port
+
+    from tests.conftest import train_tiny_run
+    from tests.test_embed_scale import photos
+
+    private = tmp_path / "private"
+    private.mkdir()
+    if not _private_mount_works(private):
+        pytest.skip("unshare -m / mount (CAP_SYS_ADMIN) is not available here to give a node its own disk")
+    run, _ = train_tiny_run(tmp_path / "t")
+    folder = photos(tmp_path / "p", 6)
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend",
+           "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"e{port}", "-m", "isif", "embed", str(run),
+           str(folder), "--out", str(private / "emb"), "--quiet", "--workers", "0", "--device", "cpu"]
+    wrap = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs {private} && exec "$@"', "sh"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(wrap * i + cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1]
+    for log in logs:
+        line = next(x for x in log.splitlines() if x.startswith("isif: error: "))
+        assert "rank 1 cannot see the embed folder rank 0 consolidates" in line
+    assert not (private / "emb" / "index.json").exists()

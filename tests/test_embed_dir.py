@@ -172,3 +172,28 @@ def test_an_embed_folder_of_the_previous_code_still_loads(tmp_path, name):
     assert spec.size == meta["input"]["size"] and spec.resize == meta["input"]["resize"] and spec.fit == "square"
     assert spec.transform().center_crop == (name == "fixed")
     assert json.dumps(spec.to_dict(), indent=2) == json.dumps(meta["input"], indent=2)  # written back unchanged
+
+
+def test_rows_on_disk_read_as_one_array_whatever_the_index(tmp_path):
+    """Rows over memory-mapped parts against the concatenated array: one row, negative rows, slices within, across
+    and past the parts, steps, lists out of order, masks, blocks, re-normalised reading; out of range refused."""
+    from isif.collection.rows import Rows
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(23, 5)).astype(np.float32) * 3
+    parts = []
+    for i, (lo, hi) in enumerate([(0, 7), (7, 8), (8, 23)]):
+        np.save(tmp_path / f"{i}.npy", z[lo:hi])
+        parts.append(np.load(tmp_path / f"{i}.npy", mmap_mode="r"))
+    r = Rows(parts)
+    assert r.shape == (23, 5) and len(r) == 23 and np.array_equal(np.asarray(r), z)
+    for key in (0, 7, 22, -1, -23, slice(5, 9), slice(0, 23), slice(20, 99), slice(3, 3), slice(1, 20, 4),
+                [22, 0, 7, 7, 8], np.array([3]), z[:, 0] > 0):
+        assert np.array_equal(r[key], z[key]), key
+    assert np.array_equal(np.concatenate([b for _, b in r.blocks(6)]), z)
+    assert [s for s, _ in r.blocks(6)] == [0, 6, 12, 18]
+    u = Rows(parts, unit=True)
+    assert np.allclose(u[[4, 9]], unit_rows(z[[4, 9]])) and np.allclose(np.linalg.norm(u[2:12], axis=1), 1, atol=1e-6)
+    for bad in (23, -24, [0, 23]):
+        with pytest.raises(IndexError):
+            r[bad]

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -135,6 +137,24 @@ def agree(world: World, error: str | None) -> None:
     errors = [e for e in gather_objects(error, world) if e]
     if errors:
         raise UserError(errors[0])
+
+
+def shared_folder(folder: Path, world: World, what: str) -> None:
+    """Refuse, on every process together, a ``folder`` that some process cannot see: rank 0 creates it and writes
+    a probe file, every process looks for it. ``what``: the end of the one-line refusal, after "cannot see"."""
+    if not world.active:
+        return
+    probe = Path(folder) / gather_objects(f".isif-probe-{secrets.token_hex(8)}.tmp", world)[0]
+    if world.main:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+    barrier(world)  # written before anyone looks
+    seen = gather_objects(probe.is_file(), world)
+    if world.main:
+        probe.unlink(missing_ok=True)
+    missing = [r for r, s in enumerate(seen) if not s]
+    agree(world, None if not missing else
+          f"{folder}: rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} cannot see {what}")
 
 
 def barrier(world: World) -> None:

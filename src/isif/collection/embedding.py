@@ -148,7 +148,7 @@ def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256,
     from tqdm.auto import tqdm
 
     from ..base.device import resolve_device
-    from ..base.dist import barrier, device_for, setup
+    from ..base.dist import barrier, device_for, setup, shared_folder
 
     world = setup(device)
     device = str(resolve_device(device_for(world, device)))
@@ -158,6 +158,8 @@ def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256,
         raise UserError(f"--out {out} is inside the image folder {folder}; isif never writes there: pass --out "
                         "somewhere else")
     embedder = Embedder(checkpoint, device, batch_size)
+    shared_folder(Path(out), world, "the embed folder rank 0 consolidates; under torchrun every node writes its "
+                                    "shards there, so it must be on storage every node shares: put --out there")
     store = EmbedWriter(out)
     if world.main:
         store.check_owner(embedder.fingerprint, overwrite)

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
 from pathlib import Path
 
 import torch
 
-from ..base.dist import World, agree, barrier, gather_objects
+from ..base.dist import World, agree, gather_objects, shared_folder
 from ..base.errors import UserError
 from ..base.files import atomic_write_bytes
 from .runlog import RunDir, check_run_dir
@@ -121,21 +120,8 @@ def settle_run(out: Path, resume: bool, overwrite: bool, world: World) -> tuple[
 
 
 def check_shared(out: Path, world: World) -> None:
-    """Under torchrun with restarts allowed, refuse a run folder some process cannot see (a probe file that rank 0
-    writes and every process looks for), on every process together."""
-    if not world.active or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) < 1:
-        return
-    name = gather_objects(f".isif-probe-{secrets.token_hex(8)}.tmp", world)[0]
-    probe = out / name
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-    barrier(world)  # written before anyone looks
-    seen = gather_objects(probe.is_file(), world)
-    if world.main:
-        probe.unlink(missing_ok=True)
-    missing = [r for r, s in enumerate(seen) if not s]
-    agree(world, None if not missing else (
-        f"--out {out}: rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} cannot see the run folder rank 0 "
-        "writes; with torchrun --max-restarts the group resumes from its checkpoints, so the folder must be on storage "
-        "every node shares (a network file system): put --out there, or pass --max-restarts 0"))
+    """Under torchrun with restarts allowed, refuse a run folder some process cannot see (``shared_folder``)."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) >= 1:
+        shared_folder(out, world, "the run folder rank 0 writes; with torchrun --max-restarts the group resumes from "
+                                  "its checkpoints, so the folder must be on storage every node shares (a network file "
+                                  "system): put --out there, or pass --max-restarts 0")
