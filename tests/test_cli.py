@@ -61,7 +61,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     (["search", "c.pt", "q.png", "--gallery", "g", "--k", "0"], "--k must be >= 1, got 0"),
     (["search", "c.pt", "q.png", "--gallery", "g", "--tile", "16"], "--tile must be >= 32, got 16"),
     (["search", "c.pt", "q.png"], "the following arguments are required: --gallery"),
-    (["index", "e", "--kind", "flat"], "--kind must be one of auto, exact, ivf, hnsw, got 'flat'"),
+    (["index", "e", "--kind", "flat"], "--kind must be one of auto, exact, ivf, hnsw, ivfpq, ivfpq-hnsw, got 'flat'"),
     (["index", "e", "--ef-search", "0"], "--ef-search must be >= 1, got 0"),
     (["serve", "e", "--port", "70000"], "--port must be in [0, 65535], got 70000"),
     (["export", "c.pt", "--format", "keras"], "--format must be one of torchscript, onnx, safetensors, got 'keras'"),

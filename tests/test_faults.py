@@ -113,6 +113,24 @@ def test_kill_9_at_a_point_then_resume_gives_the_uninterrupted_result(tmp_path, 
     assert_same_as_reference(run, reference)
 
 
+@pytest.mark.parametrize("site, n, at", [("step", 5, 3), ("step-checkpoint", 2, 6), ("step", 11, 9)])
+def test_checkpoints_inside_an_epoch_lose_at_most_n_steps_and_resume_exactly(tmp_path, reference, site, n, at):
+    """--checkpoint-every 3 (8 steps an epoch: global steps 3, 6, 9 and 12 are saved, besides the epoch ends):
+    killed at step 5, just after the second step checkpoint was written, or at step 11 in epoch 2, the checkpoint
+    left is the last one saved, and the resumed run ends with the bits of the uninterrupted run, which wrote no
+    such checkpoints."""
+    tree = reference[0]
+    run = tmp_path / "run"
+    r = isif(*tiny_args(tree, run), "--checkpoint-every", "3", env={"ISIF_FAULT": f"{site}:{n}"})
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    check_invariants(run)
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert saved["epoch"] * 8 + saved["step"] == at, (saved["epoch"], saved["step"])
+    r = isif("train", "--resume", str(run), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert_same_as_reference(run, reference)
+
+
 def test_kill_9_at_random_moments(tmp_path, reference):
     tree = reference[0]
     rng = random.Random(0)

@@ -9,7 +9,8 @@ Sites: ``step`` (after an optimiser step), ``checkpoint-write`` (a checkpoint
 fully written to its temporary file, not yet renamed), ``eval`` (between the
 bank and the query features of a kNN evaluation), ``metrics-write`` (the new
 metrics.jsonl written to its temporary file, not yet renamed), ``epoch-end``
-(checkpoint saved, metrics not yet written).
+(checkpoint saved, metrics not yet written), ``step-checkpoint`` (a ``--checkpoint-every`` checkpoint saved
+inside an epoch).
 """
 
 from __future__ import annotations

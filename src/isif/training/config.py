@@ -62,6 +62,9 @@ class TrainConfig:
     deterministic: bool = setting(False, "deterministic algorithms (torch.use_deterministic_algorithms, no cuDNN "
                                          "benchmark): GPU runs resume bit-exact, slower", resume=True)
     sync_bn: bool = setting(False, "under torchrun on GPUs: BatchNorm statistics over the global batch")
+    checkpoint_every: int = setting(0, "also write the checkpoint every N optimiser steps inside an epoch (0: at "
+                                       "epoch ends only): a resumed or restarted run then redoes at most N steps",
+                                    check=at_least(0), resume=True)
 
 
     def resolve_epochs(self, images: int) -> int:

@@ -242,9 +242,12 @@ def run_epoch(s: Session, epoch: int, images, perm: torch.Tensor, second: torch.
     meter = _Meter(first, sampler.batch_size * len(parts.views))
     log.start_steps(meter.per)
     t0 = time.perf_counter()
+    every = cfg.train.checkpoint_every
     for step in range(first, steps):
         if any_flag(sigint.set or (stop_after is not None and s.steps_done >= stop_after), s.world, device):
             _interrupt(s, epoch, step, float(acc), step - first, time.perf_counter() - t0, bar)
+        if every and step > first and (epoch * steps + step) % every == 0:
+            _save_inside(s, epoch, step, float(acc), step - first, time.perf_counter() - t0)
         lr = lr_at(cfg.optim, cfg.train.epochs, epoch + step / steps)
         set_lr(parts.opt, lr)
         idx = sampler.batch_indices(perm, step).to(device, non_blocking=True)  # (B,) the global batch
@@ -308,6 +311,20 @@ def evaluate_untrained(s: Session, progress: bool) -> list[dict]:
             log.untrained(row, st.history)
     barrier(s.world)
     return st.history
+
+
+def _save_inside(s: Session, epoch: int, step: int, acc: float, acc_steps: int, seconds: float) -> None:
+    """``--checkpoint-every``: the checkpoint of the exact position inside the epoch (as an interruption saves it),
+    the epoch then going on; the run's accumulators are left as they were."""
+    st = s.state
+    kept = st.loss_sum, st.loss_steps, st.train_time, st.epoch, st.step
+    st.loss_sum, st.loss_steps, st.train_time = st.loss_sum + acc, st.loss_steps + acc_steps, st.train_time + seconds
+    st.epoch, st.step = epoch, step
+    if s.world.main:
+        save_checkpoint(st.state_dict(s.parts, s.sampler), s.run.last)
+        fault_point("step-checkpoint")
+    st.loss_sum, st.loss_steps, st.train_time, st.epoch, st.step = kept
+    barrier(s.world)
 
 
 def _interrupt(s: Session, epoch: int, step: int, acc: float, acc_steps: int, seconds: float, bar) -> None:
