@@ -156,6 +156,10 @@ def test_prepare_keeps_the_checks_the_cli_banner_made(tmp_path, image_tree, monk
 
     monkeypatch.setattr(loop, "setup", lambda device: World(rank=0, size=2))  # as under torchrun
     monkeypatch.setattr(loop, "barrier", lambda world: None)
+    # the run folder agreed on as by two processes (its collectives are elastic's, tested in test_elastic.py)
+    monkeypatch.setattr(loop, "settle_run", lambda out, resume, overwrite, world: (loop.RunDir(out), resume,
+                                                                                   overwrite, None))
+    monkeypatch.setattr(loop, "check_shared", lambda out, world: None)
     cfg = tiny_config(image_tree)
     cfg.train.sync_bn = True
     with pytest.raises(UserError, match="--sync-bn needs GPUs"):
