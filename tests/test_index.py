@@ -183,3 +183,30 @@ def test_without_faiss_the_error_says_how_to_install(tmp_path, monkeypatch, caps
     write_embed_dir(tmp_path / "e", clustered(20), [f"{i}.png" for i in range(20)], tmp_path)
     assert main(["index", str(tmp_path / "e")]) == 2
     assert "pip install 'isif[search]'" in capsys.readouterr().err
+
+
+def test_a_gallery_on_disk_gives_the_answers_of_one_in_memory(run, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Above IN_MEMORY_MAX a gallery stays on disk (block-wise exact search, re-ranking from the memory map); the
+    answers equal those of the same gallery read into memory, with --exact and through an index with --rerank."""
+    import isif.collection.search as search_mod
+
+    folder = photos(tmp_path / "p", 30)
+    emb = tmp_path / "emb"
+    assert main(["embed", str(run), str(folder), "--out", str(emb), "--quiet", "--workers", "0"]) == 0
+    query = str(sorted(folder.rglob("*.png"))[4])
+
+    def answers(*flags) -> list:
+        capsys.readouterr()
+        assert main(["search", str(run), query, "--gallery", str(emb), "--k", "6", "--json", "--out",
+                     str(tmp_path / "s.png"), *flags]) == 0
+        return [(n["path"], round(n["cosine"], 5)) for n in json.loads(capsys.readouterr().out)["results"][0][
+            "neighbours"]]
+
+    in_memory = answers("--exact")
+    monkeypatch.setattr(search_mod, "IN_MEMORY_MAX", 5)
+    monkeypatch.setattr(search_mod, "BLOCK", 7)
+    assert answers("--exact") == in_memory
+    assert main(["index", str(emb), "--kind", "exact", "--rerank", "10"]) == 0
+    assert answers() == in_memory  # the exact index's 10 candidates re-scored on the rows on disk
+    monkeypatch.setattr(search_mod, "IN_MEMORY_MAX", 1_000_000)
+    assert answers() == in_memory

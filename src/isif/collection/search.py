@@ -52,6 +52,15 @@ def _labels(paths: list[Path], root: Path) -> list[str] | None:
     return class_labels([str(p.relative_to(root)) for p in paths])
 
 
+IN_MEMORY_MAX = 1_000_000  # up to here a gallery's rows are read into memory once (512 MiB at 128-d)
+
+
+def gallery_features(rows: Rows) -> torch.Tensor | Rows:
+    """An embed folder's rows as a search reads them: in memory up to ``IN_MEMORY_MAX`` (one matrix product a
+    query, as fast as before the rows lived on disk), else on disk, searched a block at a time."""
+    return torch.from_numpy(np.asarray(rows)) if len(rows) <= IN_MEMORY_MAX else rows
+
+
 def load_gallery(embedder: Embedder, gallery: str, strict: bool = False, exact: bool = False) -> Gallery:
     root = Path(gallery)
     if is_embed_dir(root):
@@ -60,7 +69,7 @@ def load_gallery(embedder: Embedder, gallery: str, strict: bool = False, exact: 
         from .index import load_index
 
         loaded = None if exact else load_index(root, ed.features_id)
-        return Gallery(ed.features, [ed.image(i) for i in range(len(ed.paths))], ed.labels,
+        return Gallery(gallery_features(ed.features), [ed.image(i) for i in range(len(ed.paths))], ed.labels,
                        loaded[0] if loaded else None, ed.root, loaded[1].get("rerank", 0) if loaded else 0)
     files = list_images(gallery)
     z, kept, _ = embedder.files(files, strict)
@@ -140,11 +149,13 @@ def search_gallery(query: torch.Tensor, gal: Gallery, k: int,
             return search_rows(query, gal.features, k, exclude)
         return search(query, gal.features, k, exclude)
     q = np.ascontiguousarray(query.float().numpy())
-    if gal.rerank and isinstance(gal.features, Rows):
+    if gal.rerank:
         from .index import exact_rescore
 
+        f = gal.features
+        rows = f if isinstance(f, Rows) else Rows([f.float().numpy()])
         _, ids = gal.index.search(q, max(gal.rerank, k + 1))
-        scores, ids = exact_rescore(q, gal.features, ids, k, exclude)
+        scores, ids = exact_rescore(q, rows, ids, k, exclude)
         return torch.from_numpy(scores), torch.from_numpy(ids.astype(np.int64))
     scores, ids = gal.index.search(q, k + 1)
     out_s, out_i = [], []

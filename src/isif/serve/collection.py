@@ -106,7 +106,7 @@ class Collection:
 
     def __init__(self, embed_dir: str | Path, checkpoint: str | None = None, exact: bool = False,
                  device: str = "cpu") -> None:
-        from ..collection.search import Gallery
+        from ..collection.search import Gallery, gallery_features
 
         self.ed, self.embedder = _open(embed_dir, checkpoint, device)
         if not self.ed.root.is_dir():
@@ -124,7 +124,7 @@ class Collection:
                     raise
                 loaded = None  # no faiss: the exact search is the same answer, only slower
         self.index_meta = loaded[1] if loaded else None
-        self.gallery = Gallery(self.ed.features, [self.ed.image(i) for i in range(len(self))],
+        self.gallery = Gallery(gallery_features(self.ed.features), [self.ed.image(i) for i in range(len(self))],
                                self.ed.labels, loaded[0] if loaded else None, self.ed.root,
                                loaded[1].get("rerank", 0) if loaded else 0)
         self.clusters = load_clusters(self.ed)

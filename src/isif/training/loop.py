@@ -237,7 +237,9 @@ def run_epoch(s: Session, epoch: int, images, perm: torch.Tensor, second: torch.
     first, steps, device = state.step, sampler.steps_per_epoch, parts.device
     batches = sampler.batches(images, perm, second, first, device)
     bar = _bar(steps, first, f"epoch {epoch + 1}/{cfg.train.epochs}", console)
-    acc = torch.zeros((), device=device, dtype=torch.float64)  # loss sum, read every 10 steps only
+    # the epoch's loss sum, carried on from a checkpoint inside the epoch, so a resumed epoch adds its losses in
+    # the order an uninterrupted one does (float64 sums bit for bit); read every 10 steps only
+    acc = torch.full((), state.loss_sum, device=device, dtype=torch.float64)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     meter = _Meter(first, sampler.batch_size * len(parts.views))
     log.start_steps(meter.per)
@@ -263,13 +265,14 @@ def run_epoch(s: Session, epoch: int, images, perm: torch.Tensor, second: torch.
             if int(first_bad) >= 0:
                 bar.close()
                 raise TrainingDiverged(_diverged_message(int(first_bad), steps, s.run, cfg))
-            bar.set_postfix(loss=f"{float(acc) / (step + 1 - first):.4f}", img_s=f"{meter.rate(step):.0f}",
+            bar.set_postfix(loss=f"{float(acc) / (state.loss_steps + step + 1 - first):.4f}",
+                            img_s=f"{meter.rate(step):.0f}",
                             refresh=False)
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - t0
     state.train_time += seconds
-    state.loss_sum += float(acc)
+    state.loss_sum = float(acc)
     state.loss_steps += steps - first
     return seconds, (steps - first) * sampler.batch_size * len(parts.views) / max(seconds, 1e-9)
 
@@ -318,7 +321,7 @@ def _save_inside(s: Session, epoch: int, step: int, acc: float, acc_steps: int, 
     the epoch then going on; the run's accumulators are left as they were."""
     st = s.state
     kept = st.loss_sum, st.loss_steps, st.train_time, st.epoch, st.step
-    st.loss_sum, st.loss_steps, st.train_time = st.loss_sum + acc, st.loss_steps + acc_steps, st.train_time + seconds
+    st.loss_sum, st.loss_steps, st.train_time = acc, st.loss_steps + acc_steps, st.train_time + seconds
     st.epoch, st.step = epoch, step
     if s.world.main:
         save_checkpoint(st.state_dict(s.parts, s.sampler), s.run.last)
@@ -330,7 +333,7 @@ def _save_inside(s: Session, epoch: int, step: int, acc: float, acc_steps: int, 
 def _interrupt(s: Session, epoch: int, step: int, acc: float, acc_steps: int, seconds: float, bar) -> None:
     """Save the exact position inside the epoch and stop every process at the same step."""
     st = s.state
-    st.loss_sum += acc
+    st.loss_sum = acc  # the epoch's sum so far (run_epoch's acc starts from it)
     st.loss_steps += acc_steps
     st.train_time += seconds
     st.epoch, st.step = epoch, step
