@@ -73,7 +73,7 @@ class EmbedDir:
     def checkpoint_sha256(self) -> str | None:
         return self.meta.get("checkpoint_sha256")
 
-    @property
+    @functools.cached_property
     def features_id(self) -> str:
         """What names these features exactly: index.json's ``features_id``, or for a folder written before the
         segments the sha256 of its features.npy."""

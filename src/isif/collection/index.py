@@ -177,9 +177,14 @@ def build(z, kind: str, seed: int = 0, nlist: int | None = None, nprobe: int | N
         if kind == "ivfpq-hnsw":
             params["quantizer_efSearch"] = max(64, 2 * nprobe)
         set_search_params(index, params)
-    for s in range(0, n, 4 * BLOCK):
-        index.add(np.ascontiguousarray(z[s:s + 4 * BLOCK], dtype=np.float32))
+    add_rows(index, z)
     return index, params
+
+
+def add_rows(index, z, start: int = 0) -> None:
+    """Add rows ``start`` on of ``z`` (an array or ``Rows``) to ``index``, 4 blocks at a time (bounded memory)."""
+    for s in range(start, len(z), 4 * BLOCK):
+        index.add(np.ascontiguousarray(z[s:s + 4 * BLOCK], dtype=np.float32))
 
 
 def set_search_params(index, params: dict) -> None:
@@ -326,8 +331,7 @@ def extend_index(embed_dir: str | Path) -> dict | None:
         t0 = time.perf_counter()
         index = faiss.deserialize_index(np.frombuffer((d / INDEX_FILE).read_bytes(), dtype=np.uint8))
         start = int(sum(hi - lo for _, lo, hi in old))
-        for s in range(start, len(ed.features), 4 * BLOCK):
-            index.add(np.ascontiguousarray(ed.features[s:s + 4 * BLOCK], dtype=np.float32))
+        add_rows(index, ed.features, start)
         set_search_params(index, meta.get("params", {}))
         res = _build_and_save(ed, kind, seed, sample, rerank, meta.get("params", {}), index,
                               (meta.get("build_s") or 0.0) + time.perf_counter() - t0)

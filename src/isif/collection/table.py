@@ -29,7 +29,7 @@ import numpy as np
 
 from ..base.errors import UserError
 from ..base.files import atomic_write_bytes
-from .embed_dir import load_embed_dir
+from .embed_dir import load_embed_dir, output_dir
 
 ROW_GROUP = 65_536
 PARQUET_INSTALL = "writing Parquet needs pyarrow: pip install 'isif[parquet]' (or pip install pyarrow)"
@@ -53,10 +53,7 @@ def export_embeddings(embed_dir: str | Path, out: str | Path | None = None, row_
     target = Path(out) if out else ed.folder / "embeddings.parquet"
     if target.suffix.lower() != ".parquet":
         raise UserError(f"--out {target}: name a .parquet file")
-    t, r = target.resolve(), ed.root.resolve()
-    if t == r or r in t.parents:
-        raise UserError(f"--out {target} lies inside the image folder {ed.root}; nothing is written there: pass "
-                        "--out with a path outside it")
+    output_dir(ed, target.parent)  # never inside the image folder (refused in one line)
     pa, pq = _pyarrow()
     n, d = ed.features.shape
     columns = {}
