@@ -2,7 +2,8 @@
 latency and Recall@10 against exact search, with and without exact re-ranking, in one run.
 
     python benchmarks/index_scale.py [--n 1000000] [--dim 128] [--clusters 10000] [--queries 1000]
-        [--kinds exact,ivf,hnsw,ivfpq,ivfpq-hnsw] [--rerank 100] [--nlist N] [--shards DIR] [--shard-rows 1000000]
+        [--kinds exact,ivf,hnsw,ivfpq,ivfpq-hnsw] [--rerank 100] [--nlist N] [--nprobe 32,64,128]
+        [--exact-latency 100] [--shards DIR] [--shard-rows 1000000]
 
 The embeddings are drawn from a seeded mixture of --clusters Gaussian clusters on the unit sphere (so the
 nearest neighbours are meaningful, unlike uniform noise). With --shards, they are written there as .npy shards of
@@ -10,9 +11,10 @@ nearest neighbours are meaningful, unlike uniform noise). With --shards, they ar
 so the float collection is never in memory as a whole (10M x 128 is 5.1 GB on disk); without, they are made in
 memory. Queries are fresh draws from the same mixture. For each kind: build seconds (training and adding), the
 index's size (its serialised bytes) and bytes a vector, the latency of single queries (p50, p99 over --queries
-one-row searches) and of one batch of --queries rows, and Recall@10 against brute force (float32 matrix
-products, block by block); for the compressed kinds also with the index's --rerank best re-scored exactly on the
-(memory-mapped) float features, the way ``isif search`` and ``isif serve`` search with ``isif index --rerank``.
+one-row searches; --exact-latency of them for the exact kind) and of one batch of --queries rows, and Recall@10
+against brute force (float32 matrix products, block by block); for the compressed kinds also with the index's
+--rerank best re-scored exactly on the (memory-mapped) float features, the way ``isif search`` and ``isif serve``
+search with ``isif index --rerank``; with a comma list of --nprobe, each is measured on the one build.
 """
 
 from __future__ import annotations
@@ -72,14 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default="exact,ivf,hnsw,ivfpq,ivfpq-hnsw")
     ap.add_argument("--rerank", type=int, default=100)
     ap.add_argument("--nlist", type=int, default=None, help="cells of the IVF kinds (default: isif index's)")
-    ap.add_argument("--nprobe", type=int, default=None)
+    ap.add_argument("--nprobe", default=None,
+                    help="cells a query visits (default: isif index's); a comma list measures each on one build")
+    ap.add_argument("--exact-latency", type=int, default=100,
+                    help="single queries timed for the exact kind (each scans the whole collection)")
     ap.add_argument("--pq-m", type=int, default=32)
     ap.add_argument("--shards", type=Path, default=None)
     ap.add_argument("--shard-rows", type=int, default=1_000_000)
     args = ap.parse_args(argv)
     import faiss
 
-    from isif.collection.index import build, exact_rescore, exact_topk
+    from isif.collection.index import build, exact_rescore, exact_topk, set_search_params
     from isif.collection.rows import Rows
 
     t0 = time.perf_counter()
@@ -98,17 +103,28 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.queries} ms | Recall@10 |\n|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for kind in args.kinds.split(","):
         extra = {}
+        nprobes = [int(p) for p in args.nprobe.split(",")] if args.nprobe else [None]
         if kind != "exact" and kind != "hnsw":
-            extra = {"nlist": args.nlist, "nprobe": args.nprobe}
+            extra = {"nlist": args.nlist, "nprobe": nprobes[0]}
         if kind.startswith("ivfpq"):
             extra["pq_m"] = args.pq_m
         t0 = time.perf_counter()
         index, params = build(z, kind, **extra)
         build_s = time.perf_counter() - t0
         size = faiss.serialize_index(index).nbytes
-        shown = {k: v for k, v in params.items() if k not in ("factory",)}
+        print(f"{kind}: built in {build_s:.1f} s (training {params.get('train_s', 0):.1f} s on "
+              f"{params.get('train', 0):,} vectors, adding {build_s - params.get('train_s', 0):.1f} s)",
+              file=sys.stderr, flush=True)
         variants = [(kind, 0)] + ([(f"{kind} + re-rank {args.rerank}", args.rerank)] * kind.startswith("ivfpq"))
-        for name, rerank in variants:
+        sweep = nprobes if "nprobe" in params else [None]
+        for (name, rerank), nprobe in [(v, p) for p in sweep for v in variants]:
+            if nprobe is not None:
+                params["nprobe"] = nprobe
+                if "quantizer_efSearch" in params:
+                    params["quantizer_efSearch"] = max(64, 2 * nprobe)
+                set_search_params(index, params)
+            shown = {k: v for k, v in params.items() if k not in ("factory", "train_s")}
+
             def one(x: np.ndarray, rerank=rerank, index=index):
                 if not rerank:
                     return index.search(x, 10)[1]
@@ -116,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 return exact_rescore(x, rows, cand, 10, [None] * len(x))[1]
 
             lat = []
-            for i in range(len(q)):
+            for i in range(min(len(q), args.exact_latency) if kind == "exact" else len(q)):
                 t = time.perf_counter()
                 one(q[i:i + 1])
                 lat.append((time.perf_counter() - t) * 1000)

@@ -57,9 +57,32 @@ def test_each_kind_finds_the_neighbours_and_measures_itself(name):
         assert params["factory"] == ("OPQ8," if "opq" in name else "") + (
             f"IVF{params['nlist']}_HNSW32" if kind == "ivfpq-hnsw" else f"IVF{params['nlist']}") + ",PQ8x6"
         assert params["train"] == 3000 and params["nlist"] == ix.default_nlist(3000, kind)
+        import faiss  # no polysemous training (the factory's default): isif never searches by Hamming distance
+        assert not faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training
     want = {"exact": set(), "ivf": {"nlist", "nprobe", "factory", "train"}, "hnsw": {"M", "efConstruction",
                                                                                    "efSearch"}}
     assert set(params) >= want.get(kind, {"nlist", "nprobe", "pq_m", "pq_bits", "opq"})
+
+
+def test_auto_follows_the_measured_sizes_and_the_compressed_kinds_default_nprobe():
+    """auto: exact below 100k, HNSW below 2M, IVF-PQ with a flat quantiser above (built 3x faster than the HNSW
+    quantiser at 10M, at the same recall; benchmarks/index_scale.py); nprobe 32 for ivfpq, 64 for ivfpq-hnsw."""
+    assert [ix.default_kind(n) for n in (99_999, 100_000, 1_999_999, 2_000_000, 10**9)] == [
+        "exact", "hnsw", "hnsw", "ivfpq", "ivfpq"]
+    z = clustered(3000)
+    assert ix.build(z, "ivfpq", nlist=40, pq_m=8, pq_bits=6)[1]["nprobe"] == 32
+    assert ix.build(z, "ivfpq", nlist=20, pq_m=8, pq_bits=6)[1]["nprobe"] == 20  # never more than the cells
+    assert ix.build(z, "ivfpq-hnsw", nlist=70, pq_m=8, pq_bits=6)[1]["nprobe"] == 64
+
+
+def test_an_explicit_nlist_past_the_sample_cap_still_trains_39_vectors_a_cell(monkeypatch):
+    """The sample is 64 a cell up to TRAIN_MAX; a --nlist beyond TRAIN_MAX / 39 (the faiss wiki's 262,144 cells at
+    100M) gets faiss's floor of 39 a cell instead of a sample too small for its cells."""
+    monkeypatch.setattr(ix, "TRAIN_MAX", 1000)
+    z = clustered(3000)
+    assert ix.build(z, "ivf", nlist=10)[1]["train"] == 640  # 64 a cell, under the cap
+    assert ix.build(z, "ivf", nlist=20)[1]["train"] == 1000  # the cap, above 39 a cell
+    assert ix.build(z, "ivf", nlist=40)[1]["train"] == 39 * 40  # past the cap: the floor
 
 
 def test_exact_search_over_rows_on_disk_equals_one_search_over_all(tmp_path):

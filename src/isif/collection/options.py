@@ -61,12 +61,13 @@ class SearchOptions:
 @dataclass(kw_only=True)
 class IndexOptions:
     embed_dir: str = setting(help="an `isif embed` output folder", positional=True, metavar="EMBED_DIR")
-    kind: str = setting("auto", "auto: exact below 100,000 images, HNSW below 2,000,000, ivfpq-hnsw with --rerank "
-                                "100 above; ivfpq and ivfpq-hnsw hold product-quantised codes (--pq-m bytes a vector)",
+    kind: str = setting("auto", "auto: exact below 100,000 images, HNSW below 2,000,000, ivfpq with --rerank 100 "
+                                "above; ivfpq and ivfpq-hnsw hold product-quantised codes (--pq-m bytes a vector)",
                         check=one_of("auto", "exact", "ivf", "hnsw", "ivfpq", "ivfpq-hnsw"))
     nlist: int | None = setting(None, "ivf, ivfpq: cells (default about 4 sqrt(N)); ivfpq-hnsw: the faiss wiki's "
                                       "65,536 from 1M vectors, 262,144 from 10M", check=at_least(1))
-    nprobe: int | None = setting(None, "cells visited per query (default nlist/16; ivfpq-hnsw 64)", check=at_least(1))
+    nprobe: int | None = setting(None, "cells visited per query (default ivf nlist/16, ivfpq 32, ivfpq-hnsw 64)",
+                                 check=at_least(1))
     m: int = setting(32, "hnsw: links per node", check=at_least(1))
     ef_search: int = setting(64, "hnsw: candidates kept per query", check=at_least(1))
     pq_m: int = setting(32, "ivfpq: sub-quantisers, must divide the dimension (bytes a code at 8 bits)",
