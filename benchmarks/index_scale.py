@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import faiss
 
-    from isif.collection.index import build, exact_rescore, exact_topk, set_search_params
+    from isif.collection.index import build, exact_rescore, exact_topk, quantizer_ef_search, set_search_params
     from isif.collection.rows import Rows
 
     t0 = time.perf_counter()
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             if nprobe is not None:
                 params["nprobe"] = nprobe
                 if "quantizer_efSearch" in params:
-                    params["quantizer_efSearch"] = max(64, 2 * nprobe)
+                    params["quantizer_efSearch"] = quantizer_ef_search(nprobe)
                 set_search_params(index, params)
             shown = {k: v for k, v in params.items() if k not in ("factory", "train_s")}
 

@@ -186,7 +186,7 @@ def build(z, kind: str, seed: int = 0, nlist: int | None = None, nprobe: int | N
         if kind.startswith("ivfpq"):
             params |= {"pq_m": pq_m, "pq_bits": pq_bits, "opq": opq}
         if kind == "ivfpq-hnsw":
-            params["quantizer_efSearch"] = max(64, 2 * nprobe)
+            params["quantizer_efSearch"] = quantizer_ef_search(nprobe)
         set_search_params(index, params)
     add_rows(index, z)
     return index, params
@@ -196,6 +196,11 @@ def add_rows(index, z, start: int = 0) -> None:
     """Add rows ``start`` on of ``z`` (an array or ``Rows``) to ``index``, 4 blocks at a time (bounded memory)."""
     for s in range(start, len(z), 4 * BLOCK):
         index.add(np.ascontiguousarray(z[s:s + 4 * BLOCK], dtype=np.float32))
+
+
+def quantizer_ef_search(nprobe: int) -> int:
+    """The HNSW coarse quantiser's efSearch for ``nprobe`` cells: enough candidates to return them all."""
+    return max(64, 2 * nprobe)
 
 
 def set_search_params(index, params: dict) -> None:

@@ -73,8 +73,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            {"method.negatives": "easy", "method.neg_fraction": 0.5}),
     Preset("tiny-imagenet-cpu", "cifar10-cpu-b128", "Unseen classes at CPU scale: quarter-width ResNet-18, 16 "
            "epochs on tiny-imagenet-unseen (about 20 min); 64x64 images, 100 training classes; Recall@K and NMI on "
-           "100 other "
-           "classes; cifar10-cpu-b128's recipe",
+           "100 other classes; cifar10-cpu-b128's recipe",
            {"data.dataset": "folder", "train.epochs": 16, "eval.every": 4, "eval.protocol": "retrieval"}),
     Preset("cub200", "cifar10", "Table 3: ImageNet GoogLeNet on CUB-200 classes 1-100, Recall@1/2/4/8 and NMI on "
            "101-200; the positive is the image's pretrained nearest neighbour with probability 1/2; " + _UNSEEN_DOC,
