@@ -29,9 +29,9 @@ print(f"{len(names)} images -> {dest}")
 PY
 }
 [ -d "$OUT/cifar-flat" ] || flat "$DATA/cifar10-jpeg.zip" train "$OUT/cifar-flat"
-isif train --preset cifar10-cpu-b128 --dataset unlabelled --data "$OUT/cifar-flat" --size 32 \
+isif train --preset cifar10-cpu --dataset unlabelled --data "$OUT/cifar-flat" --size 32 \
   --eval-data "$DATA/cifar10-jpeg.zip" --out "$OUT/cifar-flat-run" --overwrite
-isif train --preset cifar10-cpu-b128 --data "$DATA/cifar10-jpeg.zip" --holdout 1000 --out "$OUT/cifar-mem-run" --overwrite
+isif train --preset cifar10-cpu --data "$DATA/cifar10-jpeg.zip" --holdout 1000 --out "$OUT/cifar-mem-run" --overwrite
 python benchmarks/label_free_vs_knn.py "$OUT/cifar-flat-run"
 python benchmarks/label_free_vs_knn.py "$OUT/cifar-mem-run"
 
