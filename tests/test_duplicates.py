@@ -266,6 +266,24 @@ def test_the_command_uses_the_calibrated_threshold_and_writes_its_record(emb, tm
     assert "puts look-alikes as close as copies" in err and "(crop 50%)" in err and err.count("\n") == 1
 
 
+def test_a_collection_above_the_in_memory_limit_gives_the_groups_of_one_in_memory(emb, tmp_path, capsys,  # noqa: F811
+                                                                                  monkeypatch):
+    """Above rows.IN_MEMORY_MAX the pairs are found on tiles read from the memory-mapped features: the same
+    duplicates.csv, byte for byte, as with every row in memory."""
+    import isif.collection.duplicates as dup_mod
+    import isif.collection.rows as rows_mod
+
+    assert main(["duplicates", str(emb), "--threshold", "0.9", "--block", "5"]) == 0
+    in_memory = (emb / "duplicates.csv").read_bytes()
+    seen = []
+    real = dup_mod.duplicate_groups
+    monkeypatch.setattr(dup_mod, "duplicate_groups", lambda z, *a, **k: seen.append(type(z)) or real(z, *a, **k))
+    monkeypatch.setattr(rows_mod, "IN_MEMORY_MAX", 5)
+    assert main(["duplicates", str(emb), "--threshold", "0.9", "--block", "5"]) == 0
+    assert seen == [rows_mod.Rows] and (emb / "duplicates.csv").read_bytes() == in_memory
+    assert in_memory.count(b"\n") > 3  # groups were found, so the comparison means something
+
+
 def test_an_implausibly_large_group_is_reported_with_what_to_do(tmp_path, capsys):
     root = tmp_path / "same"
     root.mkdir()

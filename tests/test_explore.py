@@ -18,6 +18,7 @@ from isif.collection.cluster import cluster_features, cluster_order
 from isif.collection.duplicates import group_pairs
 from isif.collection.embed_dir import class_labels
 from isif.collection.maps import pca_2d
+from isif.collection.rows import Rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # its scoring helpers are its own
 try:
@@ -119,6 +120,50 @@ def test_kmeans_recovers_the_groups_numbers_them_by_size_and_depends_only_on_the
     assert key == sorted(key) and sorted(order.tolist()) == list(range(len(z)))
 
 
+class CountingRows(Rows):
+    """Rows that record the most rows one read copied into memory."""
+
+    most = 0
+
+    def __getitem__(self, key):
+        out = super().__getitem__(key)
+        if np.ndim(out) == 2:
+            CountingRows.most = max(CountingRows.most, len(out))
+        return out
+
+
+def test_kmeans_above_train_rows_trains_on_a_sample_and_reads_the_rest_a_block_at_a_time(tmp_path, monkeypatch):
+    import isif.collection.cluster as cluster_mod
+
+    monkeypatch.setattr(cluster_mod, "ASSIGN_BLOCK", 150)
+    rng = np.random.default_rng(5)
+    sizes = (900, 500, 300, 100)
+    truth = rng.permutation(np.repeat(np.arange(4), sizes))
+    centres = np.linalg.qr(rng.normal(size=(16, 4)))[0].T
+    z = unit(centres[truth] + rng.normal(0, 0.08, size=(len(truth), 16))).astype(np.float32)
+    halves = [tmp_path / "a.npy", tmp_path / "b.npy"]
+    np.save(halves[0], z[:1000])
+    np.save(halves[1], z[1000:])
+    rows = CountingRows([np.load(h, mmap_mode="r") for h in halves])
+    CountingRows.most = 0
+    c = cluster_features(rows, 4, seed=2, train_rows=200)
+    assert CountingRows.most <= 200  # the sample, then blocks: never all 1,800 rows at once
+    assert np.array_equal(c.labels, np.argsort(np.argsort(-np.array(sizes)))[truth])  # the truth, by size
+    # every row is given its nearest centre, the distance to it in float64 (a naive reference)
+    d = np.linalg.norm(z.astype(np.float64)[:, None, :] - c.centres[None, :, :], axis=2)
+    assert np.array_equal(c.labels, d.argmin(1)) and np.allclose(c.distances, d.min(1), atol=1e-6)
+    assert math.isclose(c.inertia, (d.min(1) ** 2).sum(), rel_tol=1e-9)
+    # the centres are the means of the sample's members (not of all), and the sample depends on the seed alone
+    sample = np.sort(np.random.default_rng(2).choice(len(z), 200, replace=False))
+    means = np.stack([z[sample][c.labels[sample] == j].astype(np.float64).mean(0) for j in range(4)])
+    assert np.allclose(c.centres, means, atol=1e-5)
+    again = cluster_features(z, 4, seed=2, train_rows=200)  # in memory: the same answer
+    assert np.array_equal(again.labels, c.labels) and np.array_equal(again.distances, c.distances)
+    full = cluster_features(z, 4, seed=2, train_rows=len(z))  # every row trains: the means of all members
+    assert np.array_equal(full.labels, c.labels)
+    assert np.allclose(full.centres, [z[full.labels == j].astype(np.float64).mean(0) for j in range(4)], atol=1e-5)
+
+
 def naive_edges(z: np.ndarray, t: float) -> dict[tuple[int, int], float]:
     s = z.astype(np.float64) @ z.astype(np.float64).T
     return {(i, j): s[i, j] for i in range(len(z)) for j in range(i + 1, len(z)) if s[i, j] >= t}
@@ -202,6 +247,7 @@ def test_bad_input_is_refused_in_one_line(emb, images, tmp_path, capsys):
     one_line_error(capsys, "paths.txt", first)
     for argv, phrases in ((["cluster", str(emb), "--k", "25"], ("--k 25", "(24)")),
                           (["cluster", str(emb), "--k", "0"], ("--k 0",)),
+                          (["cluster", str(emb), "--k", "3", "--train-rows", "2"], ("--train-rows 2", "--k (3)")),
                           (["map", str(emb), "--out", str(images / "cls0" / "map.png")], ("inside the image folder",)),
                           (["cluster", str(emb), "--k", "2", "--out", str(images)], ("inside the image folder",)),
                           (["cluster", str(emb)], ("--k",))):

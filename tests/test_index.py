@@ -211,6 +211,7 @@ def test_without_faiss_the_error_says_how_to_install(tmp_path, monkeypatch, caps
 def test_a_gallery_on_disk_gives_the_answers_of_one_in_memory(run, tmp_path, capsys, monkeypatch):  # noqa: F811
     """Above IN_MEMORY_MAX a gallery stays on disk (block-wise exact search, re-ranking from the memory map); the
     answers equal those of the same gallery read into memory, with --exact and through an index with --rerank."""
+    import isif.collection.rows as rows_mod
     import isif.collection.search as search_mod
 
     folder = photos(tmp_path / "p", 30)
@@ -226,10 +227,10 @@ def test_a_gallery_on_disk_gives_the_answers_of_one_in_memory(run, tmp_path, cap
             "neighbours"]]
 
     in_memory = answers("--exact")
-    monkeypatch.setattr(search_mod, "IN_MEMORY_MAX", 5)
+    monkeypatch.setattr(rows_mod, "IN_MEMORY_MAX", 5)
     monkeypatch.setattr(search_mod, "BLOCK", 7)
     assert answers("--exact") == in_memory
     assert main(["index", str(emb), "--kind", "exact", "--rerank", "10"]) == 0
     assert answers() == in_memory  # the exact index's 10 candidates re-scored on the rows on disk
-    monkeypatch.setattr(search_mod, "IN_MEMORY_MAX", 1_000_000)
+    monkeypatch.setattr(rows_mod, "IN_MEMORY_MAX", 1_000_000)
     assert answers() == in_memory

@@ -92,7 +92,7 @@ def run_search(o: SearchOptions) -> int:
 def run_cluster(o: ClusterOptions) -> int:
     from ..collection.cluster import cluster_folder
 
-    res = cluster_folder(o.embed_dir, o.k, o.seed, o.out, o.per_sheet, o.tile)
+    res = cluster_folder(o.embed_dir, o.k, o.seed, o.out, o.per_sheet, o.tile, o.train_rows)
     print(f"{res['k']} clusters (sizes {', '.join(map(str, res['sizes']))}; inertia {res['inertia']:.4f}) -> "
           f"{res['out']}/clusters.csv, clusters.json and {res['sheets']} contact sheets in clusters/")
     return 0

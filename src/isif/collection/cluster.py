@@ -3,7 +3,9 @@
 Euclidean k-means (``isif.evaluate.kmeans``: k-means++ seeding, Lloyd iterations to convergence) on the unit-norm
 features. On unit vectors ||x - y||^2 = 2 - 2 cos(x, y); the centres are the plain means of their members (not
 re-normalised, so this is not spherical k-means), and ``distance_to_centre`` is the Euclidean distance to that mean.
-Clusters are renumbered by size: cluster 0 is the largest.
+Clusters are renumbered by size: cluster 0 is the largest. Above ``--train-rows`` images (default a million) k-means
+trains on a seeded sample of that many and then gives every image its nearest centre, reading the memory-mapped
+features a block at a time, so a collection larger than memory clusters in the memory of its sample.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from ..base.errors import UserError
 from ..data.decode import report_skipped
 from .embed_dir import EmbedDir, load_embed_dir, output_dir, require_images
+from .options import ClusterOptions
 from .render import read_csv, rows_image, thumbnails, write_bytes, write_csv, write_png
 
 
@@ -30,26 +33,62 @@ class Clustering:
     inertia: float  # sum of squared distances
 
 
-def cluster_features(z: np.ndarray, k: int, seed: int = 0, iters: int = 100, engine: str = "auto") -> Clustering:
-    """Seeded k-means of the rows of z (see the module docstring); depends only on z, k, seed and iters (the
-    engine, ``isif.evaluate.engine``, changes the speed only)."""
+TRAIN_ROWS = ClusterOptions.train_rows  # k-means runs on every row up to here; above, on a seeded sample of this many
+
+
+def cluster_features(z, k: int, seed: int = 0, iters: int = 100, engine: str = "auto",
+                     train_rows: int = TRAIN_ROWS) -> Clustering:
+    """Seeded k-means of the rows of z (see the module docstring); depends only on z, k, seed, iters and
+    train_rows (the engine, ``isif.evaluate.engine``, changes the speed only).
+
+    z is an (N, D) array or ``rows.Rows`` (memory-mapped). Up to ``train_rows`` rows, Lloyd runs on all of them and
+    the centres are the means of their members. Above, it runs on a seeded sample of ``train_rows`` rows (read
+    from disk), and every row is then assigned to its nearest centre block by block, so the collection is never in
+    memory: the centres are then the sample's means, and ``labels``/``distances`` those of the nearest centre."""
     import torch
 
     from ..evaluate.kmeans import kmeans
 
     n = z.shape[0]
-    labels_t, centres_t = kmeans(torch.from_numpy(np.ascontiguousarray(z, np.float32)), k, iters=iters, seed=seed,
+    if train_rows < k:
+        raise UserError(f"--train-rows {train_rows}: k-means needs at least --k ({k}) rows to train on")
+    sample = (np.sort(np.random.default_rng(seed).choice(n, train_rows, replace=False)) if n > train_rows
+              else None)
+    x = z[sample] if sample is not None else z[:]
+    labels_t, centres_t = kmeans(torch.from_numpy(np.ascontiguousarray(x, np.float32)), k, iters=iters, seed=seed,
                                  engine=engine)
-    labels, centres = labels_t.numpy().astype(np.int64), centres_t.numpy().astype(np.float64)
+    centres = centres_t.numpy().astype(np.float64)
+    if sample is None:
+        labels = labels_t.numpy().astype(np.int64)
+        dist = np.linalg.norm(x.astype(np.float64) - centres[labels], axis=1)
+    else:
+        del x, labels_t
+        labels, dist = nearest_centres(z, centres)
     sizes = np.bincount(labels, minlength=k)
     first = np.full(k, n)
     np.minimum.at(first, labels, np.arange(n))
     order = np.lexsort((first, -sizes))  # old ids, largest first; ties by the earliest member
     new = np.empty(k, np.int64)
     new[order] = np.arange(k)
-    labels, centres = new[labels], centres[order]
-    dist = np.linalg.norm(z.astype(np.float64) - centres[labels], axis=1)
-    return Clustering(labels, dist, centres, float((dist**2).sum()))
+    return Clustering(new[labels], dist, centres[order], float((dist**2).sum()))
+
+
+ASSIGN_BLOCK = 8192  # rows given their nearest centre at a time (4 MiB of 128-d float32, k floats each)
+
+
+def nearest_centres(z, centres: np.ndarray, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the nearest centre, Euclidean distance to it in float64) for every row of z, ``block`` rows read
+    at a time. The nearest is chosen in float32 (||c||^2 - 2 x.c), its distance recomputed in float64."""
+    n, block = z.shape[0], block or ASSIGN_BLOCK
+    c32, c64 = centres.astype(np.float32), centres.astype(np.float64)
+    c2 = (c32 * c32).sum(1)
+    labels, dist = np.empty(n, np.int64), np.empty(n, np.float64)
+    for s in range(0, n, block):
+        xb = np.asarray(z[s:s + block], np.float32)
+        lb = np.argmin(c2[None, :] - 2 * (xb @ c32.T), axis=1)
+        labels[s:s + len(xb)] = lb
+        dist[s:s + len(xb)] = np.linalg.norm(xb.astype(np.float64) - c64[lb], axis=1)
+    return labels, dist
 
 
 def cluster_order(c: Clustering) -> np.ndarray:
@@ -58,7 +97,7 @@ def cluster_order(c: Clustering) -> np.ndarray:
 
 
 def cluster_folder(embed_dir: str, k: int, seed: int = 0, out: str | None = None, per_sheet: int = 64,
-                   tile: int = 64) -> dict:
+                   tile: int = 64, train_rows: int = TRAIN_ROWS) -> dict:
     """clusters.csv, clusters.json and clusters/cluster-NNN.png (most central images first)."""
     ed = load_embed_dir(embed_dir)
     n = len(ed.paths)
@@ -68,13 +107,16 @@ def cluster_folder(embed_dir: str, k: int, seed: int = 0, out: str | None = None
         raise UserError("--per-sheet must be >= 1 and --tile >= 16 pixels")
     require_images(ed)
     dest = output_dir(ed, out)
-    c = cluster_features(np.asarray(ed.features), k, seed)  # k-means holds the collection in memory
+    c = cluster_features(ed.features, k, seed, train_rows=train_rows)  # on disk: read in blocks above train_rows
     order = cluster_order(c)
     write_csv(dest / "clusters.csv", ("path", "cluster", "distance_to_centre"),
               ((ed.paths[i], int(c.labels[i]), f"{c.distances[i]:.6f}") for i in order))
     sizes = np.bincount(c.labels, minlength=k)
+    sampled = f"trained on a seeded sample of {train_rows:,} images, every image then given its nearest centre; " \
+        if n > train_rows else ""
     meta = {"k": k, "seed": seed, "sizes": sizes.tolist(), "inertia": c.inertia, "images": n,
-            "method": "Euclidean k-means (k-means++ seeding) on the unit-norm features; clusters by size",
+            "trained_on": min(n, train_rows),
+            "method": f"Euclidean k-means (k-means++ seeding) on the unit-norm features; {sampled}clusters by size",
             "embed_dir": str(ed.folder.resolve())}
     write_bytes(dest / "clusters.json", (json.dumps(meta, indent=2) + "\n").encode())
     sheets = cluster_sheets(ed, c, order, dest / "clusters", per_sheet, tile)

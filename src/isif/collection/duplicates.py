@@ -24,6 +24,7 @@ from ..base.files import atomic_write_bytes
 from ..data.decode import report_skipped
 from .embed_dir import load_embed_dir, output_dir, require_images
 from .render import read_csv, rows_image, thumbnails, write_csv, write_png
+from .rows import resident
 
 
 def similar_pairs(z: np.ndarray, threshold: float,
@@ -175,7 +176,7 @@ def duplicates_folder(embed_dir: str, threshold: float | None = None, out: str |
         source = "calibrated"
     require_images(ed)
     dest = output_dir(ed, out)
-    z = np.asarray(ed.features)  # every pair is compared: the collection in memory
+    z = resident(ed.features)  # every pair is compared: in memory up to a million rows, else tiles read from disk
     groups = duplicate_groups(z, threshold, block)
     sims = [z[g] @ z[g[0]] for g in groups]
     write_csv(dest / "duplicates.csv", ("group", "path", "similarity"),

@@ -113,7 +113,10 @@ class ExportEmbeddingsOptions:
 class ClusterOptions:
     embed_dir: str = _embed_dir()
     k: int = setting(help="number of clusters (1 to the number of images)")
-    seed: int = setting(0, "k-means++ seed")
+    seed: int = setting(0, "k-means++ seed (and of the training sample)")
+    train_rows: int = setting(1_000_000, "k-means trains on every image up to this many, above on a seeded sample "
+                                         "of this many (then every image goes to its nearest centre)",
+                              check=at_least(1))
     out: str | None = setting(None, "output folder (default EMBED_DIR)")
     per_sheet: int = setting(64, "images per contact sheet, most central first", check=at_least(1))
     tile: int = _tile(64)

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 BLOCK = 1 << 16  # rows read at a time when walking the collection (32 MiB of 128-d float32)
+IN_MEMORY_MAX = 1_000_000  # up to here a command reads the rows into memory once (512 MiB at 128-d)
 
 
 def unit_rows(z: np.ndarray) -> np.ndarray:
@@ -86,3 +87,9 @@ class Rows:
         """(first row, rows) for consecutive blocks of ``size`` rows, in order."""
         for s in range(0, len(self), size):
             yield s, self[s:s + size]
+
+
+def resident(rows: Rows | np.ndarray) -> Rows | np.ndarray:
+    """The rows as a command that walks them many times reads them: in memory up to ``IN_MEMORY_MAX`` rows (as
+    fast as before the rows lived on disk), else left on disk to be read a block at a time."""
+    return np.asarray(rows) if len(rows) <= IN_MEMORY_MAX else rows

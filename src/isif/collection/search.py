@@ -22,7 +22,7 @@ from ..data.decode import IMAGE_EXTS, is_image_name
 from ..evaluate.engine import order_candidates
 from .embed_dir import class_labels, is_embed_dir, label_of, load_embed_dir
 from .embedding import Embedder, list_images
-from .rows import BLOCK, Rows
+from .rows import BLOCK, Rows, resident
 
 GREEN, RED, GREY, BLUE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (50, 110, 220)
 
@@ -52,13 +52,11 @@ def _labels(paths: list[Path], root: Path) -> list[str] | None:
     return class_labels([str(p.relative_to(root)) for p in paths])
 
 
-IN_MEMORY_MAX = 1_000_000  # up to here a gallery's rows are read into memory once (512 MiB at 128-d)
-
-
 def gallery_features(rows: Rows) -> torch.Tensor | Rows:
-    """An embed folder's rows as a search reads them: in memory up to ``IN_MEMORY_MAX`` (one matrix product a
-    query, as fast as before the rows lived on disk), else on disk, searched a block at a time."""
-    return torch.from_numpy(np.asarray(rows)) if len(rows) <= IN_MEMORY_MAX else rows
+    """An embed folder's rows as a search reads them (``rows.resident``): in memory up to ``rows.IN_MEMORY_MAX``
+    (one matrix product a query), else on disk, searched a block at a time."""
+    z = resident(rows)
+    return torch.from_numpy(z) if isinstance(z, np.ndarray) else z
 
 
 def load_gallery(embedder: Embedder, gallery: str, strict: bool = False, exact: bool = False) -> Gallery:
