@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,8 +32,6 @@ class AnonPeak:
     which the kernel can drop) seen while the block runs, polled every 20 ms from a thread."""
 
     def __enter__(self) -> AnonPeak:
-        import threading
-
         self.mib, self._stop = anon_mib(), threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()

@@ -78,14 +78,18 @@ ASSIGN_BLOCK = 8192  # rows given their nearest centre at a time (4 MiB of 128-d
 
 def nearest_centres(z, centres: np.ndarray, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(index of the nearest centre, Euclidean distance to it in float64) for every row of z, ``block`` rows read
-    at a time. The nearest is chosen in float32 (||c||^2 - 2 x.c), its distance recomputed in float64."""
+    at a time. The nearest is k-means's own assignment (``kmeans.nearest_centroid``, float32), its distance
+    recomputed in float64."""
+    import torch
+
+    from ..evaluate.kmeans import nearest_centroid
+
     n, block = z.shape[0], block or ASSIGN_BLOCK
-    c32, c64 = centres.astype(np.float32), centres.astype(np.float64)
-    c2 = (c32 * c32).sum(1)
+    c32, c64 = torch.from_numpy(centres.astype(np.float32)), centres.astype(np.float64)
     labels, dist = np.empty(n, np.int64), np.empty(n, np.float64)
     for s in range(0, n, block):
-        xb = np.asarray(z[s:s + block], np.float32)
-        lb = np.argmin(c2[None, :] - 2 * (xb @ c32.T), axis=1)
+        xb = np.ascontiguousarray(z[s:s + block], np.float32)
+        lb = nearest_centroid(torch.from_numpy(xb), c32, block).numpy()
         labels[s:s + len(xb)] = lb
         dist[s:s + len(xb)] = np.linalg.norm(xb.astype(np.float64) - c64[lb], axis=1)
     return labels, dist

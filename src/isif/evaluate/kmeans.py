@@ -29,6 +29,12 @@ def _nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int) -> tuple[torc
     return torch.cat(labels), torch.cat(dists)
 
 
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """(N,) int64 index of the nearest centroid of every row of x, as ``kmeans`` assigns its own rows (the torch
+    reference); for rows k-means did not train on."""
+    return _nearest(x.float(), centroids.float(), chunk)[0]
+
+
 def _nearest_rows(x: torch.Tensor, centroids: torch.Tensor, chunk: int, rows: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference's ``_nearest`` for some rows, each computed among rows of its own chunk (see engine.py).
