@@ -5,10 +5,16 @@ parameters, drawn from the same distributions as torchvision's per-image
 transforms of the paper:
 
     RandomResizedCrop(size, scale=(0.2, 1.0), ratio=(3/4, 4/3))
-    ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4)
-    RandomGrayscale(p=0.2)
     RandomHorizontalFlip()
+    RandomApply([ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4)], p=jitter_p)  # paper: p=1
+    RandomGrayscale(p=0.2)
+    RandomApply([GaussianBlur(k, sigma=(0.1, 2.0))], p=blur_p)  # off by default
+    RandomSolarize(threshold=0.5, p=solarize_p)  # off by default
     Normalize(mean, std)
+
+Blur and solarisation (the self-supervised recipes of SimCLR, BYOL and their
+successors) draw random numbers only when switched on, so the default
+configuration consumes the generator exactly as before they existed.
 
 Random parameters are drawn on the CPU from an explicit ``torch.Generator``
 (a few numbers per image), so a run is reproducible and resumable on any
@@ -19,6 +25,8 @@ path (the PIL path rounds to uint8 after each operation).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -192,9 +200,10 @@ _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue
 class JitterParams:
     factors: torch.Tensor  # (N, 4): brightness, contrast, saturation, hue
     order: torch.Tensor  # (N, 4): a permutation of 0..3 per image
+    on: torch.Tensor | None = None  # (N,) bool: the images jittered (RandomApply); None: every image
 
     def select(self, sl: slice) -> JitterParams:
-        return JitterParams(self.factors[sl], self.order[sl])
+        return JitterParams(self.factors[sl], self.order[sl], self.on[sl] if self.on is not None else None)
 
 
 def sample_jitter_params(
@@ -217,19 +226,63 @@ def to_uint8_levels(x: torch.Tensor) -> torch.Tensor:
 
 def color_jitter(x: torch.Tensor, params: JitterParams, active: tuple[bool, ...] = (True,) * 4,
                  round_uint8: bool = False) -> torch.Tensor:
-    """Apply the four jitter operations in each image's own order. ``x`` is float (N, 3, H, W) in [0, 1];
-    ``round_uint8``: round to 8-bit levels after each operation."""
+    """Apply the four jitter operations in each image's own order, to the images of ``params.on`` (all if None).
+    ``x`` is float (N, 3, H, W) in [0, 1]; ``round_uint8``: round to 8-bit levels after each operation."""
     factors = params.factors.to(x.device)
     order = params.order.to(x.device)
+    on = params.on.to(x.device) if params.on is not None else None
     for pos in range(4):
         for op in range(4):
             if not active[op]:
                 continue
-            sel = torch.nonzero(order[:, pos] == op).squeeze(1)
+            hit = order[:, pos] == op
+            sel = torch.nonzero(hit & on if on is not None else hit).squeeze(1)
             if sel.numel():
                 y = _JITTER_OPS[op](x[sel], factors[sel, op])
                 x[sel] = to_uint8_levels(y) if round_uint8 else y
     return x
+
+
+def blur_kernel_size(side: int) -> int:
+    """SimCLR's kernel side for a ``side`` px image: the odd integer nearest 10% of it (ties up), at least 3.
+
+    2 * (side // 20) + 1 is that odd number exactly: 3 at 32 px, 7 at 64, 9 at 96, 23 at 224.
+    """
+    return max(3, 2 * (side // 20) + 1)
+
+
+def gaussian_kernels(sigma: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) sigmas -> (N, k) normalised 1-d Gaussian kernels, built as torchvision's ``_get_gaussian_kernel1d``."""
+    lim = (k - 1) / (2.0 * math.sqrt(2.0))
+    t = torch.linspace(-lim, lim, steps=k, dtype=torch.float32, device=sigma.device)
+    return torch.softmax(t[None, :].div(sigma.float()[:, None]).pow(2).neg(), dim=1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
+    """Blur each image with its own ``sigma`` and a k x k kernel: two separable grouped 1-d convolutions on
+    reflect-padded images, as ``torchvision.transforms.v2.functional.gaussian_blur(img, [k, k], [s, s])``.
+
+    Shape: x (N, C, H, W) float, sigma (N,) -> (N, C, H, W), clamped to [0, 1].
+    """
+    n, c, h, w = x.shape
+    kern = gaussian_kernels(sigma.to(x.device), k).to(x.dtype).repeat_interleave(c, dim=0)  # (N*C, k)
+    pad = k // 2
+    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, 0, 0), mode="reflect")
+    y = F.conv2d(y, kern.view(n * c, 1, 1, k), groups=n * c)  # along the width
+    y = F.pad(y, (0, 0, pad, pad), mode="reflect")
+    y = F.conv2d(y, kern.view(n * c, 1, k, 1), groups=n * c)  # along the height
+    return y.view(n, c, h, w).clamp_(0, 1)
+
+
+def solarize(x: torch.Tensor, threshold: float, on: torch.Tensor | None = None) -> torch.Tensor:
+    """Invert the pixels >= ``threshold`` (to 1 - x) of the images of ``on`` (all if None), as ``TF.solarize``.
+
+    On 8-bit levels k/255, a threshold of 0.5 inverts k >= 128: PIL's ``ImageOps.solarize(img, 128)``.
+    """
+    hit = x >= threshold
+    if on is not None:
+        hit &= on.to(x.device).view(-1, 1, 1, 1)
+    return torch.where(hit, 1.0 - x, x)
 
 
 @dataclass(frozen=True)
@@ -238,12 +291,18 @@ class AugmentParams:
     jitter: JitterParams | None
     gray: torch.Tensor  # (N,) bool
     flip: torch.Tensor  # (N,) bool
+    blur: torch.Tensor | None = None  # (N,) bool; None: blur off (blur_p 0)
+    blur_sigma: torch.Tensor | None = None  # (N,) float32, drawn for every image when blur is on
+    solarize: torch.Tensor | None = None  # (N,) bool; None: solarisation off (solarize_p 0)
 
     def select(self, sl: slice) -> AugmentParams:
         """The parameters of images ``sl`` of the batch (a process's share of a global batch)."""
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t[sl] if t is not None else None
+
         return AugmentParams(self.crop.select(sl) if self.crop is not None else None,
                              self.jitter.select(sl) if self.jitter is not None else None,
-                             self.gray[sl], self.flip[sl])
+                             self.gray[sl], self.flip[sl], cut(self.blur), cut(self.blur_sigma), cut(self.solarize))
 
 
 class BatchAugment:
@@ -260,9 +319,17 @@ class BatchAugment:
             ``None`` or all zero disables it.
         grayscale_p: probability of RandomGrayscale.
         flip: RandomHorizontalFlip with probability 1/2.
-        round_uint8: round to 8-bit levels after the crop, after each jitter operation and after the grey
-            conversion, as the reference code's PIL pipeline holds uint8 images between operations (round to
-            nearest; PIL's own arithmetic truncates in places and shifts hue in 8-bit HSV, not modelled).
+        round_uint8: round to 8-bit levels after the crop, after each jitter operation, after the grey
+            conversion, the blur and the solarisation, as the reference code's PIL pipeline holds uint8 images
+            between operations (round to nearest; PIL's own arithmetic truncates in places and shifts hue in
+            8-bit HSV, not modelled).
+        jitter_p: probability that an image is jittered at all (RandomApply; lightly/solo-learn use 0.8).
+        blur_p, blur_sigma: probability of a Gaussian blur, its sigma uniform in ``blur_sigma``, its kernel
+            ``blur_kernel_size(size)``.
+        solarize_p, solarize_threshold: probability of solarisation, pixels >= the threshold becoming 1 - x.
+
+    The settings are one view's; ``view_augment`` makes a view's copy. A part draws random numbers only when
+    it is on (jitter_p < 1, blur_p > 0, solarize_p > 0), after the others, so the defaults' stream is unchanged.
 
     Call: ``aug(images_uint8, generator) -> float32 (N, 3, size, size)``.
     """
@@ -279,9 +346,17 @@ class BatchAugment:
         flip: bool = True,
         crop_mode: str = "resized",
         round_uint8: bool = False,
+        *,
+        jitter_p: float = 1.0,
+        blur_p: float = 0.0,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize_p: float = 0.0,
+        solarize_threshold: float = 0.5,
     ) -> None:
         if crop_mode not in ("resized", "fixed"):
             raise ValueError(f"crop_mode must be resized or fixed, got {crop_mode!r}")
+        if not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {blur_sigma}")
         self.size = size
         self.crop_mode = crop_mode
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -292,6 +367,11 @@ class BatchAugment:
         self.grayscale_p = grayscale_p
         self.flip = flip
         self.round_uint8 = round_uint8
+        self.jitter_p = float(jitter_p)
+        self.blur_p = float(blur_p)
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        self.solarize_p = float(solarize_p)
+        self.solarize_threshold = float(solarize_threshold)
 
     def sample(self, n: int, height: int, width: int, generator: torch.Generator | None) -> AugmentParams:
         crop = None
@@ -302,7 +382,17 @@ class BatchAugment:
         jit = sample_jitter_params(n, self.jitter, generator) if self.jitter is not None else None
         gray = torch.rand(n, generator=generator) < self.grayscale_p
         flip = torch.rand(n, generator=generator) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
-        return AugmentParams(crop, jit, gray, flip)
+        # the optional parts draw after the paper's, and only when on: the defaults' stream is unchanged
+        if jit is not None and self.jitter_p < 1:
+            jit = dataclasses.replace(jit, on=torch.rand(n, generator=generator) < self.jitter_p)
+        blur = sigma = sol = None
+        if self.blur_p > 0:
+            blur = torch.rand(n, generator=generator) < self.blur_p
+            lo, hi = self.blur_sigma
+            sigma = lo + (hi - lo) * torch.rand(n, generator=generator)
+        if self.solarize_p > 0:
+            sol = torch.rand(n, generator=generator) < self.solarize_p
+        return AugmentParams(crop, jit, gray, flip, blur, sigma, sol)
 
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         n, _, height, width = images.shape
@@ -322,6 +412,16 @@ class BatchAugment:
             sel = torch.nonzero(gray).squeeze(1)
             g = rgb_to_gray(x[sel])
             x[sel] = (to_uint8_levels(g) if self.round_uint8 else g).expand(-1, 3, -1, -1)
+        if params.blur is not None and bool(params.blur.any()):  # CPU tensors: no device sync
+            assert params.blur_sigma is not None
+            sel = torch.nonzero(params.blur).squeeze(1)
+            sigma, sel = params.blur_sigma[sel], sel.to(x.device)
+            y = gaussian_blur(x[sel], sigma, blur_kernel_size(self.size))
+            x[sel] = to_uint8_levels(y) if self.round_uint8 else y
+        if params.solarize is not None and bool(params.solarize.any()):
+            x = solarize(x, self.solarize_threshold, params.solarize)
+            if self.round_uint8:
+                x = to_uint8_levels(x)
         return normalize(x, self.mean, self.std)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -367,6 +467,15 @@ class AugmentConfig:
                              check=one_of("resized", "fixed"))
     round_uint8: bool = setting(False, "round the views to 8-bit levels after every operation, as the reference "
                                 "code's PIL pipeline does")
+    jitter_p: float = setting(1.0, "probability that ColorJitter is applied (the paper: always)", check=PROBABILITY)
+    blur_p: tuple[float, ...] = setting(
+        (0.0,), "Gaussian blur probability: one value for every view, or one per view (V1,V2)")
+    blur_sigma: tuple[float, float] = setting((0.1, 2.0), "Gaussian blur sigma range MIN,MAX")
+    solarize_p: tuple[float, ...] = setting(
+        (0.0,), "solarisation probability: one value for every view, or one per view")
+    solarize_threshold: float = setting(
+        0.5, "solarisation threshold on [0, 1]: pixels >= it become 1 - x (0.5: 8-bit values >= 128)",
+        check=PROBABILITY)
 
     def check(self) -> None:
         if self.crop_scale is not None:
@@ -378,10 +487,41 @@ class AugmentConfig:
                 raise ValueError("--jitter needs 4 strengths >= 0")
             if self.jitter[3] > 0.5:
                 raise ValueError(f"hue jitter must be <= 0.5, got {self.jitter[3]}")
+        if not 0 <= self.jitter_p <= 1:
+            raise ValueError(f"--jitter-p must be in [0, 1], got {self.jitter_p}")
+        for flag, values in (("--blur-p", self.blur_p), ("--solarize-p", self.solarize_p)):
+            if len(values) == 0:
+                raise ValueError(f"{flag} needs one value for every view, or one per view")
+            for v in values:
+                if not 0 <= v <= 1:
+                    raise ValueError(f"{flag} must be in [0, 1], got {v}")
+        if len(self.blur_sigma) != 2 or not 0 < self.blur_sigma[0] <= self.blur_sigma[1] < math.inf:
+            raise ValueError(f"--blur-sigma must satisfy 0 < min <= max, got {self.blur_sigma}; give MIN,MAX, "
+                             "e.g. 0.1,2.0")
+        if not 0 <= self.solarize_threshold <= 1:
+            raise ValueError(f"--solarize-threshold must be in [0, 1], got {self.solarize_threshold}")
+
+
+def _per_view(values: tuple[float, ...], view: int, flag: str) -> float:
+    """One view's value of a per-view setting: the single value, the view's entry, or past the end the last
+    (multi-crop: the last value is every further local view's)."""
+    if view < 0 or not values:
+        raise ValueError(f"{flag}: no value for view {view}; give one value for every view, or one per view")
+    return float(values[min(view, len(values) - 1)])
+
+
+def view_augment(base: BatchAugment, cfg: AugmentConfig, view: int) -> BatchAugment:
+    """A copy of ``base`` with view ``view``'s blur and solarisation probabilities (BYOL's views differ); a view
+    past the values' end takes the last value (the caller refuses more values than views)."""
+    aug = copy.copy(base)
+    aug.blur_p = _per_view(cfg.blur_p, view, "--blur-p")
+    aug.solarize_p = _per_view(cfg.solarize_p, view, "--solarize-p")
+    return aug
 
 
 def build_transforms(cfg: AugmentConfig, size: int | None, splits: Splits) -> tuple[BatchAugment, PlainTransform]:
-    """(training augmentation, test transform) at ``size`` (default: the stored images' side)."""
+    """(training augmentation, test transform) at ``size`` (default: the stored images' side). The augmentation
+    has the first view's blur and solarisation probabilities; ``view_augment`` gives each view its own."""
     stored = int(splits.train.images.shape[-1])
     size = size or stored
     if cfg.crop_mode == "fixed" and size > stored:
@@ -389,5 +529,7 @@ def build_transforms(cfg: AugmentConfig, size: int | None, splits: Splits) -> tu
                         "a smaller size")
     aug = BatchAugment(size, splits.mean, splits.std, cfg.crop_scale, jitter=cfg.jitter,
                        grayscale_p=cfg.grayscale_p, flip=cfg.flip, crop_mode=cfg.crop_mode,
-                       round_uint8=cfg.round_uint8)
+                       round_uint8=cfg.round_uint8, jitter_p=cfg.jitter_p, blur_p=cfg.blur_p[0],
+                       blur_sigma=cfg.blur_sigma, solarize_p=cfg.solarize_p[0],
+                       solarize_threshold=cfg.solarize_threshold)
     return aug, PlainTransform(size, splits.mean, splits.std, center_crop=cfg.crop_mode == "fixed")
