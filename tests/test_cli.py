@@ -111,10 +111,27 @@ def test_cuda_device_without_cuda_is_a_user_error(capsys, image_tree, tmp_path):
 
 
 def test_multi_crop_views_larger_than_the_input_are_refused(capsys):
-    code, _, err = run_cli(capsys, "bench", "--preset", "cifar10-tiny", "--method", "dino", "--local-size", "64",
-                           "--steps", "1", "--json")
+    code, _, err = run_cli(capsys, "bench", "--preset", "cifar10-tiny", "--method", "dino", "--local-crops", "2",
+                           "--local-size", "64", "--steps", "1", "--json")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "local views would be 64 px, larger than the 32 px input; choose --local-size 32 or less" in err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--method", "dino", "--local-size", "16"], "--local-size has no effect in this run (dino, recipe own); add "
+                                                 "--local-crops N or drop --local-size"),
+    (["--method", "byol", "--lars-eta", "0.01"], "--lars-eta has no effect in this run (byol, recipe own); add "
+                                                 "--optimizer lars"),
+    (["--blur-sigma", "0.5,1"], "--blur-sigma has no effect in this run (isif, recipe own); add --blur-p P"),
+    (["--method", "byol", "--solarize-p", "0,0.1,0.2"], "--solarize-p has 3 values but method byol has 2 views"),
+    (["--method", "byol", "--solarize-p", "1.5"], "--solarize-p must be in [0, 1], got 1.5"),
+    (["--method", "vicreg", "--lars-eta", "0"], "--lars-eta must be > 0, got 0"),
+    (["--recipe", "mine"], "--recipe must be one of own, shared"),
+])
+def test_a_recipe_part_the_run_cannot_use_is_refused(capsys, image_tree, tmp_path, flags, words):
+    code, _, err = run_cli(capsys, "train", "--preset", "cifar10-tiny", "--dataset", "folder", "--data",
+                           str(image_tree), *flags, "--out", str(tmp_path / "r"), "--dry-run")
+    assert_one_line_error(code, err, words)
 
 
 def test_garbage_checkpoint_is_refused(capsys, tmp_path):

@@ -50,7 +50,7 @@ def test_old_checkpoint_resumes_to_the_numbers_the_old_code_gave(tmp_path, capsy
     assert [(r["epoch"], r["loss"], r["knn_top1"]) for r in got] == [
         (r["epoch"], r["loss"], r["knn_top1"]) for r in want]
     new = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert new["config"]["version"] == 2 and new["epoch"] == 2
+    assert new["config"]["version"] == 3 and new["epoch"] == 2
 
 
 def _tree_images(folder: Path) -> tuple[torch.Tensor, list[str]]:

@@ -194,6 +194,10 @@ def test_isif_train_runs_the_new_method(extended, image_tree, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["method"] == {"name": "ntxent",
                                                                                      "temperature": 0.3}
     assert "kNN top-1" in r.stdout
+    r = run_copy(extended, "-m", "isif", "bench", "--preset", "cifar10-tiny", "--method", "ntxent", "--steps", "1",
+                 "--width", "0.03125", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["step_images_per_s"] > 0
 
 
 def _csv_set(root: Path) -> Path:

@@ -71,7 +71,7 @@ def ref_vicreg(z1: np.ndarray, z2: np.ndarray, lam=25.0, mu=25.0, nu=1.0) -> flo
         zc = z - z.mean(0)
         c = zc.T @ zc / (b - 1)
         return sum(c[i, j] ** 2 for i in range(d) for j in range(d) if i != j) / d
-    return lam * inv + mu * (var(z1) + var(z2)) + nu * (cov(z1) + cov(z2))
+    return lam * inv + mu * (var(z1) + var(z2)) / 2 + nu * (cov(z1) + cov(z2))  # the official code averages v
 
 
 def ref_dino(s: np.ndarray, t: np.ndarray, c: np.ndarray, tau_s: float, tau_t: float, views: int) -> float:
@@ -142,9 +142,9 @@ def test_vicreg_equals_its_reference_and_closed_forms():
     q = q - q.mean(0)
     q = torch.linalg.qr(q)[0] * 3 * math.sqrt(15)  # orthogonal columns of unbiased std 3
     assert float(vicreg_loss(q, q)) == pytest.approx(0.0, abs=1e-9)
-    # a collapsed branch: every column constant, the variance term is 1 - sqrt(eps) per branch
+    # both branches collapsed: every column constant, the variance term is 1 - sqrt(eps) per branch, averaged
     c = torch.ones(8, 3, dtype=torch.float64)
-    assert float(vicreg_loss(c, c)) == pytest.approx(25 * 2 * (1 - math.sqrt(1e-4)), rel=1e-12)
+    assert float(vicreg_loss(c, c)) == pytest.approx(25 * (1 - math.sqrt(1e-4)), rel=1e-12)
     assert torch.autograd.gradcheck(lambda a, b: vicreg_loss(a, b),
                                     (rand(6, 3, seed=3).requires_grad_(), rand(6, 3, seed=4).requires_grad_()))
 

@@ -105,7 +105,8 @@ def run_methods(_: None) -> int:
     from ..objectives import methods
 
     for name, m in sorted(methods().items()):
-        print(f"{name:16s} {m.summary}")
+        recipe = f"; recipe: {m.recipe.source.split(' (')[0]}" if m.recipe is not None else ""
+        print(f"{name:16s} {m.summary}{recipe}")
     return 0
 
 

@@ -11,9 +11,10 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from . import barlow_twins, byol, dino, moco, simclr, simsiam, vicreg
 from .barlow_twins import BarlowTwins, BarlowTwinsSettings
 from .byol import BYOL, BYOLSettings
-from .contract import BuildContext, EpochContext, FromSettings, Method, Objective
+from .contract import BuildContext, EpochContext, FromSettings, Method, Objective, OwnHeads, Recipe
 from .deepcluster import DeepCluster, DeepClusterSettings
 from .dino import DINO, DINOSettings
 from .exemplar import Exemplar, ExemplarSettings
@@ -45,19 +46,19 @@ for _m in (
     Method("deepcluster", "DeepCluster: k-means pseudo-labels every epoch, cross-entropy with a fresh head",
            DeepClusterSettings, DeepCluster.from_settings),
     Method("simclr", "SimCLR: NT-Xent over the gathered batch of MLP projections (tau 0.5)", SimCLRSettings,
-           SimCLR.from_settings, embedding="backbone"),
-    Method("moco", "MoCo v2: a momentum key encoder, a queue of 4,096 keys, an MLP projector (tau 0.2)",
-           MoCoSettings, MoCo.from_settings, embedding="backbone"),
-    Method("byol", "BYOL: predict an EMA target's projection of the other view (momentum 0.996 to 1)",
-           BYOLSettings, BYOL.from_settings, embedding="backbone"),
+           SimCLR.from_settings, embedding="backbone", recipe=simclr.RECIPE),
+    Method("moco", "MoCo v2: a momentum key encoder, a queue of keys, a symmetric InfoNCE", MoCoSettings,
+           MoCo.from_settings, embedding="backbone", recipe=moco.RECIPE),
+    Method("byol", "BYOL: predict an EMA target's projection of the other view", BYOLSettings, BYOL.from_settings,
+           embedding="backbone", recipe=byol.RECIPE),
     Method("simsiam", "SimSiam: a predictor and a stop-gradient, no negatives", SimSiamSettings,
-           SimSiam.from_settings, embedding="backbone"),
-    Method("barlow-twins", "Barlow Twins: the views' cross-correlation pushed to the identity (lambda 0.0051)",
-           BarlowTwinsSettings, BarlowTwins.from_settings, embedding="backbone"),
+           SimSiam.from_settings, embedding="backbone", recipe=simsiam.RECIPE),
+    Method("barlow-twins", "Barlow Twins: the views' cross-correlation pushed to the identity", BarlowTwinsSettings,
+           BarlowTwins.from_settings, embedding="backbone", recipe=barlow_twins.RECIPE),
     Method("vicreg", "VICReg: variance, invariance and covariance terms (25, 25, 1)", VICRegSettings,
-           VICReg.from_settings, embedding="backbone"),
-    Method("dino", "DINO: match an EMA teacher's centred, sharpened outputs; 2 global + 6 local views", DINOSettings,
-           DINO.from_settings, embedding="backbone"),
+           VICReg.from_settings, embedding="backbone", recipe=vicreg.RECIPE),
+    Method("dino", "DINO: match an EMA teacher's centred, sharpened outputs, multi-crop on request", DINOSettings,
+           DINO.from_settings, embedding="backbone", recipe=dino.RECIPE),
 ):
     register(_m)
 
@@ -84,5 +85,5 @@ class MethodConfig:
 
 __all__ = ["BYOL", "BarlowTwins", "BuildContext", "DINO", "DeepCluster", "EpochContext", "Exemplar",
            "FromSettings", "InvariantSpreading", "MemoryBank", "Method", "MethodConfig", "MoCo", "NCE", "NPSoftmax",
-           "NoTraining", "Objective", "SimCLR", "SimSiam", "Triplet", "VICReg", "build_objective", "get_method",
-           "method_fields", "methods", "register"]
+           "NoTraining", "Objective", "OwnHeads", "Recipe", "SimCLR", "SimSiam", "Triplet", "VICReg",
+           "build_objective", "get_method", "method_fields", "methods", "register"]

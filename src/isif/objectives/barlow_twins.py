@@ -5,9 +5,10 @@ pushed to the identity.
     C = zn_1^T zn_2 / B                                   (d x d)
     loss = sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2
 
-The paper's settings are for ImageNet (projector 3 x 8192, lambda 5e-3); it gives none for CIFAR-10. The defaults
-here are the common CIFAR-10 ones (a 3-layer projector of 2048, lambda 0.0051, as solo-learn's CIFAR recipe):
-an assumption, said so. Each view goes through the projector on its own (the reference does), so BatchNorm
+The paper's settings are for ImageNet (projector 3 x 8192, lambda 5e-3, LARS); it gives none for CIFAR-10. The
+loss is unscaled, as the official code's and lightly's. The recipe is lightly's CIFAR-10 benchmark
+(BarlowTwinsModel): a 2-layer projector 2048 -> 2048, lambda 5e-3, BYOLTransform without blur (solarisation on the
+second view), SGD 0.06 x B/128. Each view goes through the projector on its own (the reference does), so BatchNorm
 statistics are per view. The embedding is the pooled backbone feature, as the paper evaluates it.
 """
 
@@ -16,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..base.settings import POSITIVE, at_least, setting
-from .contract import BuildContext, EpochContext, FromSettings, checked
+from .contract import BuildContext, OwnHeads, Recipe, checked, per_view
 from .heads import mlp
+from .recipes import LIGHTLY_BYOL_VIEWS, LIGHTLY_SGD
 
 EPS = 1e-5
 
@@ -44,40 +45,46 @@ class BarlowTwinsSettings:
     proj_hidden: int | None = setting(2048, "projector hidden width (none: the backbone's width)",
                                       check=at_least(1))
     proj_dim: int = setting(2048, "projection width", check=at_least(1))
-    loss_scale: float = setting(0.01, "factor on the loss before the backward pass: its d diagonal terms make it "
-                                      "~d, and the references step it with LARS; scaled, the run's SGD --lr applies",
-                                check=POSITIVE)
+    proj_layers: int = setting(3, "projector depth in Linear layers (the paper: 3; lightly's CIFAR-10: 2)",
+                               check=at_least(1))
+    loss_scale: float = setting(1.0, "factor on the loss before the backward pass (the official code and lightly: "
+                                     "1)", check=POSITIVE)
 
 
-def per_view(head: nn.Module, h: torch.Tensor, views: int) -> list[torch.Tensor]:
-    """``head`` applied to each view's rows on its own (BatchNorm statistics per view, as the references do)."""
-    return [head(c) for c in h.chunk(views)]
+RECIPE = Recipe("lightly's CIFAR-10 benchmark (BarlowTwinsModel: projector (512, 2048, 2048), BarlowTwinsLoss "
+                "lambda 5e-3 unscaled, BYOLTransform without blur, SGD 0.06 x B/128)",
+                {**LIGHTLY_BYOL_VIEWS, **LIGHTLY_SGD, "method.redundancy_weight": 0.005, "method.proj_hidden": 2048,
+                 "method.proj_dim": 2048, "method.proj_layers": 2, "method.loss_scale": 1.0}, lr=0.06, lr_batch=128)
 
 
-class BarlowTwins(FromSettings, nn.Module):
-    """Barlow Twins on a 3-layer MLP projection. Shape: h (2B, F), rows i and B+i the two views of instance i."""
+def projector(features: int, hidden: int | None, out: int, layers: int):
+    """An MLP of ``layers`` Linear layers: ``hidden`` wide (the backbone's width when None), then ``out``."""
+    return mlp([features] + [hidden or features] * (layers - 1) + [out])
 
-    views = ("augment", "augment")
-    input = "backbone"
-    embedding = "backbone"
 
-    def __init__(self, features: int, lambd: float = 0.0051, proj_hidden: int = 2048, proj_dim: int = 2048,
-                 loss_scale: float = 0.01) -> None:
-        self._setup(checked(BarlowTwinsSettings(lambd, proj_hidden, proj_dim, loss_scale)),
-                    BuildContext(1, features=features))
+class ProjectedPair(OwnHeads):
+    """The two views through one MLP projector, each on its own (Barlow Twins, VICReg): its settings (``Settings``)
+    have ``proj_hidden``, ``proj_dim`` and ``proj_layers``. Shape: h (2B, F), rows i and B+i the views of i."""
 
-    def _setup(self, s: BarlowTwinsSettings, ctx: BuildContext) -> None:
-        nn.Module.__init__(self)
-        self.lambd, self.scale = s.redundancy_weight, s.loss_scale
-        self.projector = mlp([ctx.features, s.proj_hidden or ctx.features, s.proj_hidden or ctx.features, s.proj_dim])
+    Settings: type
 
-    def networks(self, h: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Every network the method runs on the features, without its loss (``isif bench``'s limit)."""
-        return torch.cat(per_view(self.projector, h, 2))
+    def __init__(self, features: int, **settings) -> None:
+        self._setup(checked(self.Settings(**settings)), BuildContext(1, features=features))
 
-    def forward(self, h: torch.Tensor, instance_idx: torch.Tensor | None = None) -> torch.Tensor:
-        z1, z2 = per_view(self.projector, h, 2)
-        return self.scale * barlow_twins_loss(z1, z2, self.lambd)
+    def _setup(self, s, ctx: BuildContext) -> None:
+        OwnHeads.__init__(self)
+        self.s = s
+        self.projector = projector(ctx.features, s.proj_hidden, s.proj_dim, s.proj_layers)
 
-    def on_epoch_start(self, ctx: EpochContext) -> None:
-        pass
+    def outputs(self, h: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        z1, z2 = per_view(self.projector, h)
+        return z1, z2
+
+
+class BarlowTwins(ProjectedPair):
+    """Barlow Twins on an MLP projection."""
+
+    Settings = BarlowTwinsSettings
+
+    def loss(self, out: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.s.loss_scale * barlow_twins_loss(*out, self.s.redundancy_weight)

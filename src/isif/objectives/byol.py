@@ -2,12 +2,13 @@
 
     loss = sum over the two orderings (v, v') of  mean_i [ 2 - 2 cos(q(z_v,i), sg(z'_v',i)) ]
     z_v = projector(backbone(x_v)) online;  z'_v = the target's (EMA of the online backbone and projector)
-    target <- m target + (1 - m) online after every step, m = 1 - (1 - m0)(cos(pi k/K) + 1)/2
+    target <- m target + (1 - m) online after every step, m = 1 - (1 - m0)(cos(pi k/K) + 1)/2 (or m0 throughout)
 
-The paper's settings: projector and predictor 4096 -> 256, m0 = 0.996, the symmetric loss. It pretrains on ImageNet
-only (CIFAR-10 appears as transfer), so these are its ImageNet values; lightly's and solo-learn's CIFAR recipes use
-the same heads with m0 0.99. The target gets no gradient (its parameters are buffers). The embedding is the pooled
-backbone feature of the online network.
+The loss is the paper's and its official code's. lightly writes it 0.5 sum(-cos): the same gradient divided by 4,
+so its recipe (lightly's CIFAR-10 benchmark: SGD 0.06 x B/128, momentum 0.99 held constant, heads 1024 -> 256,
+BYOLTransform without blur) takes ``loss_scale`` 0.25, which makes every step equal to lightly's. The paper's own
+settings are ImageNet's: heads 4096 -> 256, m0 0.996 with the cosine schedule, LARS. The target gets no gradient
+(its parameters are buffers). The embedding is the pooled backbone feature of the online network.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base.settings import FRACTION, at_least, setting
-from .barlow_twins import per_view
-from .contract import BuildContext, EpochContext, FromSettings, checked
+from ..base.settings import FRACTION, POSITIVE, at_least, one_of, setting
+from .contract import BuildContext, OwnHeads, Recipe, checked, per_view
 from .heads import mlp
-from .momentum import MomentumTarget, cosine_momentum
+from .momentum import SCHEDULES, MomentumTarget, WithTarget, momentum_at
+from .recipes import LIGHTLY_BYOL_VIEWS, LIGHTLY_SGD
 
 
 def byol_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
@@ -34,60 +35,52 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Te
 
 @dataclass
 class BYOLSettings:
-    target_momentum: float = setting(0.996, "the target's base EMA momentum m0 (cosine schedule to 1)", check=FRACTION)
+    target_momentum: float = setting(0.996, "the target's base EMA momentum m0", check=FRACTION)
+    momentum_schedule: str = setting("cosine", "cosine (m0 to 1 over the run, the paper's) or constant (m0)",
+                                     check=one_of(*SCHEDULES))
     proj_hidden: int | None = setting(4096, "projector and predictor hidden width (none: the backbone's width)",
                                       check=at_least(1))
     proj_dim: int = setting(256, "projection width", check=at_least(1))
+    loss_scale: float = setting(1.0, "factor on the loss before the backward pass (lightly's 0.5 sum(-cos) is the "
+                                     "paper's loss x 0.25)", check=POSITIVE)
 
 
-class BYOL(FromSettings, nn.Module):
+RECIPE = Recipe("lightly's CIFAR-10 benchmark (BYOLModel: heads (512, 1024, 256), momentum 0.99 held constant, "
+                "0.5 sum(-cos), BYOLTransform without blur, SGD 0.06 x B/128)",
+                {**LIGHTLY_BYOL_VIEWS, **LIGHTLY_SGD, "method.target_momentum": 0.99,
+                 "method.momentum_schedule": "constant", "method.proj_hidden": 1024, "method.proj_dim": 256,
+                 "method.loss_scale": 0.25}, lr=0.06, lr_batch=128)
+
+
+class BYOL(WithTarget, OwnHeads):
     """BYOL. Shape: h (2B, F) online backbone features; the target's, (2B, F), from ``target_features``."""
 
-    views = ("augment", "augment")
-    input = "backbone"
-    embedding = "backbone"
-    target_views = (0, 1)
-
-    def __init__(self, backbone: nn.Module, features: int, total_steps: int, target_momentum: float = 0.996,
-                 proj_hidden: int = 4096, proj_dim: int = 256) -> None:
-        self._setup(checked(BYOLSettings(target_momentum, proj_hidden, proj_dim)),
+    def __init__(self, backbone: nn.Module, features: int, total_steps: int, **settings) -> None:
+        self._setup(checked(BYOLSettings(**settings)),
                     BuildContext(1, features=features, backbone=backbone, total_steps=total_steps))
 
     def _setup(self, s: BYOLSettings, ctx: BuildContext) -> None:
-        nn.Module.__init__(self)
+        OwnHeads.__init__(self)
         if ctx.backbone is None:
             raise ValueError("BYOL needs the network to copy as its target")
-        self.base_momentum, self.total_steps = s.target_momentum, ctx.total_steps
+        self.s, self.total_steps = s, ctx.total_steps
         self.projector = mlp([ctx.features, s.proj_hidden or ctx.features, s.proj_dim])
         self.predictor = mlp([s.proj_dim, s.proj_hidden or ctx.features, s.proj_dim])
         self.target = MomentumTarget(ctx.backbone, self.projector)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
-    @torch.no_grad()
-    def target_features(self, online_backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        self.target.follow_modes(online_backbone, self.projector)
-        return self.target.backbone(x)
-
-    def networks(self, h: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Every network the method runs on the features (the target's projector included), without its loss."""
-        with torch.no_grad():
-            per_view(self.target.head, target, 2)
-        return torch.cat([self.predictor(z) for z in per_view(self.projector, h, 2)])
-
-    def forward(self, h: torch.Tensor, instance_idx: torch.Tensor | None = None,
-                target: torch.Tensor | None = None) -> torch.Tensor:
-        z1, z2 = per_view(self.projector, h, 2)
-        with torch.no_grad():
-            t1, t2 = per_view(self.target.head, target, 2)
-        return byol_loss(self.predictor(z1), self.predictor(z2), t1, t2)
+    def online_head(self) -> nn.Module:
+        return self.projector
 
     def momentum(self) -> float:
-        return cosine_momentum(self.base_momentum, int(self.steps), self.total_steps)
+        return momentum_at(self.s.target_momentum, self.s.momentum_schedule, int(self.steps), self.total_steps)
 
-    @torch.no_grad()
-    def after_step(self, online_backbone: nn.Module) -> None:
-        self.target.update(online_backbone, self.projector, self.momentum())
-        self.steps += 1
+    def outputs(self, h: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """(p1, p2, t1, t2): the online predictions and the target's projections of each view."""
+        p1, p2 = (self.predictor(z) for z in per_view(self.projector, h))
+        with torch.no_grad():
+            t1, t2 = per_view(self.target.head, target)
+        return p1, p2, t1, t2
 
-    def on_epoch_start(self, ctx: EpochContext) -> None:
-        pass
+    def loss(self, out: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.s.loss_scale * byol_loss(*out)

@@ -61,6 +61,14 @@ Barlow Twins, VICReg) own networks on top of the backbone and say so:
   them as ``objective(h, idx, target=...)``. ``after_step(online_backbone)``
   is called after every optimiser step (the EMA update). The target's
   weights, the queue and the step counter are buffers: checkpoints carry them.
+- ``outputs(h, target=None)`` and ``loss(outputs)``: a method with heads of its own runs every network it
+  owns in ``outputs`` (the heads on ``h``, a momentum target's head on ``target``) and computes its loss as a
+  pure function of what ``outputs`` returned (a tensor or a tuple of tensors); ``forward`` is the two in turn,
+  then ``after_loss(outputs)`` (MoCo's queue, DINO's centre). ``isif bench`` times ``outputs`` as the limit of
+  the step. ``OwnHeads`` below is that shape with its defaults; the successors derive from it.
+- a recipe (``Method.recipe``): the method's own training defaults, a ``Recipe`` of config settings (its
+  augmentation per view, optimiser, weight decay, heads) and a learning rate at a reference batch size,
+  applied over the run's preset unless the run asks for ``--recipe shared``; the user's flags override it.
 - views of several sizes (multi-crop, DINO): a view name other than
   ``"augment"`` and ``"plain"`` is a key of the objective's ``crops``, a
   ``Crop`` (its side and crop area). The loop augments each kind of view
@@ -77,6 +85,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
+from torch import nn
 
 from ..base.settings import check_fields
 
@@ -108,6 +117,7 @@ class BuildContext:
     features: int = 0  # the backbone's pooled feature width (the input of a method's own heads)
     backbone: Any = None  # the online backbone (an nn.Module) a momentum target starts as a copy of
     total_steps: int = 0  # optimiser steps of the whole run (BYOL's momentum schedule)
+    steps_per_epoch: int = 0  # optimiser steps of one epoch (DINO's frozen last layer)
 
 
 @runtime_checkable
@@ -122,6 +132,25 @@ class Objective(Protocol):
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """A method's own training defaults: config settings ``{"section.field": value}`` applied over the run's preset
+    (the user's flags still win), and its learning rate ``lr`` for a batch of ``lr_batch`` instances, scaled
+    linearly with the run's batch (``lr_batch`` None: not scaled). ``source`` names where they come from."""
+
+    source: str
+    settings: dict[str, Any]
+    lr: float | None = None
+    lr_batch: int | None = None
+
+    def changes(self, batch_size: int) -> dict[str, Any]:
+        """The settings this recipe gives a run of ``batch_size`` instances a step."""
+        out = dict(self.settings)
+        if self.lr is not None:
+            out["optim.lr"] = self.lr * (batch_size / self.lr_batch if self.lr_batch else 1.0)
+        return out
+
+
+@dataclass(frozen=True)
 class Method:
     """One registry entry: a training method."""
 
@@ -132,6 +161,7 @@ class Method:
     trains: bool = True  # False: no optimisation step; the run evaluates the untrained network once
     embedding: str | Callable[[Any], str] = "head"  # what the trained network's embedding is: "head" (128-d) or
     # "backbone" (pooled); or a function of the settings (ISIF's --projector mlp embeds with the backbone)
+    recipe: Recipe | None = None  # its own augmentation, optimiser and heads (None: the run's preset is its recipe)
 
     def embedding_of(self, settings: Any = None) -> str:
         """The declared embedding of a run with ``settings`` (default: the method's defaults)."""
@@ -205,3 +235,39 @@ class FromSettings:
         obj = cls.__new__(cls)
         obj._setup(settings, ctx)
         return obj
+
+
+class OwnHeads(FromSettings, nn.Module):
+    """A method with networks of its own on the pooled backbone features (``input = "backbone"``): ``outputs``
+    runs them, ``loss`` is a pure function of what it returns, ``after_loss`` updates state (a queue, a centre)
+    while training. Two augmented views and the backbone embedding unless a method says otherwise."""
+
+    views: tuple[str, ...] = ("augment", "augment")
+    input = "backbone"
+    embedding = "backbone"
+
+    def outputs(self, h: torch.Tensor, target: torch.Tensor | None = None) -> Any:
+        raise NotImplementedError
+
+    def loss(self, out: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_loss(self, out: Any) -> None:
+        """State that follows the batch (in training only); nothing by default."""
+
+    def forward(self, h: torch.Tensor, instance_idx: torch.Tensor | None = None,
+                target: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.outputs(h, target)
+        loss = self.loss(out)
+        if self.training:
+            with torch.no_grad():
+                self.after_loss(out)
+        return loss
+
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        """Nothing to do per epoch."""
+
+
+def per_view(head: nn.Module, h: torch.Tensor, views: int = 2) -> list[torch.Tensor]:
+    """``head`` applied to each view's rows on its own (BatchNorm statistics per view, as the references do)."""
+    return [head(c) for c in h.chunk(views)]

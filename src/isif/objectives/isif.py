@@ -143,7 +143,7 @@ class InvariantSpreading(FromSettings, nn.Module):
         return (f"temperature={self.temperature}, variant={self.variant!r}, neg_weight={self.neg_weight}, "
                 f"negatives={self.negatives!r}")
 
-    def networks(self, h: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    def outputs(self, h: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         """With ``--projector mlp``: the projector, the one network the method runs on the features (the bench)."""
         return self.projector(h)
 

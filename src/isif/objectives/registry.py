@@ -38,13 +38,14 @@ def method_fields(name: str) -> set[str]:
 
 def build_objective(name: str, num_instances: int = 1, dim: int = 128, seed: int = 0, settings: Any = None,
                     engine: str = "torch", features: int = 0, backbone: nn.Module | None = None,
-                    total_steps: int = 0, **overrides) -> nn.Module:
+                    total_steps: int = 0, steps_per_epoch: int = 0, **overrides) -> nn.Module:
     """The objective (an ``nn.Module``, called as ``loss = objective(z, instance_idx)``) of method ``name``, from
     its settings (default: the method's defaults) with ``overrides``.
 
     ``num_instances`` is the training-set size (memory banks, one weight per instance), ``dim`` the embedding
     size, ``seed`` and ``engine`` DeepCluster's k-means; ``features`` the backbone's width (the input of a
-    method's own heads), ``backbone`` the network a momentum target copies, ``total_steps`` the run's length.
+    method's own heads), ``backbone`` the network a momentum target copies, ``total_steps`` and
+    ``steps_per_epoch`` the run's length and its epochs' in optimiser steps.
     ``z`` holds the views of the batch's B instances,
     (V*B, D), view v of instance i at row v*B + i; ``objective.views`` says how many views and which.
 
@@ -64,7 +65,8 @@ def build_objective(name: str, num_instances: int = 1, dim: int = 128, seed: int
                         f"{', '.join(sorted(method_fields(name))) or 'none'}")
     s = dataclasses.replace(s, **overrides)
     check_fields(s, flags=False)
-    obj = m.build(s, BuildContext(num_instances, dim, seed, engine, features, backbone, total_steps))
+    obj = m.build(s, BuildContext(num_instances, dim, seed, engine, features, backbone, total_steps,
+                                     steps_per_epoch))
     if not isinstance(obj, Objective):
         raise TypeError(f"method {name}: {type(obj).__name__} does not follow the objective contract (views, "
                         "on_epoch_start)")

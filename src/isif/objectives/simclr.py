@@ -6,9 +6,8 @@ are its negatives:
     l(i) = -log( exp(s(i, i+) / tau) / sum_{k != i} exp(s(i, k) / tau) ),   s = cosine,   loss = mean over 2B.
 
 The projector is the paper's: a 2-layer MLP (hidden width the backbone's, output 128), applied to both views at once
-(the reference concatenates them, so its BatchNorm sees 2B rows). CIFAR-10 settings of the paper (Appendix B.9):
-temperature 0.5, batch 1024 with LARS; the optimiser here is the run's (see the README's race for what differs).
-The embedding is the pooled backbone feature, as the paper evaluates it.
+(the reference concatenates them, so its BatchNorm sees 2B rows); temperature 0.5, the paper's CIFAR-10 value.
+Its recipe is lightly's CIFAR-10 benchmark (SimCLRModel). The embedding is the pooled backbone feature.
 """
 
 from __future__ import annotations
@@ -17,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..base.settings import POSITIVE, at_least, setting
-from .contract import BuildContext, EpochContext, FromSettings, checked
+from .contract import BuildContext, OwnHeads, Recipe, checked
 from .heads import mlp
+from .recipes import LIGHTLY_SGD, LIGHTLY_SIMCLR_VIEWS
 
 
 def nt_xent(p: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -42,31 +41,26 @@ class SimCLRSettings:
     proj_dim: int = setting(128, "projection width", check=at_least(1))
 
 
-class SimCLR(FromSettings, nn.Module):
-    """NT-Xent on a 2-layer MLP projection of the backbone features.
+RECIPE = Recipe("lightly's CIFAR-10 benchmark (SimCLRModel: SimCLRProjectionHead(512, 512, 128), SimCLRTransform "
+                "with cj_strength 0.5 and no blur, SGD 0.06 x B/128)",
+                {**LIGHTLY_SIMCLR_VIEWS, **LIGHTLY_SGD, "method.proj_hidden": 512, "method.proj_dim": 128},
+                lr=0.06, lr_batch=128)
 
-    Shape: h (2B, F) pooled backbone features, rows i and B+i the two views of instance i.
-    """
 
-    views = ("augment", "augment")
-    input = "backbone"
-    embedding = "backbone"
+class SimCLR(OwnHeads):
+    """NT-Xent on a 2-layer MLP projection. Shape: h (2B, F) pooled backbone features, rows i and B+i the two views
+    of instance i."""
 
-    def __init__(self, features: int, temperature: float = 0.5, proj_hidden: int | None = None,
-                 proj_dim: int = 128) -> None:
-        self._setup(checked(SimCLRSettings(temperature, proj_hidden, proj_dim)), BuildContext(1, features=features))
+    def __init__(self, features: int, **settings) -> None:
+        self._setup(checked(SimCLRSettings(**settings)), BuildContext(1, features=features))
 
     def _setup(self, s: SimCLRSettings, ctx: BuildContext) -> None:
-        nn.Module.__init__(self)
+        OwnHeads.__init__(self)
         self.temperature = s.temperature
         self.projector = mlp([ctx.features, s.proj_hidden or ctx.features, s.proj_dim])
 
-    def networks(self, h: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Every network the method runs on the features, without its loss (``isif bench``'s limit)."""
+    def outputs(self, h: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         return self.projector(h)
 
-    def forward(self, h: torch.Tensor, instance_idx: torch.Tensor | None = None) -> torch.Tensor:
-        return nt_xent(self.projector(h), self.temperature)
-
-    def on_epoch_start(self, ctx: EpochContext) -> None:
-        pass
+    def loss(self, out: torch.Tensor) -> torch.Tensor:
+        return nt_xent(out, self.temperature)

@@ -3,8 +3,10 @@
     D(p, z) = -cos(p, stopgrad(z)),   loss = D(p1, z2) / 2 + D(p2, z1) / 2,   p_v = predictor(z_v), z_v = projector(h_v)
 
 The paper's CIFAR-10 setting (its Appendix): a 2-layer projector of output 2048 with BatchNorm on its output, a
-predictor 2048 -> 512 -> 2048 (the bottleneck), SGD with lr 0.03 x B/256, weight decay 5e-4. Each view goes through
-the heads on its own, as the reference does. The embedding is the pooled backbone feature.
+predictor 2048 -> 512 -> 2048 (the bottleneck), SGD with lr 0.03 x B/256, weight decay 5e-4. Its recipe here is
+lightly's CIFAR-10 benchmark (SimSiamModel), which keeps those heads and trains with SGD 0.06 (not scaled with the
+batch), SimSiamTransform without blur. Each view goes through the heads on its own, as the reference does. The
+embedding is the pooled backbone feature.
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..base.settings import at_least, setting
-from .barlow_twins import per_view
-from .contract import BuildContext, EpochContext, FromSettings, checked
+from .contract import BuildContext, OwnHeads, Recipe, checked, per_view
 from .heads import mlp
+from .recipes import LIGHTLY_SGD, LIGHTLY_SIMSIAM_VIEWS
 
 
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -34,29 +35,27 @@ class SimSiamSettings:
     pred_hidden: int = setting(512, "predictor bottleneck width", check=at_least(1))
 
 
-class SimSiam(FromSettings, nn.Module):
+RECIPE = Recipe("lightly's CIFAR-10 benchmark (SimSiamModel: projector 2048 with BatchNorm on its output, predictor "
+                "2048 -> 512 -> 2048, SimSiamTransform without blur, SGD 0.06 for any batch)",
+                {**LIGHTLY_SIMSIAM_VIEWS, **LIGHTLY_SGD, "method.proj_dim": 2048, "method.pred_hidden": 512},
+                lr=0.06)
+
+
+class SimSiam(OwnHeads):
     """SimSiam. Shape: h (2B, F) pooled backbone features, rows i and B+i the two views of instance i."""
 
-    views = ("augment", "augment")
-    input = "backbone"
-    embedding = "backbone"
-
-    def __init__(self, features: int, proj_dim: int = 2048, pred_hidden: int = 512) -> None:
-        self._setup(checked(SimSiamSettings(proj_dim, pred_hidden)), BuildContext(1, features=features))
+    def __init__(self, features: int, **settings) -> None:
+        self._setup(checked(SimSiamSettings(**settings)), BuildContext(1, features=features))
 
     def _setup(self, s: SimSiamSettings, ctx: BuildContext) -> None:
-        nn.Module.__init__(self)
+        OwnHeads.__init__(self)
         self.projector = mlp([ctx.features, s.proj_dim, s.proj_dim], bn_last=True)
         self.predictor = mlp([s.proj_dim, s.pred_hidden, s.proj_dim])
 
-    def networks(self, h: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Every network the method runs on the features, without its loss (``isif bench``'s limit)."""
-        return torch.cat([self.predictor(z) for z in per_view(self.projector, h, 2)])
+    def outputs(self, h: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """(p1, p2, z1, z2): the predictions and projections of each view."""
+        z1, z2 = per_view(self.projector, h)
+        return self.predictor(z1), self.predictor(z2), z1, z2
 
-    def forward(self, h: torch.Tensor, instance_idx: torch.Tensor | None = None) -> torch.Tensor:
-        z1, z2 = per_view(self.projector, h, 2)
-        p1, p2 = self.predictor(z1), self.predictor(z2)
-        return simsiam_loss(p1, p2, z1, z2)
-
-    def on_epoch_start(self, ctx: EpochContext) -> None:
-        pass
+    def loss(self, out: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return simsiam_loss(*out)

@@ -153,14 +153,19 @@ def _own_heads_pieces(parts, ready: torch.Tensor, idx: torch.Tensor):
             tf = target_of(obj, parts.model.backbone, ready)
         return h, tf.to(h.dtype)
 
+    def trained(h, tf) -> list[torch.Tensor]:
+        """What the method's networks output that a gradient flows back from (a target's outputs have none)."""
+        out = obj.outputs(h, tf)
+        return [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+
     h0, t0 = features()
-    grad = torch.randn_like(obj.networks(h0, t0)) * 1e-3
+    grads = [torch.randn_like(o) * 1e-3 for o in trained(h0, t0)]
     h_fixed, t_fixed = h0.detach(), (t0.detach() if t0 is not None else None)
 
     def limit() -> None:
         h, tf = features()
         parts.opt.zero_grad(set_to_none=True)
-        obj.networks(h, tf).backward(grad)
+        torch.autograd.backward(trained(h, tf), grads)
 
     def objective() -> None:
         h = h_fixed.clone().requires_grad_(True)

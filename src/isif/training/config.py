@@ -44,7 +44,7 @@ from .optim import OptimConfig
 from .runlog import LogConfig
 from .sampler import SamplerConfig
 
-VERSION = 2
+VERSION = 3
 
 
 @dataclass
@@ -62,6 +62,9 @@ class TrainConfig:
     deterministic: bool = setting(False, "deterministic algorithms (torch.use_deterministic_algorithms, no cuDNN "
                                          "benchmark): GPU runs resume bit-exact, slower", resume=True)
     sync_bn: bool = setting(False, "under torchrun on GPUs: BatchNorm statistics over the global batch")
+    recipe: str = setting("own", "own: each method trains with its recipe (its registry line: augmentation, "
+                                 "optimiser, learning rate, heads) over the preset; shared: every method with the "
+                                 "preset's", check=one_of("own", "shared"))
     checkpoint_every: int = setting(0, "also write the checkpoint every N optimiser steps inside an epoch (0: at "
                                        "epoch ends only): a resumed or restarted run then redoes at most N steps",
                                     check=at_least(0), resume=True)
@@ -125,8 +128,11 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> Config:
         d = dict(d)
-        if d.pop("version", 1) < 2:
+        version = d.pop("version", 1)
+        if version < 2:
             d = _migrate_v1(d)
+        if version < 3:
+            d = _migrate_v2(d)
         unknown = set(d) - set(SECTIONS) - {"preset"}
         if unknown:
             raise UserError(f"unknown config key {sorted(unknown)[0]!r}; known: preset, {', '.join(SECTIONS)}")
@@ -187,6 +193,23 @@ def _migrate_v1(d: dict) -> dict:
     d["eval"] = {new: train.pop(old) for old, new in _EVAL_V1.items() if old in train}
     if d.get("model", {}).get("weights") == "none":
         d["model"]["weights"] = None
+    return d
+
+
+_V2_METHODS = {"moco": {"symmetric": False, "projector_bn": True}}  # what runs made before version 3 trained with
+
+
+def _migrate_v2(d: dict) -> dict:
+    """A config from before the methods' own recipes: settings added since, at the values those runs used (MoCo:
+    the asymmetric loss and a BatchNorm in its projector), so an old run resumes and loads as it was; a method that
+    has a recipe now trained with the preset's then."""
+    from ..objectives import get_method
+
+    method = dict(d.get("method", {}))
+    name = method.get("name", "isif")
+    d = {**d, "method": {**_V2_METHODS.get(name, {}), **method}}
+    if name in methods() and get_method(name).recipe is not None:
+        d["train"] = {"recipe": "shared", **d.get("train", {})}
     return d
 
 

@@ -189,7 +189,16 @@ def race_configs(o: RaceOptions) -> dict[str, Any]:
 
     names = list(o.methods)
     check_methods(names)
-    configs = {n: resolve(o.preset, {**o.settings, "method.name": n}, strict_method=False) for n in names}
+    settings = dict(o.settings)
+    data = settings.get("data.path")
+    if data is not None and "data.dataset" not in settings:  # a folder in no labelled layout: unlabelled images
+        from ..data.registry import labelled_layout
+
+        if not Path(data).expanduser().exists():
+            raise UserError(f"--data {data}: no such file or folder")
+        if not labelled_layout(data):
+            settings["data.dataset"] = "unlabelled"
+    configs = {n: resolve(o.preset, {**settings, "method.name": n}, strict_method=False) for n in names}
     for cfg in configs.values():  # every run is checked before the first one trains
         if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
             raise UserError(f"--data {cfg.data.path}: no such file or folder")

@@ -1,8 +1,9 @@
 """Named presets: each a row of differences from its parent, one per table of the paper.
 
 ``resolve(name, overrides)`` builds the config: the defaults, then every row
-from the root down to ``name``, then a config file's settings (``isif train
---config``), then ``overrides`` (the command line's flags). A change of
+from the root down to ``name``, then the method's own recipe (its registry
+line's ``Recipe``, unless ``--recipe shared``), then a config file's settings
+(``isif train --config``), then ``overrides`` (the command line's flags). A change of
 ``method.name`` anywhere switches the method first; the other ``method.*``
 changes then apply to the chosen method wherever it has that setting (a
 preset's ``method.temperature`` reaches every method of a race that has a
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..base.errors import UserError
+from ..objectives import get_method
 from .config import Config
 
 
@@ -125,16 +127,27 @@ def lineage(name: str) -> list[Preset]:
 
 def resolve(name: str, overrides: dict[str, Any] | None = None, strict_method: bool = True,
             file: dict[str, Any] | None = None) -> Config:
-    """The config of preset ``name``, then a config file's settings ``file``, then ``overrides`` (the flags), each
-    {"section.field": value}.
+    """The config of preset ``name``, then the method's own recipe (unless ``train.recipe`` is "shared"), then a
+    config file's settings ``file``, then ``overrides`` (the flags), each {"section.field": value}.
 
     A method setting in ``overrides`` that the chosen method does not have is a UserError when
-    ``strict_method``; preset rows' and the file's method settings apply only where the method has them.
+    ``strict_method``; preset rows' and the file's method settings apply only where the method has them. The
+    recipe's learning rate follows the batch size the rest resolves to.
     """
     overrides = dict(overrides or {})
-    rows = [(k, v, False) for p in lineage(name) for k, v in p.changes.items()]
-    rows += [(k, v, False) for k, v in (file or {}).items()]
-    rows += [(k, v, True) for k, v in overrides.items()]
+    preset = [(k, v, False) for p in lineage(name) for k, v in p.changes.items()]
+    given = [(k, v, False) for k, v in (file or {}).items()] + [(k, v, True) for k, v in overrides.items()]
+    cfg = _apply(name, preset + given, strict_method)
+    recipe = get_method(cfg.method.name).recipe
+    if recipe is not None and cfg.train.recipe == "own":
+        own = [(k, v, False) for k, v in recipe.changes(cfg.train.batch_size).items()]
+        cfg = _apply(name, preset + own + given, strict_method)
+    _check_contradictions(cfg, {**(file or {}), **overrides})
+    return cfg
+
+
+def _apply(name: str, rows: list[tuple[str, Any, bool]], strict_method: bool) -> Config:
+    """A config of the defaults with ``rows`` (key, value, given by the user) set in order, the method first."""
     cfg = Config(preset=name)
     names = [v for k, v, _ in rows if k == "method.name"]
     if names:
@@ -151,6 +164,29 @@ def resolve(name: str, overrides: dict[str, Any] | None = None, strict_method: b
                 continue
             raise
     return cfg
+
+
+# a setting that only means something when another one says so: (setting, is it honoured, the fix)
+_NEEDS = (
+    ("optim.lars_eta", lambda c: c.optim.optimizer == "lars", "add --optimizer lars"),
+    ("optim.lars_clip", lambda c: c.optim.optimizer == "lars", "add --optimizer lars"),
+    ("augment.blur_sigma", lambda c: any(p > 0 for p in c.augment.blur_p), "add --blur-p P"),
+    ("augment.solarize_threshold", lambda c: any(p > 0 for p in c.augment.solarize_p), "add --solarize-p P"),
+    ("method.local_size", lambda c: getattr(c.method.settings, "local_crops", 0) > 0, "add --local-crops N"),
+)
+
+
+def _check_contradictions(cfg: Config, given: dict[str, Any]) -> None:
+    """Settings given at other than their defaults that the resolved run would ignore: a UserError naming the fix
+    (a run's recipe can turn off what a flag tunes: DINO's has no local views)."""
+    for key, honoured, fix in _NEEDS:
+        sec, name = key.split(".")
+        if key not in given or honoured(cfg) or not hasattr(cfg.section(sec), name):
+            continue
+        if given[key] != getattr(type(cfg.section(sec))(), name):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} has no effect in this run ({cfg.method.name}, recipe {cfg.train.recipe}); "
+                            f"{fix} or drop {flag}")
 
 
 def not_a_setting(key: str, method: str) -> str:

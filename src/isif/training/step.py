@@ -22,7 +22,7 @@ from torch import nn
 from ..base.device import autocast
 from ..base.dist import SINGLE, World, gather_views
 from ..base.errors import UserError
-from ..data.augment import BatchAugment, PlainTransform
+from ..data.augment import BatchAugment, PlainTransform, view_augment
 from ..data.input_spec import InputSpec
 from ..data.types import Splits
 from ..evaluate.protocol import Extractor
@@ -30,7 +30,7 @@ from ..models import build_model, input_recipe
 from ..objectives import build_objective
 from ..objectives.contract import Views, target_of
 from .config import Config
-from .optim import build_optimizer
+from .optim import build_optimizer, clip_gradients
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Parts:
     world: World = SINGLE
     probe: BatchAugment | None = None  # the label-free metrics' views: the default augmentation, for every run
     crops: dict[str, BatchAugment] = dataclasses.field(default_factory=dict)  # multi-crop: a view kind's own size
+    per_view: list[BatchAugment | None] = dataclasses.field(default_factory=list)  # each view's (None: plain)
 
     def view_sides(self) -> list[int]:
         """The side of each of the method's views, in order."""
@@ -119,15 +120,17 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    per_epoch = max(1, num_instances // t.batch_size)
     try:
-        steps = cfg.train.resolve_epochs(num_instances) * max(1, num_instances // t.batch_size)
+        steps = cfg.train.resolve_epochs(num_instances) * per_epoch
     except UserError:  # no epochs and no budget (a benchmark's parts): no schedule over the run to follow
         steps = 0
     try:
         objective = build_objective(cfg.method.name, num_instances, cfg.model.dim, t.seed,
                                     settings=cfg.method.settings, engine=cfg.eval.engine,
                                     features=int(getattr(model, "features", 0)),
-                                    backbone=getattr(model, "backbone", None), total_steps=steps).to(device)
+                                    backbone=getattr(model, "backbone", None), total_steps=steps,
+                                    steps_per_epoch=per_epoch).to(device)
     except ValueError as e:
         raise UserError(f"method {cfg.method.name}: {e}") from None
     if t.precision == "fp64":
@@ -148,8 +151,23 @@ def build_parts(cfg: Config, splits: Splits, num_instances: int, device: torch.d
         net = torch.compile(net)
     aug_gen = torch.Generator().manual_seed(t.seed + 2)
     crops = crop_augments(cfg.method.name, objective, augment)
+    per_view = view_augments(cfg, tuple(objective.views), augment, crops)
     return Parts(cfg, device, model, net, objective, opt, scaler, augment, plain, tuple(objective.views), aug_gen,
-                 spec, world, crops=crops)
+                 spec, world, crops=crops, per_view=per_view)
+
+
+def view_augments(cfg: Config, views: tuple[str, ...], augment: BatchAugment,
+                  crops: dict[str, BatchAugment]) -> list[BatchAugment | None]:
+    """The augmentation of each view in order (None for a plain one): its kind's, with the view's own blur and
+    solarisation probabilities (``--blur-p`` / ``--solarize-p``: one value, or one per view, the last one
+    repeated); more values than the method has views is a UserError."""
+    a = cfg.augment
+    for flag, values in (("--blur-p", a.blur_p), ("--solarize-p", a.solarize_p)):
+        if len(values) > max(1, len(views)):
+            raise UserError(f"{flag} has {len(values)} values but method {cfg.method.name} has {len(views)} views; "
+                            "give one value for every view, or one per view")
+    return [None if v == "plain" else view_augment(augment if v == "augment" else crops[v], a, i)
+            for i, v in enumerate(views)]
 
 
 def crop_augments(method: str, objective: nn.Module, augment: BatchAugment) -> dict[str, BatchAugment]:
@@ -223,12 +241,11 @@ def make_views(parts: Parts, x: torch.Tensor, gen: torch.Generator, second: torc
     b = x.shape[0]
     share = slice(w.rank * b, (w.rank + 1) * b)
     out = []
-    for i, v in enumerate(parts.views):
+    for i, aug in enumerate(parts.per_view):
         src = second if (i == 1 and second is not None) else x
-        if v == "plain":
+        if aug is None:
             out.append(parts.plain(src))
             continue
-        aug = parts.augment if v == "augment" else parts.crops[v]
         params = aug.sample(b * w.size, src.shape[2], src.shape[3], gen)
         out.append(aug.apply(src, params.select(share) if w.active else params))
     inps = [_layout(parts, g) for g in size_groups(out)]
@@ -292,6 +309,9 @@ def train_step(parts: Parts, x: torch.Tensor, idx: torch.Tensor, gen: torch.Gene
     """
     inp = make_views(parts, x, gen, second)
     loss, _ = forward_backward(parts, inp, idx)
+    if parts.cfg.optim.clip_grad is not None:
+        parts.scaler.unscale_(parts.opt)
+        clip_gradients(parts.cfg.optim, [p for g in parts.opt.param_groups for p in g["params"]])
     parts.scaler.step(parts.opt)
     parts.scaler.update()
     if hasattr(parts.objective, "after_step"):  # a momentum target follows the online network
