@@ -156,6 +156,20 @@ def test_every_method_satisfies_the_contract():
         assert m.embedding_of() == getattr(obj, "embedding", "head"), name  # the registry line says what it does
         if hasattr(obj, "target_features"):  # a momentum target: which views it sees, and its step after each step
             assert set(obj.target_views) <= set(range(len(obj.views))) and callable(obj.after_step), name
+        own_heads = getattr(obj, "input", "embedding") == "backbone" and name != "isif"
+        if own_heads:  # heads of its own: one shape, its networks apart from its loss
+            from isif.objectives import OwnHeads
+
+            assert isinstance(obj, OwnHeads) and type(obj).outputs is not OwnHeads.outputs, name
+            assert type(obj).loss is not OwnHeads.loss, name
+        if m.recipe is not None:  # a recipe sets only settings that exist, and says where it comes from
+            from isif.training.config import Config
+
+            cfg = Config()
+            cfg.set("method.name", name)
+            for key in m.recipe.changes(128):
+                cfg.get(key)
+            assert m.recipe.source, name
 
 
 def test_every_setting_has_one_flag_and_help():

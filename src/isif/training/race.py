@@ -164,7 +164,7 @@ def final_retrieval_table(histories: dict[str, list[dict]]) -> str:
 def write_race(histories: dict[str, list[dict]], out: Path, base: Config) -> None:
     t = base.train
     title = (f"{base.preset}: {base.model.arch} width {base.model.width}, batch {t.batch_size}, "
-             f"{t.precision}, seed {t.seed}")
+             f"{t.precision}, seed {t.seed}, {'each method its own recipe' if t.recipe == 'own' else 'one recipe'}")
     key, label = race_metric(histories)
     plot_race(histories, out / "race.png", title, key=key, label=label)
     text = f"{label} after each evaluated epoch; {title}\n\n" + race_table(histories)
