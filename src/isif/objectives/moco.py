@@ -12,10 +12,10 @@ no BatchNorm). The symmetric loss is the official MoCo CIFAR-10 notebook's and s
 queue of the earlier steps, then both keys enqueued (lightly's benchmark enqueues view 1's keys between its two
 halves, so its second half meets its own images' keys among the negatives); the backbone runs on both views either
 way, and the asymmetric loss uses half of that. The recipe is lightly's CIFAR-10 benchmark (MocoModel): tau 0.1, a
-queue of 4,096, m 0.99, projector 512 -> 128. lightly splits the backbone's BatchNorm 8 ways to imitate 8 GPUs and
-shuffles the keys' batch; here the key encoder's BatchNorm sees the process's whole batch (shuffling a batch that
-one BatchNorm normalises changes nothing). The queue is state: checkpoints carry it. The embedding is the pooled
-backbone feature of the online network.
+queue of 4,096, m 0.99, projector 512 -> 128. lightly also splits the backbone's BatchNorm 8 ways to imitate 8 GPUs
+and shuffles the keys' batch: ``--bn-splits 8`` (not in the recipe until raced); by default the key encoder's
+BatchNorm sees the process's whole batch (shuffling a batch that one BatchNorm normalises changes nothing). The
+queue is state: checkpoints carry it. The embedding is the pooled backbone feature of the online network.
 """
 
 from __future__ import annotations
@@ -58,11 +58,11 @@ class MoCoSettings:
 
 
 RECIPE = Recipe("lightly's CIFAR-10 benchmark (MocoModel: MoCoProjectionHead(512, 512, 128), NTXentLoss tau 0.1 with "
-                "a 4,096 memory bank, momentum 0.99, symmetric loss, SimCLRTransform, SGD 0.06 x B/128)",
+                "a 4,096 memory bank, momentum 0.99, symmetric loss, SimCLRTransform, SGD 0.06 x B/128; its BatchNorm "
+                "split 8 ways is --bn-splits 8, not in the recipe until raced)",
                 {**LIGHTLY_SIMCLR_VIEWS, **LIGHTLY_SGD, "method.temperature": 0.1, "method.queue": 4096,
                  "method.target_momentum": 0.99, "method.proj_hidden": 512, "method.proj_dim": 128,
-                 "method.symmetric": True, "method.projector_bn": False, "method.bn_splits": 8},
-                lr=0.06, lr_batch=128)
+                 "method.symmetric": True, "method.projector_bn": False}, lr=0.06, lr_batch=128)
 
 
 class MoCo(WithTarget, OwnHeads):
