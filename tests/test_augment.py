@@ -17,17 +17,19 @@ from isif.data.augment import (
     BatchAugment,
     CropParams,
     PlainTransform,
+    build_transforms,
+    resized_crop,
+    sample_crop_params,
+    sample_jitter_params,
+    view_augment,
+)
+from isif.data.pixels import (
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
     blur_kernel_size,
-    build_transforms,
     gaussian_blur,
-    resized_crop,
-    sample_crop_params,
-    sample_jitter_params,
-    view_augment,
 )
 from isif.data.types import ArrayDataset, Splits
 

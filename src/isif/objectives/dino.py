@@ -16,9 +16,8 @@ official code freezes it for the first epoch: ``--freeze-last-layer 1``; its gra
 ``--clip-grad``). The recipe is lightly's CIFAR-10 benchmark (DINOModel): two 32-px global views and no local
 ones, a 2-layer head with BatchNorm (2048 -> 256), K 2,048, tau_t 0.04 throughout, teacher momentum 0.99 held
 constant, solarisation on the second global view. The embedding is the student's pooled backbone feature, as
-lightly's benchmark evaluates it; with local views the student's BatchNorm statistics also come from them, and the
-per-view probabilities repeat their last value over them (the paper's views: ``--blur-p 1,0.1,0.5 --solarize-p
-0,0.2,0``).
+lightly's benchmark evaluates it; with local views its BatchNorm statistics also come from them (the paper's
+views: ``--blur-p 1,0.1,0.5 --solarize-p 0,0.2,0``).
 """
 
 from __future__ import annotations
