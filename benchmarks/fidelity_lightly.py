@@ -12,8 +12,9 @@ methods: simclr, moco, byol, simsiam, barlow-twins, dino. One after the other:
   losses, transforms and update_momentum / batch_shuffle: their training_step, SGD (lr 6e-2 * batch/128, SimSiam
   6e-2; momentum 0.9, wd 5e-4) and CosineAnnealingLR over the epochs stepped once an epoch. A plain PyTorch loop,
   no Lightning: per batch training_step, zero_grad, backward, step, as Lightning's automatic optimisation does.
-- side "isif": ``isif.training.loop.train`` of preset cifar10-race with the method and its own recipe (logger
-  none: no TensorBoard files), checked first (dry run) so that a method isif refuses on this data (MoCo's queue of
+- side "isif": ``isif.training.loop.train`` of preset cifar10-race with the method and its own recipe, or its
+  module's ``LIGHTLY_RECIPE`` where its own recipe is not lightly's (Barlow Twins) (logger none: no TensorBoard
+  files), checked first (dry run) so that a method isif refuses on this data (MoCo's queue of
   4096 needs at least 4096 training images) stops before anything trains.
 
 Writes DIR/fidelity-M-eE-sS.json (both sides, the machine) and .md (a table row per side), and isif's run folder.
@@ -290,7 +291,17 @@ def isif_config(a: argparse.Namespace, method: str):
         over["data.train_subset"] = a.train_subset
     if a.test_subset:
         over["data.test_subset"] = a.test_subset
+    over.update(lightly_match(method))
     return resolve("cifar10-race", over)
+
+
+def lightly_match(method: str) -> dict:
+    """The settings that make isif's side train with lightly's recipe where the method's own recipe is another
+    (its module's ``LIGHTLY_RECIPE``: Barlow Twins, whose own recipe is solo-learn's)."""
+    import importlib
+
+    match = getattr(importlib.import_module(f"isif.objectives.{method.replace('-', '_')}"), "LIGHTLY_RECIPE", None)
+    return match.changes(BATCH) if match else {}
 
 
 def knn_top1(model: nn.Module, sets, cfg, mean=None, std=None) -> float:
@@ -377,7 +388,8 @@ def run_isif(a: argparse.Namespace, method: str, cfg, sets, out: Path) -> dict:
     return {"side": "isif", "knn_top1": knn_top1(model, sets, cfg), "knn_top1_loop": last["knn_top1"],
             "train_s": seconds, "images_per_s": views / seconds, "instances_per_s": instances / seconds,
             "views": round(views / max(instances, 1)), "loss": last["loss"],
-            "recipe": f"isif cifar10-race {method} (train.recipe {getattr(cfg.train, 'recipe', 'own')}): "
+            "recipe": f"isif cifar10-race {method} (train.recipe {getattr(cfg.train, 'recipe', 'own')}"
+                      f"{', lightly-matched' if lightly_match(method) else ''}): "
                       f"{getattr(o, 'optimizer', 'sgd')} lr {o.lr:g} m {o.momentum:g} wd "
                       f"{o.weight_decay:g}, {o.schedule} warmup {o.warmup_epochs:g}, batch {cfg.train.batch_size}",
             "run": str(run)}

@@ -44,6 +44,21 @@ def test_the_recipe_lands_in_the_config_and_shared_keeps_the_presets(name):
     assert own.train.recipe == "own" and shared.train.recipe == "shared"
 
 
+def test_the_lightly_matched_recipes_resolve_and_differ_from_the_own_where_said():
+    """Barlow Twins trains with solo-learn's recipe (lightly's does not learn in 3 epochs here) and MoCo's without
+    split BatchNorm; their lightly-matched recipes (the side-by-side benchmark's) are settings that exist."""
+    from isif.objectives import barlow_twins, moco
+
+    bt = resolve("cifar10-race", {"method.name": "barlow-twins", **barlow_twins.LIGHTLY_RECIPE.changes(128)})
+    assert bt.optim.optimizer == "sgd" and bt.optim.lr == pytest.approx(0.06) and bt.method.settings.loss_scale == 1
+    own = resolve("cifar10-race", {"method.name": "barlow-twins"})
+    assert own.optim.optimizer == "lars" and own.method.settings.loss_scale == pytest.approx(0.1)
+    assert own.method.settings.proj_layers == 3 and own.augment.solarize_p == (0.0, 0.2)
+    m = resolve("cifar10-race", {"method.name": "moco", **moco.LIGHTLY_RECIPE.changes(128)})
+    assert m.method.settings.bn_splits == 8
+    assert resolve("cifar10-race", {"method.name": "moco"}).method.settings.bn_splits == 1
+
+
 def test_the_recipes_learning_rate_scales_with_the_batch_and_flags_win():
     assert resolve("cifar10-race", {"method.name": "byol"}).optim.lr == pytest.approx(0.06)
     assert resolve("cifar10-race", {"method.name": "byol", "train.batch_size": 256}).optim.lr == pytest.approx(0.12)

@@ -63,6 +63,9 @@ RECIPE = Recipe("lightly's CIFAR-10 benchmark (MocoModel: MoCoProjectionHead(512
                 {**LIGHTLY_SIMCLR_VIEWS, **LIGHTLY_SGD, "method.temperature": 0.1, "method.queue": 4096,
                  "method.target_momentum": 0.99, "method.proj_hidden": 512, "method.proj_dim": 128,
                  "method.symmetric": True, "method.projector_bn": False}, lr=0.06, lr_batch=128)
+# the same with lightly's split BatchNorm: what benchmarks/fidelity_lightly.py trains isif's side with
+LIGHTLY_RECIPE = Recipe(RECIPE.source, {**RECIPE.settings, "method.bn_splits": 8}, lr=RECIPE.lr,
+                        lr_batch=RECIPE.lr_batch)
 
 
 class MoCo(WithTarget, OwnHeads):
