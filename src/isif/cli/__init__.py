@@ -13,14 +13,14 @@ import argparse
 import sys
 
 from ..base.errors import UserError
-from .collection import CLUSTER, DUPLICATES, EMBED, EXPORT, EXPORT_EMBEDDINGS, INDEX, MAP, SEARCH
+from .collection import CLUSTER, DUPLICATES, EMBED, EXPORT, EXPORT_EMBEDDINGS, INDEX, LABEL, MAP, SEARCH, SELECT
 from .evaluate import EVAL, PLOT
 from .flags import Command, Parser
 from .serve import SERVE
 from .train import BENCH, METHODS, PRESETS, RACE, TRAIN
 
 COMMANDS: tuple[Command, ...] = (TRAIN, RACE, EVAL, BENCH, EMBED, INDEX, PLOT, SEARCH, SERVE, EXPORT,
-                                 EXPORT_EMBEDDINGS, CLUSTER, DUPLICATES, MAP, PRESETS, METHODS)
+                                 EXPORT_EMBEDDINGS, CLUSTER, DUPLICATES, MAP, SELECT, LABEL, PRESETS, METHODS)
 
 
 def build_parser() -> argparse.ArgumentParser:

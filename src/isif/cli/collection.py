@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..collection.label import LabelOptions
 from ..collection.options import (
     ClusterOptions,
     DuplicatesOptions,
@@ -17,6 +18,7 @@ from ..collection.options import (
     MapOptions,
     SearchOptions,
 )
+from ..collection.select import SelectOptions
 from .flags import Command
 
 
@@ -145,6 +147,38 @@ def run_export_embeddings(o: ExportEmbeddingsOptions) -> int:
     return 0
 
 
+def run_select(o: SelectOptions) -> int:
+    from ..collection.select import select_folder
+
+    r = select_folder(o)
+    how = f"{r.strategy} ({r.why})" if r.why else r.strategy
+    pool = f" of a seeded pool of {r.pool:,}" if r.pool < r.images else ""
+    around = f", around the {r.labelled_before:,} already labelled" if r.labelled_before else ""
+    extra = ""
+    if "radius" in r.detail:
+        extra = (f"; radius {r.detail['radius']:.3f} ({r.detail['pure_balls']:.0%} of the balls pure), "
+                 f"{r.detail['covered']:.0%} of the images covered")
+    print(f"picked {r.budget:,} of {r.images:,} images{pool}{around} by {how}{extra} -> {r.out}/selection.csv"
+          + (f" and selection.png (the first {r.drawn})" if r.drawn else ""))
+    return 0
+
+
+def run_label(o: LabelOptions) -> int:
+    from ..collection.label import label_folder
+
+    r = label_folder(o)
+    print(f"{len(r.classes)} classes, {r.given:,} images labelled by hand; {r.images - r.given:,} labelled by "
+          f"{r.predictor} ({r.why}) -> {r.out}/labels.csv")
+    if r.expected_accuracy is not None:
+        print(f"expected accuracy {r.expected_accuracy:.1%} (out-of-fold on the given labels), calibration error "
+              f"{r.ece:.3f}; {r.low_confidence:,} new labels under 0.5 confidence")
+        print(f"{r.flagged:,} given labels flagged as likely wrong -> {r.out}/suspects.csv (all given labels, the "
+              "likeliest wrong first)")
+        for path, given, suggested, score in r.worst:
+            print(f"  {score:.3f}  {path}: given {given}, looks like {suggested}")
+    return 0
+
+
 EMBED = Command("embed", "embed a folder of images: paths.txt and memory-mapped shards (resumable, incremental)",
                 run_embed, EmbedOptions)
 INDEX = Command("index", "a faiss index beside an embed folder, with its Recall@10 against exact search", run_index,
@@ -160,6 +194,10 @@ MAP = Command("map", "a map of an embed folder: thumbnails on a grid placed by U
               MapOptions)
 EXPORT = Command("export", "export the embedding network to TorchScript or ONNX, or its weights to safetensors, "
                            "checked to 1e-5", run_export, ExportOptions)
+SELECT = Command("select", "which images to label first, without labels (TypiClust, ProbCover, k-center, "
+                           "random): selection.csv, selection.png", run_select, SelectOptions)
+LABEL = Command("label", "a label for every image from a few given ones, with a calibrated confidence; the given "
+                         "labels likeliest wrong: labels.csv, suspects.csv", run_label, LabelOptions)
 EXPORT_EMBEDDINGS = Command("export-embeddings", "an embed folder as Parquet (path, embedding, cluster, duplicate "
                                                  "group) for DuckDB, pandas, LanceDB", run_export_embeddings,
                              ExportEmbeddingsOptions)

@@ -25,19 +25,27 @@ class LinearRecipe:
     seed: int = 0
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, recipe: LinearRecipe = LinearRecipe()) -> dict[str, float]:
-    """Train the probe on (train_x, train_y); return train and test top-1 in percent.
+@dataclass
+class Probe:
+    """A fitted probe: the standardisation and the linear layer; ``logits(x)`` for raw features."""
 
-    Shape: train_x (N, F), train_y (N,), test_x (M, F), test_y (M,). Rows with a
-    negative label (unlabelled images) are ignored.
-    """
+    mean: torch.Tensor
+    std: torch.Tensor
+    layer: torch.nn.Linear
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer((x.float().to(self.mean.device) - self.mean) / self.std)
+
+
+def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
+              recipe: LinearRecipe = LinearRecipe()) -> Probe:
+    """Train the probe on (train_x, train_y) by the module's recipe; rows with a negative label are ignored."""
     keep = train_y >= 0
     train_x, train_y = train_x[keep].float(), train_y[keep].long()
     mean = train_x.mean(0, keepdim=True)
-    std = train_x.std(0, keepdim=True).clamp_min(1e-6)
+    std = train_x.std(0, keepdim=True).clamp_min(1e-6) if len(train_x) > 1 else torch.ones_like(mean)
     xs = (train_x - mean) / std
-    xt = (test_x.float().to(xs.device) - mean) / std
     g = torch.Generator().manual_seed(recipe.seed)
     layer = torch.nn.Linear(xs.shape[1], num_classes).to(xs.device)
     with torch.no_grad():
@@ -61,7 +69,20 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    return Probe(mean, std, layer)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 num_classes: int, recipe: LinearRecipe = LinearRecipe()) -> dict[str, float]:
+    """Train the probe on (train_x, train_y); return train and test top-1 in percent.
+
+    Shape: train_x (N, F), train_y (N,), test_x (M, F), test_y (M,). Rows with a
+    negative label (unlabelled images) are ignored.
+    """
+    probe = fit_probe(train_x, train_y, num_classes, recipe)
+    keep = train_y >= 0
     with torch.no_grad():
-        train_acc = 100.0 * (layer(xs).argmax(1) == y).double().mean().item()
-        test_acc = 100.0 * (layer(xt).argmax(1).cpu() == test_y.cpu()).double().mean().item()
+        train_acc = 100.0 * (probe.logits(train_x[keep]).argmax(1) == train_y[keep].to(probe.mean.device)
+                             ).double().mean().item()
+        test_acc = 100.0 * (probe.logits(test_x).argmax(1).cpu() == test_y.cpu()).double().mean().item()
     return {"train_top1": train_acc, "test_top1": test_acc}

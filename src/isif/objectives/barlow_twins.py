@@ -8,8 +8,9 @@ pushed to the identity.
 The paper's settings are for ImageNet (projector 3 x 8192, lambda 5e-3, LARS); it gives none for CIFAR-10. The
 loss is unscaled by default, as the official code's and lightly's. The recipe is solo-learn's CIFAR config
 (LARS, the loss x 0.1, a 3-layer projector 2048 wide, solarisation on the second view); lightly's CIFAR-10 recipe
-(SGD 0.06, unscaled) is kept as ``LIGHTLY_RECIPE`` for the side-by-side benchmark. Each view goes through the projector on its own (the reference does), so BatchNorm
-statistics are per view. The embedding is the pooled backbone feature, as the paper evaluates it.
+(SGD 0.06, unscaled) is kept as ``LIGHTLY_RECIPE`` for the side-by-side benchmark. Each view goes through the
+projector on its own (the reference does), so BatchNorm statistics are per view. The embedding is the pooled
+backbone feature, as the paper evaluates it.
 """
 
 from __future__ import annotations
