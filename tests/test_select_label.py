@@ -277,3 +277,27 @@ def test_bad_input_is_one_line_and_exit_2(collection, tmp_path, capsys, argv, me
     assert main([a.format(**fmt) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_the_table_carries_rank_label_confidence_and_suspect_and_leaves_out_stale_files(collection, tmp_path,
+                                                                                       capsys):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (the parquet extra) is not installed")
+    d, root, paths, y = collection
+    f = tmp_path / "labels.csv"
+    f.write_text("path,label\n" + "".join(f"{paths[i]},{'xyz'[y[i]]}\n" for i in range(0, 60, 2)))
+    assert main(["select", str(d), "--budget", "5"]) == 0
+    assert main(["label", str(d), str(f)]) == 0
+    assert main(["export-embeddings", str(d)]) == 0
+    t = pq.read_table(d / "embeddings.parquet").to_pydict()
+    ranks = {r["path"]: int(r["rank"]) for r in csv.DictReader((d / "selection.csv").read_text().splitlines())}
+    assert {p: r for p, r in zip(t["path"], t["selection_rank"], strict=True) if r is not None} == ranks
+    assert t["label"] == ["xyz"[c] for c in y] and sum(t["label_given"]) == 30
+    assert [s is None for s in t["suspect_score"]] == [i % 2 == 1 for i in range(60)]
+    assert all(0 < c <= 1 for c in t["confidence"])
+    np.save(d / "features.npy", clusters((30, 20, 10), seed=11)[0])  # embedded again: other features
+    capsys.readouterr()
+    assert main(["export-embeddings", str(d)]) == 0
+    err = capsys.readouterr().err
+    assert "isif select" in err and "isif label" in err
+    names = pq.read_schema(d / "embeddings.parquet").names
+    assert not {"selection_rank", "label", "suspect_score"} & set(names)

@@ -10,8 +10,16 @@ One row per image, in paths.txt's order:
                                                     is there and made for these images
     duplicate_group  int32, null outside a group    ``isif duplicates``' group (0 the largest), when duplicates.csv
                                                     is there and made for these images
+    selection_rank   int32, null when not picked    ``isif select``'s rank (1 first), from selection.csv
+    label            string                         ``isif label``'s label (the given one where given), from
+                                                    labels.csv
+    confidence       float32                        its calibrated confidence
+    label_given      bool                           whether the label was given
+    suspect_score    float32, null where not given  1 - the out-of-fold probability of the given label, from
+                                                    suspects.csv
 
-The columns cluster and duplicate_group are present only when their file is. The file's key-value metadata
+Each column is present only when its file is, and was made from these features (a stale file is named in one
+warning line and left out, never mixed in). The file's key-value metadata
 ``isif`` holds the image root, the checkpoint and its sha256, the dimension and the number of images, so a reader
 knows what the vectors are. The file is written in row groups of ``ROW_GROUP`` rows, streamed from the
 memory-mapped features (memory stays at one row group, whatever the collection's size), to a temporary name and
@@ -56,16 +64,31 @@ def export_embeddings(embed_dir: str | Path, out: str | Path | None = None, row_
     output_dir(ed, target.parent)  # never inside the image folder (refused in one line)
     pa, pq = _pyarrow()
     n, d = ed.features.shape
-    columns = {}
+    from .label import read_labels_table
+    from .select import read_selection
+
+    columns: dict[str, tuple] = {}  # name -> (arrow type, values, null mask or None)
     clusters = read_clusters(ed, "the cluster column is left out")
     if clusters is not None:
-        columns["cluster"] = clusters.of.astype(np.int32)
+        columns["cluster"] = (pa.int32(), clusters.of.astype(np.int32), clusters.of < 0)
     groups = read_duplicates(ed, "the duplicate_group column is left out")
     if groups is not None:
-        columns["duplicate_group"] = groups.astype(np.int32)
+        columns["duplicate_group"] = (pa.int32(), groups.astype(np.int32), groups < 0)
+    ranks = read_selection(ed, "the selection_rank column is left out")
+    if ranks is not None:
+        rank = np.zeros(n, np.int32)
+        rank[list(ranks)] = list(ranks.values())
+        columns["selection_rank"] = (pa.int32(), rank, rank == 0)
+    labels = read_labels_table(ed, "the label columns are left out")
+    if labels is not None:
+        columns["label"] = (pa.string(), np.array(labels.label, dtype=object), None)
+        columns["confidence"] = (pa.float32(), labels.confidence.astype(np.float32), None)
+        columns["label_given"] = (pa.bool_(), labels.given, None)
+        if np.isfinite(labels.suspect).any():
+            columns["suspect_score"] = (pa.float32(), labels.suspect.astype(np.float32), ~np.isfinite(labels.suspect))
     fields = [pa.field("path", pa.string(), nullable=False),
               pa.field("embedding", pa.list_(pa.field("item", pa.float32(), nullable=False), d), nullable=False)]
-    fields += [pa.field(name, pa.int32()) for name in columns]
+    fields += [pa.field(name, kind) for name, (kind, _, _) in columns.items()]
     meta = {"root": str(ed.root), "checkpoint": ed.checkpoint, "checkpoint_sha256": ed.checkpoint_sha256,
             "dim": int(d), "images": int(n)}
     schema = pa.schema(fields, metadata={"isif": json.dumps(meta)})
@@ -76,9 +99,9 @@ def export_embeddings(embed_dir: str | Path, out: str | Path | None = None, row_
                 z = np.ascontiguousarray(ed.features[s:s + row_group], dtype=np.float32)
                 arrays = [pa.array(ed.paths[s:s + row_group], pa.string()),
                           pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1), pa.float32()), d)]
-                for v in columns.values():
-                    part = v[s:s + row_group]
-                    arrays.append(pa.array(part, pa.int32(), mask=part < 0))
+                for kind, v, null in columns.values():
+                    arrays.append(pa.array(v[s:s + row_group], kind,
+                                           mask=None if null is None else null[s:s + row_group]))
                 w.write_table(pa.Table.from_arrays(arrays, schema=schema))
 
     atomic_write_bytes(target, write)
