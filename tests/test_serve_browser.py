@@ -328,3 +328,57 @@ def test_the_map_tab_pans_zooms_and_searches_from_a_thumbnail(map_server):
         assert_another_site_cannot_show_the_images(driver, base, ("/api/map.png", f"/api/map.png?v={g['version']}"))
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def labels_server(run, tmp_path):  # noqa: F811
+    folder = photos(tmp_path / "photos", 30)
+    emb = tmp_path / "emb"
+    assert main(["embed", str(run), str(folder), "--out", str(emb), "--quiet", "--workers", "0"]) == 0
+    assert main(["select", str(emb), "--budget", "5", "--sheet", "0"]) == 0
+    paths = (emb / "paths.txt").read_text().split()
+    given = tmp_path / "given.csv"
+    given.write_text("path,label\n" + "".join(f"{p},{p.split('/')[0]}\n" for p in paths[::2]))
+    assert main(["label", str(emb), str(given)]) == 0
+    with serving(emb) as base:
+        yield base, emb
+
+
+def test_the_labels_tab_lists_label_next_suspects_and_one_label(labels_server, tmp_path):
+    base, emb = labels_server
+    ranked = [r.split(",")[1] for r in (emb / "selection.csv").read_text().split()[1:]]
+    suspects = [r.split(",")[0] for r in (emb / "suspects.csv").read_text().split()[1:]]
+    driver = browser()
+    try:
+        wait = WebDriverWait(driver, 30)
+        driver.get(base + "/")
+        wait.until(lambda d: "3 labels" in d.find_element(By.ID, "info").text)
+        tab = driver.find_element(By.ID, "tab-labels")
+        assert tab.is_displayed()
+        tab.click()
+        wait.until(EC.url_contains("#labels=next"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result")) == 5)
+        cards = driver.find_elements(By.CSS_SELECTOR, "#results .result")
+        assert [c.get_attribute("title") for c in cards] == ranked  # in pick order
+        assert cards[0].find_element(By.CLASS_NAME, "labelled").text.startswith("next #1")
+        driver.find_element(By.ID, "list-suspects").click()
+        wait.until(EC.url_contains("#labels=suspects"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result")) == len(suspects))
+        cards = driver.find_elements(By.CSS_SELECTOR, "#results .result")
+        assert [c.get_attribute("title") for c in cards] == suspects  # the likeliest wrong first
+        assert "suspect" in cards[0].find_element(By.CLASS_NAME, "labelled").text
+        from selenium.webdriver.support.ui import Select
+
+        Select(driver.find_element(By.ID, "class-select")).select_by_index(1)
+        wait.until(EC.url_contains("#labels=class-1"))
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("labelled album1"))
+        cards = driver.find_elements(By.CSS_SELECTOR, "#results .result")
+        texts = [c.find_element(By.CLASS_NAME, "labelled").text.split(" · ") for c in cards]
+        assert texts and all(any(p.startswith("album1 ") for p in t) for t in texts)  # "next #2 · album1 81%"
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))
+        driver.save_screenshot(str(tmp_path / "labels.png"))
+        cards[0].click()  # a card searches, as everywhere
+        wait.until(lambda d: "nearest of 30 images" in d.find_element(By.ID, "status").text)
+    finally:
+        driver.quit()

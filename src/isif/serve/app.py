@@ -16,6 +16,9 @@ API (every error is JSON ``{"error": "..."}`` with a 4xx status, 503 when busy; 
   (``curl --data-binary @q.jpg``) or a multipart form field ``image`` (``curl -F image=@q.jpg``).
 - ``GET  /api/image/N``: gallery image N's file, as stored; ``GET /api/thumb/N?size=S``: a JPEG thumbnail.
 - ``GET  /api/clusters`` and ``/api/clusters/C?offset=&limit=``: ``isif cluster`` output, when present.
+- ``GET  /api/labels/next``, ``/api/labels/suspects``, ``/api/labels/class-J`` (``?offset=&limit=``): ``isif
+  select``'s Label next list, ``isif label``'s suspects (likeliest wrong first) and the images it labels J (most
+  confident first), when present; /api/info's ``labelling`` lists the classes.
 - ``GET  /api/map``: ``isif map``'s grid of thumbnails (each cell's gallery id), when present; ``GET /api/map.png``:
   its full-resolution picture (the embed folder's map-full.png, by that fixed name).
 

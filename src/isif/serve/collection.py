@@ -1,5 +1,6 @@
 """The searchable collection behind ``isif serve``: an embed folder with its features, its faiss index (or exact
-search), the checkpoint that embeds uploads, ``isif cluster`` and ``isif map`` output and a cache of thumbnails."""
+search), the checkpoint that embeds uploads, ``isif cluster``, ``isif map``, ``isif select`` and ``isif label``
+output and a cache of thumbnails."""
 
 import io
 import sys
@@ -68,6 +69,40 @@ def load_clusters(ed: EmbedDir) -> Clusters | None:
 
 
 @dataclass
+class Labelling:
+    """``isif select`` and ``isif label`` output, as the page lists it (each part None when its file is absent)."""
+
+    next_ids: list[int] | None  # selection.csv: gallery ids in rank order
+    rank: dict[int, int]
+    table: object | None  # collection.label.LabelTable
+    classes: list[str]
+    by_class: list[list[int]]  # gallery ids of each class, most confident first
+    suspects: list[int] | None  # given ids, the likeliest wrong first
+
+
+def load_labelling(ed: EmbedDir) -> Labelling | None:
+    """selection.csv and labels.csv (+ suspects.csv), read by their owners (stale files: one warning, left out)."""
+    from ..collection.label import read_labels_table
+    from ..collection.select import read_selection
+
+    rank = read_selection(ed, "the Label next list is not shown") or {}
+    table = read_labels_table(ed, "labels are not shown")
+    if not rank and table is None:
+        return None
+    classes, by_class, suspects = [], [], None
+    if table is not None:
+        classes = sorted(set(table.label))
+        of = {c: j for j, c in enumerate(classes)}
+        by_class = [[] for _ in classes]
+        for i in np.argsort(-table.confidence, kind="stable").tolist():
+            by_class[of[table.label[i]]].append(i)
+        scored = np.nonzero(np.isfinite(table.suspect))[0]
+        if len(scored):
+            suspects = scored[np.argsort(-table.suspect[scored], kind="stable")].tolist()
+    return Labelling(sorted(rank, key=rank.get) if rank else None, rank, table, classes, by_class, suspects)
+
+
+@dataclass
 class Map:
     layout: MapLayout
     ids: list[int]  # the gallery id of each of layout.cells
@@ -129,6 +164,7 @@ class Collection:
                                loaded[1].get("rerank", 0) if loaded else 0)
         self.clusters = load_clusters(self.ed)
         self.map = load_map(self.ed)
+        self.labelling = load_labelling(self.ed)
         self._model_lock = threading.Lock()
         self._thumbs = _Lru(4096)
 
@@ -143,7 +179,8 @@ class Collection:
                 "clusters": self.clusters.k if self.clusters else None,
                 "map": {"method": self.map.layout.method, "colour": self.map.layout.colour,
                         "thumbnails": len(self.map.ids)} if self.map else None,
-                "labels": self.gallery.labels is not None, "max_k": self._max_k(None)}
+                "labels": self.gallery.labels is not None, "max_k": self._max_k(None),
+                "labelling": self.labelling_info()}
 
     def _max_k(self, exclude: int | None) -> int:
         return min(MAX_K, len(self) - (exclude is not None))
@@ -189,6 +226,15 @@ class Collection:
             d["label"] = self.gallery.labels[i]
         if self.clusters is not None:
             d["cluster"] = int(self.clusters.of[i])
+        lab = self.labelling
+        if lab is not None:
+            if i in lab.rank:
+                d["rank"] = lab.rank[i]
+            if lab.table is not None:
+                t = lab.table
+                d.update(assigned=t.label[i], confidence=round(float(t.confidence[i]), 4), given=bool(t.given[i]))
+                if np.isfinite(t.suspect[i]):
+                    d["suspect"] = round(float(t.suspect[i]), 4)
         return d
 
     def image_path(self, i: int) -> Path:
@@ -241,6 +287,38 @@ class Collection:
             raise RequestError(404, f"no clusters: run `isif cluster {self.ed.folder} --k K` first")
         return {"k": self.clusters.k, "clusters": [{"cluster": c, "size": len(m), "preview": m[:preview]}
                                                    for c, m in enumerate(self.clusters.members)]}
+
+    def labelling_info(self) -> dict | None:
+        lab = self.labelling
+        if lab is None:
+            return None
+        return {"next": len(lab.next_ids) if lab.next_ids else 0,
+                "classes": [{"label": c, "count": len(m)} for c, m in zip(lab.classes, lab.by_class, strict=True)],
+                "suspects": len(lab.suspects) if lab.suspects else 0}
+
+    def labelled(self, which: str, offset: int = 0, limit: int = 100) -> dict:
+        """A page of the Label next list (``next``), the suspects (``suspects``) or the images of class j
+        (``class-J``, most confident first)."""
+        lab = self.labelling
+        if lab is None:
+            raise RequestError(404, f"no labels: run `isif select {self.ed.folder} --budget N` or `isif label "
+                                    f"{self.ed.folder} LABELS.csv` first")
+        if offset < 0 or not 1 <= limit <= 1000:
+            raise RequestError(400, "offset must be >= 0 and limit 1 to 1000")
+        if which == "next":
+            ids = lab.next_ids
+        elif which == "suspects":
+            ids = lab.suspects
+        elif which.startswith("class-") and which[6:].isdigit() and int(which[6:]) < len(lab.classes):
+            ids = lab.by_class[int(which[6:])]
+        else:
+            raise RequestError(404, f"no list {which[:40]!r}: next, suspects or class-J (J from 0 to "
+                                    f"{len(lab.classes) - 1})")
+        if ids is None:
+            raise RequestError(404, f"no {which} list: run `isif {'select' if which == 'next' else 'label'} "
+                                    f"{self.ed.folder} ...` first")
+        return {"list": which, "total": len(ids), "offset": offset,
+                "images": [self.describe(i) for i in ids[offset:offset + limit]]}
 
     def _require_map(self) -> Map:
         if self.map is None:

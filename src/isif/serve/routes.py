@@ -124,6 +124,10 @@ def add_api(app, col: Collection, default_k: int, slots: DecodeSlots) -> None:
     def cluster(c: int, offset: int = 0, limit: int = 100):
         return col.cluster(c, offset, limit)
 
+    @app.get("/api/labels/{which}")
+    def labelled(which: str, offset: int = 0, limit: int = 100):
+        return col.labelled(which, offset, limit)
+
     add_map_api(app, col)
 
 

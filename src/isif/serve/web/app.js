@@ -40,6 +40,18 @@ function card(item, onClick) {
   name.className = "name";
   name.textContent = item.label ? `${item.label} · ${item.path.split("/").pop()}` : item.path;
   meta.append(sim, name);
+  if (item.assigned !== undefined || item.rank !== undefined) {
+    const lab = document.createElement("div");
+    lab.className = "labelled";
+    const parts = [];
+    if (item.rank !== undefined) parts.push(`next #${item.rank}`);
+    if (item.assigned !== undefined) {
+      parts.push(`${item.assigned} ${item.given ? "(given)" : (100 * item.confidence).toFixed(0) + "%"}`);
+    }
+    if (item.suspect !== undefined) parts.push(`suspect ${item.suspect.toFixed(2)}`);
+    lab.textContent = parts.join(" · ");
+    meta.append(lab);
+  }
   b.append(img, meta);
   b.addEventListener("click", () => onClick(item));
   return b;
@@ -76,8 +88,11 @@ async function searchFile(file) {
 
 function showTab(name) {
   if (name !== "map") cancelMapHash();
-  for (const tab of ["search", "clusters", "map"]) $(`tab-${tab}`).classList.toggle("active", name === tab);
-  $("results").hidden = name !== "search";
+  for (const tab of ["search", "clusters", "map", "labels"]) {
+    $(`tab-${tab}`).classList.toggle("active", name === tab);
+  }
+  $("results").hidden = name !== "search" && name !== "labels";
+  $("labels-panel").hidden = name !== "labels";
   $("query-panel").hidden = name !== "search";
   $("clusters").hidden = name !== "clusters";
   $("map").hidden = name !== "map";
@@ -335,10 +350,51 @@ async function showCluster(c) {
   } catch (e) { setStatus(e.message, true); }
 }
 
+// The labels tab: isif select's Label next list, isif label's suspects (likeliest wrong first) and its labels, one
+// class at a time (most confident first); routed as #labels=next, #labels=suspects and #labels=class-J.
+const LIST_TITLES = { next: "label next (isif select), in pick order", suspects: "given labels, likeliest wrong first" };
+
+async function showLabels(which) {
+  showTab("labels");
+  $("query").hidden = true;
+  for (const w of ["next", "suspects"]) $(`list-${w}`).classList.toggle("active", which === w);
+  if (which.startsWith("class-")) $("class-select").value = which.slice(6);
+  setStatus("loading…");
+  try {
+    const out = await api(`/api/labels/${which}?limit=200`);
+    $("results").replaceChildren(...out.images.map((r) => card(r, (item) => { location.hash = `id=${item.id}`; })));
+    const title = LIST_TITLES[which] || `labelled ${info.labelling.classes[+which.slice(6)].label}, most confident first`;
+    setStatus(`${title}: ${out.total} images` + (out.total > out.images.length ? `, the first ${out.images.length}` : "") +
+      "; click one to search");
+  } catch (e) { setStatus(e.message, true); }
+}
+
+function setupLabels() {
+  const lab = info.labelling;
+  $("tab-labels").hidden = !lab;
+  if (!lab) return;
+  $("list-next").hidden = !lab.next;
+  $("list-suspects").hidden = !lab.suspects;
+  $("class-filter").hidden = !lab.classes.length;
+  $("class-select").replaceChildren(...lab.classes.map((c, j) => {
+    const o = document.createElement("option");
+    o.value = j;
+    o.textContent = `${c.label} (${c.count})`;
+    return o;
+  }));
+  $("list-next").addEventListener("click", () => go("labels=next"));
+  $("list-suspects").addEventListener("click", () => go("labels=suspects"));
+  $("class-select").addEventListener("change", (e) => go(`labels=class-${e.target.value}`));
+  const first = lab.next ? "next" : (lab.suspects ? "suspects" : "class-0");
+  $("tab-labels").addEventListener("click", () => { leaveMap(); go(`labels=${first}`); });
+}
+
 function route() {
   const wanted = parseMapHash(location.hash);
   if (wanted) { showMap(wanted); return; }
   cancelMapHash();
+  const l = location.hash.match(/^#labels=(next|suspects|class-\d+)$/);
+  if (l) { showLabels(l[1]); return; }
   const m = location.hash.match(/^#(id|cluster)=(\d+)$/);
   if (m) {
     if (m[1] === "id") searchId(m[2]); else showCluster(m[2]);
@@ -355,9 +411,11 @@ async function start() {
   $("k").max = info.max_k;
   const recall = info.index.kind.startsWith("exact") ? "" : `, Recall@10 ${info.index["recall@10"].toFixed(3)}`;
   $("info").textContent = `${info.images} images · ${info.dim}-d · ${info.index.kind}${recall}` +
-    (info.clusters ? ` · ${info.clusters} clusters` : "") + (info.map ? ` · a map` : "");
+    (info.clusters ? ` · ${info.clusters} clusters` : "") + (info.map ? ` · a map` : "") +
+    (info.labelling && info.labelling.classes.length ? ` · ${info.labelling.classes.length} labels` : "");
   $("tab-clusters").hidden = !info.clusters;
   $("tab-map").hidden = !info.map;
+  setupLabels();
   $("tab-search").addEventListener("click", () => { leaveMap(); showTab("search"); });
   $("tab-clusters").addEventListener("click", () => { leaveMap(); showClusters(); });
   $("tab-map").addEventListener("click", () => go(view.layout ? mapHash().slice(1) : "map"));  // the last view
