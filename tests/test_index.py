@@ -234,3 +234,17 @@ def test_a_gallery_on_disk_gives_the_answers_of_one_in_memory(run, tmp_path, cap
     assert answers() == in_memory  # the exact index's 10 candidates re-scored on the rows on disk
     monkeypatch.setattr(rows_mod, "IN_MEMORY_MAX", 1_000_000)
     assert answers() == in_memory
+
+
+def test_an_index_under_recall_0_9_says_so_and_names_the_flag_that_fixes_it():
+    from isif.cli.collection import low_recall
+
+    assert low_recall({"kind": "ivfpq", "recall@10": 0.50, "rerank": 0}).endswith("--rerank 100 (re-rank the 100 "
+                                                                                    "best on the float features)")
+    assert "Recall@10 0.5000" in low_recall({"kind": "ivfpq", "recall@10": 0.50, "rerank": 0})
+    assert low_recall({"kind": "ivfpq", "recall@10": 0.50, "rerank": 100, "recall@10_reranked": 0.97}) is None
+    assert low_recall({"kind": "ivfpq", "recall@10": 0.5, "rerank": 10, "recall@10_reranked": 0.8}).endswith(
+        "a larger --rerank")
+    assert low_recall({"kind": "hnsw", "recall@10": 0.85}).endswith("--ef-search")
+    assert low_recall({"kind": "ivf", "recall@10": 0.85}).endswith("--nprobe")
+    assert low_recall({"kind": "exact", "recall@10": 1.0}) is None

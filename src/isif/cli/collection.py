@@ -38,6 +38,9 @@ def run_embed(o: EmbedOptions) -> int:
         how = (f"extended with {ix['extended']:,} new rows" if "extended" in ix else
                "rebuilt (files were removed or changed)")
         print(f"the {ix['kind']} index {how}: {ix['images']:,} embeddings, {index_recall(ix)}")
+        low = low_recall(ix)
+        if low:
+            print(f"isif: warning: {low}", file=sys.stderr)
     cal = res.get("calibration")
     if cal:
         print(f"near-duplicate threshold: cosine {cal['threshold']:g}, measured on {cal['sample']} images and a copy "
@@ -59,7 +62,27 @@ def run_index(o: IndexOptions) -> int:
     print(f"{meta['kind']} index of {meta['images']:,} embeddings {json.dumps(meta['params'])}: built in "
           f"{meta['build_s']:.1f} s, {meta['bytes_per_vector']:g} bytes a vector, {index_recall(meta)} against "
           f"exact search on {meta['recall_queries']} queries -> {o.embed_dir}/index.faiss")
+    low = low_recall(meta)
+    if low:
+        print(f"isif: warning: {low}", file=sys.stderr)
     return 0
+
+
+RECALL_FLOOR = 0.9
+
+
+def low_recall(meta: dict) -> str | None:
+    """One line when the index finds fewer than ``RECALL_FLOOR`` of the true 10 nearest, naming the flag that fixes
+    it; None otherwise."""
+    best = meta.get("recall@10_reranked") if meta.get("rerank") else meta["recall@10"]
+    if best is None or best >= RECALL_FLOOR:
+        return None
+    kind = meta["kind"]
+    fix = ("--rerank 100 (re-rank the 100 best on the float features)" if kind.startswith("ivfpq")
+           and not meta.get("rerank") else "a larger --rerank" if kind.startswith("ivfpq")
+           else "a larger --nprobe" if kind == "ivf" else "a larger --ef-search" if kind == "hnsw" else "--kind exact")
+    return (f"the {kind} index finds {best:.0%} of the true 10 nearest neighbours (Recall@10 {best:.4f}, under "
+            f"{RECALL_FLOOR:g}); rebuild it with {fix}")
 
 
 def index_recall(meta: dict) -> str:
