@@ -1,4 +1,5 @@
-"""The three extensions of docs/extending.md (a method, a dataset, a backbone), made as written there.
+"""The extensions of docs/extending.md (a method, a dataset, a backbone, a collection command), made as written
+there.
 
 The page's code blocks are edits, each under a marker line (the page's opening comment describes them):
 
@@ -35,7 +36,8 @@ WORD = {"new-file": None, "insert": "after", "replace": "line"}
 # the repository's tests that sweep the registries (method, backbone, source), run on the extended copy; the
 # two-process registry test of test_distributed.py is left out: about a minute on 2 cores already
 REGISTRY_TESTS = ["tests/test_objectives_baselines.py", "tests/test_architecture.py", "tests/test_data.py"]
-REGISTRY_SELECTION = "every_method or every_backbone or every_setting or random_method or markers or sources"
+REGISTRY_SELECTION = ("every_method or every_backbone or every_setting or random_method or markers or sources or "
+                      "commands")
 TINY = ["--preset", "cifar10-tiny", "--epochs", "1", "--quiet"]
 
 
@@ -115,7 +117,8 @@ def extended(tmp_path_factory) -> Path:
 def test_the_page_shows_the_three_extensions_and_every_block_is_an_edit():
     edits = doc_edits(DOC.read_text())
     assert [e.path for e in edits if e.kind == "new-file"] == ["src/isif/objectives/ntxent.py",
-                                                                "src/isif/data/csv_listing.py"]
+                                                                "src/isif/data/csv_listing.py",
+                                                                "src/isif/collection/neighbours.py"]
     assert {e.path for e in edits} >= {"src/isif/objectives/__init__.py", "src/isif/data/registry.py",
                                        "src/isif/models/__init__.py"}
 
@@ -231,3 +234,25 @@ def test_isif_train_builds_the_new_backbone(extended, image_tree, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "kNN top-1" in r.stdout
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["arch"] == "mobilenet_v3_small"
+
+
+def test_the_new_collection_command_runs_and_keeps_the_rules(extended, tmp_path):
+    from .test_explore import write_embed_dir
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(12, 8)).astype(np.float32)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    root = tmp_path / "images"
+    root.mkdir()
+    d = write_embed_dir(tmp_path / "emb", z, [f"{i}.png" for i in range(12)], root)
+    r = run_copy(extended, "-m", "isif", "neighbours", str(d), "--k", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = (d / "neighbours.csv").read_text().splitlines()
+    assert rows[0] == "path,rank,neighbour,cosine" and len(rows) == 1 + 12 * 3
+    sim = z @ z.T
+    np.fill_diagonal(sim, -np.inf)
+    assert rows[1].split(",")[2] == f"{int(np.argmax(sim[0]))}.png"
+    for bad, words in ((["--k", "0"], "--k must be >= 1"), (["--k", "12"], "must be below the number of images"),
+                       (["--out", str(root)], "inside the image folder")):
+        r = run_copy(extended, "-m", "isif", "neighbours", str(d), *bad)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -13,7 +13,18 @@ import argparse
 import sys
 
 from ..base.errors import UserError
-from .collection import CLUSTER, DUPLICATES, EMBED, EXPORT, EXPORT_EMBEDDINGS, INDEX, LABEL, MAP, SEARCH, SELECT
+from .collection import (
+    CLUSTER,
+    DUPLICATES,
+    EMBED,
+    EXPORT,
+    EXPORT_EMBEDDINGS,
+    INDEX,
+    LABEL,
+    MAP,
+    SEARCH,
+    SELECT,
+)
 from .evaluate import EVAL, PLOT
 from .flags import Command, Parser
 from .serve import SERVE
