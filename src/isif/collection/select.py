@@ -114,13 +114,17 @@ def typiclust(x: np.ndarray, labelled: np.ndarray, budget: int, seed: int) -> Pi
 
 
 def other_class_distance(x: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
-    """Each row's Euclidean distance to the nearest row of another pseudo-class (inf when there is none)."""
-    out, b = np.empty(len(x)), _block(len(x))
-    for s in range(0, len(x), b):
-        d2 = _sq_dists(x[s:s + b], x)
-        d2[pseudo[s:s + b, None] == pseudo[None, :]] = np.inf
-        out[s:s + len(d2)] = np.sqrt(d2.min(1).astype(np.float64))
-    return out
+    """Each row's Euclidean distance to the nearest row of another pseudo-class (inf when there is none): one
+    pseudo-class's rows against all the others at a time, so no mask over all N^2 pairs."""
+    d2 = np.full(len(x), np.inf, np.float32)
+    for c in np.unique(pseudo):
+        inside = pseudo == c
+        xc, out = x[inside], np.nonzero(~inside)[0]
+        b = _block(len(xc))
+        for s in range(0, len(out), b):
+            rows = out[s:s + b]
+            d2[rows] = np.minimum(d2[rows], _sq_dists(x[rows], xc).min(1))
+    return np.sqrt(d2.astype(np.float64))
 
 
 def radius_of(x: np.ndarray, k: int, seed: int) -> tuple[float, float]:
