@@ -77,10 +77,12 @@ def low_recall(meta: dict) -> str | None:
     best = meta.get("recall@10_reranked") if meta.get("rerank") else meta["recall@10"]
     if best is None or best >= RECALL_FLOOR:
         return None
+    from ..collection.index import INDEX_KINDS
+
     kind = meta["kind"]
-    fix = ("--rerank 100 (re-rank the 100 best on the float features)" if kind.startswith("ivfpq")
-           and not meta.get("rerank") else "a larger --rerank" if kind.startswith("ivfpq")
-           else "a larger --nprobe" if kind == "ivf" else "a larger --ef-search" if kind == "hnsw" else "--kind exact")
+    k = INDEX_KINDS.get(kind)
+    fix = ("--rerank 100 (re-rank the 100 best on the float features)" if k and k.compressed and
+           not meta.get("rerank") else k.recall_flag if k else "--kind exact")
     return (f"the {kind} index finds {best:.0%} of the true 10 nearest neighbours (Recall@10 {best:.4f}, under "
             f"{RECALL_FLOOR:g}); rebuild it with {fix}")
 

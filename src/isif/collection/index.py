@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,40 @@ from ..base.extras import FAISS_INSTALL, faiss_module
 from ..base.files import atomic_write_bytes
 from .rows import BLOCK, Rows
 
-KINDS = ("exact", "ivf", "hnsw", "ivfpq", "ivfpq-hnsw")
+
+@dataclass(frozen=True)
+class IndexKind:
+    """One kind of index, a row of ``INDEX_KINDS``: its faiss factory string from the build options, the options it
+    takes (``isif index`` flags), whether it trains (k-means of a seeded sample into ``nlist`` cells), whether it
+    holds compressed codes (``auto`` re-ranks those; the PQ checks apply), the ``nprobe`` it visits by default for
+    ``nlist`` cells, and the flag that raises its recall."""
+
+    name: str
+    factory: Callable[[dict], str]
+    takes: tuple[str, ...]
+    trains: bool = False
+    compressed: bool = False
+    nprobe: Callable[[int], int] | None = None
+    recall_flag: str = "--kind exact"
+
+
+def _pq(coarse: str) -> Callable[[dict], str]:
+    """The factory of product-quantised codes behind the ``coarse`` quantiser (an OPQ rotation first if asked)."""
+    return lambda o: (f"OPQ{o['pq_m']}," if o["opq"] else "") + coarse.format(**o) + f",PQ{o['pq_m']}x{o['pq_bits']}"
+
+
+_PQ = ("nlist", "nprobe", "pq_m", "pq_bits", "opq")
+INDEX_KINDS: dict[str, IndexKind] = {k.name: k for k in (
+    IndexKind("exact", lambda o: "Flat", ()),
+    IndexKind("ivf", lambda o: "IVF{nlist},Flat".format(**o), ("nlist", "nprobe"), trains=True,
+              nprobe=lambda nlist: max(1, nlist // 16), recall_flag="a larger --nprobe"),
+    IndexKind("hnsw", lambda o: "HNSW{m},Flat".format(**o), ("m", "ef_search"), recall_flag="a larger --ef-search"),
+    IndexKind("ivfpq", _pq("IVF{nlist}"), _PQ, trains=True, compressed=True, nprobe=lambda nlist: IVFPQ_NPROBE,
+              recall_flag="a larger --rerank"),
+    IndexKind("ivfpq-hnsw", _pq("IVF{nlist}_HNSW32"), _PQ, trains=True, compressed=True, nprobe=lambda nlist: 64,
+              recall_flag="a larger --rerank"),
+)}
+KINDS = tuple(INDEX_KINDS)
 EXACT_BELOW = 100_000  # exact search's single-query p50 reaches 2 ms here (see the module docstring)
 HNSW_BELOW = 2_000_000  # HNSW's ~780 bytes a vector pass 1.5 GiB here; compressed codes above
 AUTO_RERANK = 100  # the re-ranking ``auto`` gives a compressed index
@@ -122,9 +157,9 @@ def _exact_topk_rows(q: np.ndarray, rows: Rows, k: int, block: int = BLOCK) -> t
 
 def _check(n: int, d: int, kind: str, nlist: int | None, pq_m: int, pq_bits: int) -> None:
     """Refuse, in one line with the fix, settings faiss cannot build (or would train on too little)."""
-    if kind not in KINDS:
+    if kind not in INDEX_KINDS:
         raise UserError(f"--kind {kind}: choose auto, {', '.join(KINDS)}")
-    if kind.startswith("ivfpq"):
+    if INDEX_KINDS[kind].compressed:
         if pq_m > d or d % pq_m:
             ok = [m for m in (4, 8, 16, 32, 48, 64) if m <= d and d % m == 0]
             raise UserError(f"--pq-m {pq_m}: the {d}-d vectors split into sub-vectors only when --pq-m divides {d} "
@@ -135,7 +170,7 @@ def _check(n: int, d: int, kind: str, nlist: int | None, pq_m: int, pq_bits: int
         if n < need:
             raise UserError(f"too few vectors to train --kind {kind}: {n:,} embeddings, and {pq_bits}-bit codes need "
                             f"{need:,} ({MIN_PER_CELL} a centroid); use --kind exact or hnsw, or fewer --pq-bits")
-    if kind != "exact" and kind != "hnsw" and nlist is not None and n < MIN_PER_CELL * nlist:
+    if INDEX_KINDS[kind].trains and nlist is not None and n < MIN_PER_CELL * nlist:
         raise UserError(f"too few vectors to train --nlist {nlist}: {n:,} embeddings, {MIN_PER_CELL} a cell needs "
                         f"{MIN_PER_CELL * nlist:,}; lower --nlist (or leave it to the default)")
 
@@ -155,37 +190,33 @@ def build(z, kind: str, seed: int = 0, nlist: int | None = None, nprobe: int | N
     faiss = faiss_module()
     n, d = z.shape
     _check(n, d, kind, nlist, pq_m, pq_bits)
-    if kind == "exact":
-        index, params = faiss.IndexFlatIP(d), {}
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = ef_construction
-        index.hnsw.efSearch = ef_search
-        params = {"M": m, "efConstruction": ef_construction, "efSearch": ef_search}
-    else:
+    k = INDEX_KINDS[kind]
+    if k.trains:
         nlist = nlist or default_nlist(n, kind)
-        if kind == "ivf":
-            nprobe = nprobe or max(1, min(nlist, nlist // 16 or 1))
-            factory = f"IVF{nlist},Flat"
-        else:
-            nprobe = nprobe or min(nlist, 64 if kind == "ivfpq-hnsw" else IVFPQ_NPROBE)
-            coarse = f"IVF{nlist}_HNSW32" if kind == "ivfpq-hnsw" else f"IVF{nlist}"
-            factory = (f"OPQ{pq_m}," if opq else "") + f"{coarse},PQ{pq_m}x{pq_bits}"
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        nprobe = nprobe or min(nlist, k.nprobe(nlist))
+    opts = {"nlist": nlist, "m": m, "pq_m": pq_m, "pq_bits": pq_bits, "opq": opq}
+    factory = k.factory(opts)
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    params: dict[str, Any] = {}
+    if kind == "hnsw":  # the graph's build and search breadth
+        graph = faiss.downcast_index(index).hnsw
+        graph.efConstruction, graph.efSearch = ef_construction, ef_search
+        params = {"M": m, "efConstruction": ef_construction, "efSearch": ef_search}
+    if k.trains:
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         ivf.cp.seed = seed
         if hasattr(ivf, "do_polysemous_training"):  # the factory's default; isif never searches by Hamming
             ivf.do_polysemous_training = False  # distance, and it was 95% of the training time
-        cells = max(nlist, 1 << pq_bits if kind.startswith("ivfpq") else 1)
+        cells = max(nlist, 1 << pq_bits if k.compressed else 1)
         # 64 a cell up to 1M vectors; an explicit --nlist past 1M / 39 still gets faiss's floor of 39 a cell
         train = _train_sample(z, min(n, max(min(TRAIN_PER_CELL * cells, TRAIN_MAX), MIN_PER_CELL * cells)), seed)
         t0 = time.perf_counter()
         index.train(train)
         params = {"nlist": nlist, "nprobe": nprobe, "factory": factory, "train": int(len(train)),
                   "train_s": round(time.perf_counter() - t0, 2)}
-        if kind.startswith("ivfpq"):
+        if k.compressed:
             params |= {"pq_m": pq_m, "pq_bits": pq_bits, "opq": opq}
-        if kind == "ivfpq-hnsw":
+        if "_HNSW" in factory:
             params["quantizer_efSearch"] = quantizer_ef_search(nprobe)
         set_search_params(index, params)
     add_rows(index, z)
@@ -278,7 +309,7 @@ def index_embed_dir(embed_dir: str | Path, kind: str = "auto", seed: int = 0, sa
     z = ed.features
     chosen = default_kind(len(z)) if kind == "auto" else kind
     if rerank is None:
-        rerank = AUTO_RERANK if kind == "auto" and chosen.startswith("ivfpq") else 0
+        rerank = AUTO_RERANK if kind == "auto" and INDEX_KINDS[chosen].compressed else 0
     if rerank and rerank < 10:
         raise UserError(f"--rerank {rerank}: re-rank at least the 10 candidates Recall@10 counts (or 0 for none)")
     return _build_and_save(ed, chosen, seed, sample, rerank, params)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..base.settings import POSITIVE, at_least, each, one_of, setting
+from .index import INDEX_KINDS, KINDS
 
 _EMBED_DIR = "an `isif embed` output folder (features.npy, paths.txt, index.json)"
 
@@ -63,7 +64,7 @@ class IndexOptions:
     embed_dir: str = setting(help="an `isif embed` output folder", positional=True, metavar="EMBED_DIR")
     kind: str = setting("auto", "auto: exact below 100,000 images, HNSW below 2,000,000, ivfpq with --rerank 100 "
                                 "above; ivfpq and ivfpq-hnsw hold product-quantised codes (--pq-m bytes a vector)",
-                        check=one_of("auto", "exact", "ivf", "hnsw", "ivfpq", "ivfpq-hnsw"))
+                        check=one_of("auto", *KINDS))
     nlist: int | None = setting(None, "ivf, ivfpq: cells (default about 4 sqrt(N)); ivfpq-hnsw: the faiss wiki's "
                                       "65,536 from 1M vectors, 262,144 from 10M", check=at_least(1))
     nprobe: int | None = setting(None, "cells visited per query (default ivf nlist/16, ivfpq 32, ivfpq-hnsw 64)",
@@ -81,13 +82,9 @@ class IndexOptions:
     seed: int = setting(0, "seed of the index build and of the Recall@10 queries")
 
     def params(self) -> dict[str, int | None]:
-        """The index's own parameters, for the kind that takes them."""
-        if self.kind == "ivf":
-            return {"nlist": self.nlist, "nprobe": self.nprobe}
-        if self.kind.startswith("ivfpq"):
-            return {"nlist": self.nlist, "nprobe": self.nprobe, "pq_m": self.pq_m, "pq_bits": self.pq_bits,
-                    "opq": self.opq}
-        return {"m": self.m, "ef_search": self.ef_search} if self.kind == "hnsw" else {}
+        """The index's own parameters, for the kind that takes them (``INDEX_KINDS``; auto: none)."""
+        takes = INDEX_KINDS[self.kind].takes if self.kind in INDEX_KINDS else ()
+        return {name: getattr(self, name) for name in takes}
 
 
 @dataclass(kw_only=True)
