@@ -238,3 +238,19 @@ def test_clip_gradients() -> None:
     total = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params))
     assert total == pytest.approx(1.0, rel=1e-5)
     torch.testing.assert_close(params[0].grad, torch.tensor([0.6, 0.0, 0.0]), rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_epoch_is_torchs_cosine_annealing_stepped_once_an_epoch() -> None:
+    from isif.training.optim import OptimConfig, lr_at
+
+    o = OptimConfig(lr=0.06, schedule="cosine-epoch", warmup_epochs=0.0)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.06)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 3)
+    for epoch in range(3):
+        for t in (epoch, epoch + 0.5, epoch + 0.99):
+            assert lr_at(o, 3, t) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step()
+        sched.step()
+    per_step = OptimConfig(lr=0.06, schedule="cosine", warmup_epochs=0.0)
+    assert lr_at(per_step, 3, 0.5) < lr_at(o, 3, 0.5) == 0.06

@@ -234,6 +234,38 @@ def test_clusters_are_browsable_when_isif_cluster_made_them(run, collection, tmp
     assert c3.get("/api/info").json()["clusters"] is None
 
 
+def test_label_next_suspects_and_labels_are_served_when_select_and_label_made_them(collection, tmp_path, capsys):
+    emb = tmp_path / "emb"
+    shutil.copytree(collection, emb)
+    assert client_of(create_app(Collection(emb))).get("/api/labels/next").status_code == 404  # none yet
+    assert main(["select", str(emb), "--budget", "4", "--sheet", "0"]) == 0
+    paths = (emb / "paths.txt").read_text().split()
+    given = tmp_path / "given.csv"
+    given.write_text("path,label\n" + "".join(f"{p},{p.split('/')[0]}\n" for p in paths[::2]))
+    assert main(["label", str(emb), str(given)]) == 0
+    c = client_of(create_app(Collection(emb)))
+    lab = c.get("/api/info").json()["labelling"]
+    assert lab["next"] == 4 and lab["suspects"] == len(paths[::2])
+    assert [x["label"] for x in lab["classes"]] == ["album0", "album1", "album2"]
+    nxt = c.get("/api/labels/next").json()
+    ranked = [r.split(",")[1] for r in (emb / "selection.csv").read_text().split()[1:]]
+    assert [x["path"] for x in nxt["images"]] == ranked and [x["rank"] for x in nxt["images"]] == [1, 2, 3, 4]
+    sus = c.get("/api/labels/suspects?limit=3").json()
+    scores = [x["suspect"] for x in sus["images"]]
+    assert sus["total"] == len(paths[::2]) and len(scores) == 3 and scores == sorted(scores, reverse=True)
+    one = c.get("/api/labels/class-2").json()
+    conf = [x["confidence"] for x in one["images"]]
+    assert all(x["assigned"] == "album2" for x in one["images"]) and conf == sorted(conf, reverse=True)
+    for url, code in (("/api/labels/class-3", 404), ("/api/labels/other", 404), ("/api/labels/next?limit=0", 400),
+                      ("/api/labels/next?offset=-1", 400)):
+        r = c.get(url)
+        assert r.status_code == code and "error" in r.json(), url
+    (emb / "selection.json").write_text("{}")  # as if made from other features: left out, with one warning
+    capsys.readouterr()
+    stale = client_of(create_app(Collection(emb))).get("/api/info").json()["labelling"]
+    assert stale["next"] == 0 and "isif select" in capsys.readouterr().err
+
+
 def test_the_map_of_isif_map_is_served_with_gallery_ids(client, mapped):
     from isif.collection.map_layout import load_map_layout
 

@@ -16,7 +16,9 @@ class OptimConfig:
     lr: float = setting(0.03, "learning rate", check=POSITIVE)
     momentum: float = setting(0.9, "SGD momentum", check=MOMENTUM)
     weight_decay: float = setting(5e-4, "SGD weight decay", check=NON_NEGATIVE)
-    schedule: str = setting("step", "step (the paper's milestones) or cosine", check=one_of("step", "cosine"))
+    schedule: str = setting("step", "step (the paper's milestones), cosine (every step) or cosine-epoch (cosine held "
+                                    "through each epoch, as torch's CosineAnnealingLR stepped once an epoch)",
+                            check=one_of("step", "cosine", "cosine-epoch"))
     milestones: tuple[int, ...] = setting((120, 160), "step schedule: epochs where the factor changes")
     factors: tuple[float, ...] = setting((0.1, 0.01), "step schedule: lr multiplier from each milestone on")
     warmup_epochs: float = setting(0.0, "linear warm-up, in epochs (fractions allowed)", check=NON_NEGATIVE)
@@ -36,8 +38,9 @@ class OptimConfig:
 
 def lr_at(o: OptimConfig, epochs: int, t: float) -> float:
     """Learning rate at training time ``t``, in epochs (fractional inside an epoch), of an ``epochs``-long run."""
-    if o.schedule == "cosine":
-        lr = o.lr * 0.5 * (1.0 + math.cos(math.pi * min(t, epochs) / epochs))
+    if o.schedule in ("cosine", "cosine-epoch"):
+        at = math.floor(t) if o.schedule == "cosine-epoch" else t
+        lr = o.lr * 0.5 * (1.0 + math.cos(math.pi * min(at, epochs) / epochs))
     else:
         lr = o.lr
         for milestone, factor in zip(o.milestones, o.factors, strict=True):
