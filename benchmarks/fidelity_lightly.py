@@ -3,7 +3,7 @@ images, epochs and seed, both evaluated by isif's kNN.
 
     python benchmarks/fidelity_lightly.py --method simclr --epochs 3 [--data ../shared/datasets/cifar10-jpeg.zip]
         [--train-subset N] [--test-subset N] [--seed S] [--out DIR] [--threads T] [--precision fp32|bf16]
-        [--sides lightly,isif]
+        [--sides lightly,isif] [--isif-set KEY=VALUE ...] [--tag NAME]
 
 methods: simclr, moco, byol, simsiam, barlow-twins, dino. One after the other:
 
@@ -292,6 +292,12 @@ def isif_config(a: argparse.Namespace, method: str):
     if a.test_subset:
         over["data.test_subset"] = a.test_subset
     over.update(lightly_match(method))
+    for kv in a.isif_set:
+        key, _, value = kv.partition("=")
+        try:
+            over[key] = json.loads(value)
+        except ValueError:
+            over[key] = value
     return resolve("cifar10-race", over)
 
 
@@ -433,6 +439,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="both sides")
     p.add_argument("--sides", default="lightly,isif", help="which sides to run, in order")
+    p.add_argument("--isif-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of isif's side over its recipe (repeatable): optim.schedule=cosine-epoch")
+    p.add_argument("--tag", default="", help="added to the output file names (runs with other --isif-set)")
     return p.parse_args(argv)
 
 
@@ -469,11 +478,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(r)
         print(table_row(r, a.method, a.epochs, host), flush=True)
     result = {"method": a.method, "epochs": a.epochs, "seed": a.seed, "precision": a.precision,
+              "isif_set": a.isif_set,
               "train_images": len(sets.train), "test_images": len(sets.test), "batch": BATCH, "machine": host,
               "machine_processor": platform.processor(), "torch_threads": torch.get_num_threads(),
               "images_per_s_counts": "views (each view one image); instances_per_s: training images",
               "sides": rows}
-    stem = a.out / f"fidelity-{a.method}-e{a.epochs}-s{a.seed}"
+    stem = a.out / f"fidelity-{a.method}-e{a.epochs}-s{a.seed}{'-' + a.tag if a.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     md = "\n".join([HEADER, *(table_row(r, a.method, a.epochs, host) for r in rows)]) + "\n"
     stem.with_suffix(".md").write_text(md)
