@@ -214,6 +214,22 @@ def require_images(ed: EmbedDir) -> None:
                         "images: put them back there or re-run `isif embed`")
 
 
+def made_from_these(ed: EmbedDir, path: Path, meta_name: str, fix: str) -> bool:
+    """Whether the file ``path`` beside ``ed`` was made from its features: its metadata file ``meta_name`` records
+    ``ed``'s ``features_id``. Else one warning line ending in ``fix`` (the command that refreshes it)."""
+    import sys
+
+    try:
+        meta = json.loads((ed.folder / meta_name).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if isinstance(meta, dict) and meta.get("features_id") == ed.features_id:
+        return True
+    print(f"isif: warning: {path} was made from other features than {ed.folder}'s (before the last `isif embed`); "
+          f"{fix}", file=sys.stderr)
+    return False
+
+
 def output_dir(ed: EmbedDir, out: str | Path | None) -> Path:
     """The output folder (default: the embed folder); never the image folder or a folder inside it."""
     target = Path(out) if out else ed.folder

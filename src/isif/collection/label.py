@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 
 from ..base.errors import UserError
 from ..base.settings import setting
-from .embed_dir import EmbedDir, load_embed_dir, output_dir
+from .embed_dir import EmbedDir, load_embed_dir, made_from_these, output_dir
 from .render import read_csv, write_bytes, write_csv
 
 KS = (10, 50, 200)
@@ -289,16 +288,8 @@ def read_labels_table(ed: EmbedDir, shown: str) -> LabelTable | None:
     """The embed folder's labels.csv and suspects.csv when made from these features; None (one warning line naming
     ``isif label``, and ``shown``: what goes without them) when stale or unreadable."""
     path = ed.folder / LABELS_CSV
-    if not path.is_file():
-        return None
     fix = f"{shown} (re-run `isif label {ed.folder} LABELS.csv`)"
-    try:
-        meta = json.loads((ed.folder / LABELS_JSON).read_text())
-    except (OSError, ValueError):
-        meta = {}
-    if not isinstance(meta, dict) or meta.get("features_id") != ed.features_id:
-        print(f"isif: warning: {path} was made from other features than {ed.folder}'s (before the last `isif "
-              f"embed`); {fix}", file=sys.stderr)
+    if not path.is_file() or not made_from_these(ed, path, LABELS_JSON, fix):
         return None
     where = {p: i for i, p in enumerate(ed.paths)}
     rows = read_csv(path, lambda r: (where[r["path"]], r["label"], float(r["confidence"]), bool(r["given"])), fix)

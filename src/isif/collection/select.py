@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 
 from ..base.errors import UserError
 from ..base.settings import at_least, one_of, setting
-from .embed_dir import EmbedDir, load_embed_dir, output_dir
+from .embed_dir import EmbedDir, load_embed_dir, made_from_these, output_dir
 from .render import read_csv, rows_image, thumbnails, write_bytes, write_csv, write_png
 
 MAX_CLUSTERS, MIN_CLUSTER, TYPICAL_K = 500, 5, 20  # TypiClust's constants
@@ -330,16 +329,8 @@ def read_selection(ed: EmbedDir, shown: str) -> dict[int, int] | None:
     """{row: rank} of the embed folder's selection.csv when it was made from these features; None (with one
     warning line naming ``isif select``, and ``shown``: what goes without it) when it is stale or unreadable."""
     path = ed.folder / SELECTION_CSV
-    if not path.is_file():
-        return None
     fix = f"{shown} (re-run `isif select {ed.folder} --budget N`)"
-    try:
-        meta = json.loads((ed.folder / SELECTION_JSON).read_text())
-    except (OSError, ValueError):
-        meta = {}
-    if not isinstance(meta, dict) or meta.get("features_id") != ed.features_id:
-        print(f"isif: warning: {path} was made from other features than {ed.folder}'s (before the last `isif "
-              f"embed`); {fix}", file=sys.stderr)
+    if not path.is_file() or not made_from_these(ed, path, SELECTION_JSON, fix):
         return None
     where = {p: i for i, p in enumerate(ed.paths)}
     rows = read_csv(path, lambda r: (where[r["path"]], int(r["rank"])), fix)
