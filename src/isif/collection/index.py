@@ -3,42 +3,19 @@
     isif index EMBED_DIR [--kind auto|exact|ivf|hnsw|ivfpq|ivfpq-hnsw] [--rerank K]
                                                         (index_embed_dir; build_index indexes an array)
 
-- ``exact``: faiss's flat inner-product index: the same answers as brute force (cosine on unit rows).
-- ``ivf``: an inverted file of ``nlist`` cells (about 4 sqrt(N)), trained by k-means on a seeded sample;
-  ``nprobe`` cells are visited per query.
-- ``hnsw``: a graph of ``M`` links per node (``efConstruction`` when built, ``efSearch`` when searched).
-- ``ivfpq``: the inverted file with product-quantised codes, ``pq_m`` sub-quantisers of ``pq_bits`` bits each
-  (``pq_m * pq_bits / 8`` bytes a vector, 32 at the default 32 x 8, plus faiss's 8-byte id), optionally after an
-  OPQ rotation (``opq``, learnt on the training sample): the faiss wiki's compressed index for 1M-1B vectors.
-- ``ivfpq-hnsw``: the same codes behind an HNSW coarse quantiser (``IVF{nlist}_HNSW32``), which finds the cells
-  of a query among 65,536 or 262,144 in well under a millisecond; the wiki's choice from about 1M vectors
-  (``nlist`` 65,536 for 1M-10M, 262,144 for 10M-100M). Its default ``nlist`` here is the wiki's, bounded by the
-  training sample (39 vectors a cell, faiss's own floor).
+The kinds are one table, ``INDEX_KINDS``: exact (flat inner product), ivf (an inverted file of ``nlist`` cells),
+hnsw (a graph of ``M`` links), ivfpq (the inverted file with product-quantised codes, optionally after OPQ) and
+ivfpq-hnsw (the same codes behind an HNSW coarse quantiser, for hundreds of thousands of cells). Training uses a
+seeded sample (``TRAIN_PER_CELL`` vectors a cell, at most ``TRAIN_MAX``, never under ``MIN_PER_CELL``); rows are
+added block by block from the memory-mapped features, so a build never holds the float collection in memory.
+``rerank`` K re-scores the index's K best candidates exactly on the float features (``exact_rescore``).
 
-Training uses a seeded sample of the collection (``TRAIN_PER_CELL`` vectors a cell, at most ``TRAIN_MAX`` unless
-an explicit ``nlist`` needs more for ``MIN_PER_CELL`` a cell); the
-rows are added block by block from the memory-mapped features (``rows.Rows``), so building never holds the float
-collection in memory. PQ codes lose recall; ``rerank`` K re-scores the index's K best candidates exactly on the
-memory-mapped float features (the search then reads K rows per query), which brings Recall@10 back to that of the
-candidate list (``exact_rescore``).
-
-At build time the index measures its own Recall@10 against exact search on a seeded sample of the collection
-(each sampled image a query; the true 10 nearest by brute force in float32 matrix products, block by block), with
-and without the re-ranking, and records it with the build parameters, timings and bytes a vector in
-``index-meta.json``, with the ``features_id`` of the rows it holds: an index of other embeddings is refused.
-When ``isif embed`` adds files, the index is extended with their rows (row ids are stable, see ``embed_dir``) and
-measured again, instead of rebuilt; when files were removed or changed it is rebuilt with the same settings.
-
-``auto`` picks by collection size, from ``benchmarks/index_scale.py`` on the 2-core development machine (see the
-README): exact search below ``EXACT_BELOW`` (one query over 1,000,000 128-d embeddings takes 19.8 ms, linear in
-N, so it stays within 2 ms below about 100,000), HNSW below ``HNSW_BELOW`` (0.09 ms at Recall@10 0.99, but 748
-MiB at 1M: about 780 bytes a vector), and ``ivfpq`` (flat quantiser, ``nprobe`` 32) with ``rerank`` 100 above
-(tens of bytes a vector). At 10M vectors on 2 cores the flat quantiser beat the HNSW one on every count: built in
-584 s against 1,803 s (assigning 10M vectors to 12,649 cells by matrix products is faster than 10M graph searches
-among 25,641), Recall@10 0.989 at 1.43 ms p50 with nprobe 16 against 0.985 at 1.66 ms with nprobe 64; the HNSW
-quantiser is for the wiki's hundreds of thousands of cells, where scanning every centroid a query costs more.
-
-faiss is an extra (``pip install 'isif[search]'``); without it exact search still works everywhere.
+Each build measures its own Recall@10 against exact search on a seeded sample (with and without re-ranking) and
+records it, the parameters, timings, bytes a vector and the ``features_id`` of its rows in ``index-meta.json``: an
+index of other embeddings is refused. ``isif embed`` extends it with new rows (row ids are stable) or rebuilds it
+with the same settings. ``auto`` picks by size (``EXACT_BELOW``, ``HNSW_BELOW``; ivfpq with ``AUTO_RERANK`` above),
+from ``benchmarks/index_scale.py``: the measurements behind each threshold are in docs/collection.md. faiss is an
+extra (``pip install 'isif[search]'``); without it exact search still works everywhere.
 """
 
 from __future__ import annotations

@@ -2,30 +2,13 @@
 
     isif export-embeddings EMBED_DIR [--out FILE.parquet]       (default EMBED_DIR/embeddings.parquet)
 
-One row per image, in paths.txt's order:
-
-    path             string                         relative to the image root, as in paths.txt
-    embedding        fixed_size_list<float32>[D]    features.npy's row as written (not re-normalised)
-    cluster          int32, null when not clustered ``isif cluster``'s cluster (0 the largest), when clusters.csv
-                                                    is there and made for these images
-    duplicate_group  int32, null outside a group    ``isif duplicates``' group (0 the largest), when duplicates.csv
-                                                    is there and made for these images
-    selection_rank   int32, null when not picked    ``isif select``'s rank (1 first), from selection.csv
-    label            string                         ``isif label``'s label (the given one where given), from
-                                                    labels.csv
-    confidence       float32                        its calibrated confidence
-    label_given      bool                           whether the label was given
-    suspect_score    float32, null where not given  1 - the out-of-fold probability of the given label, from
-                                                    suspects.csv
-
-Each column is present only when its file is, and was made from these features (a stale file is named in one
-warning line and left out, never mixed in). The file's key-value metadata
-``isif`` holds the image root, the checkpoint and its sha256, the dimension and the number of images, so a reader
-knows what the vectors are. The file is written in row groups of ``ROW_GROUP`` rows, streamed from the
-memory-mapped features (memory stays at one row group, whatever the collection's size), to a temporary name and
-renamed: a kill leaves the old file or the new one. It is never written inside the image folder.
-
-pyarrow is an extra (``pip install 'isif[parquet]'``).
+One row per image, in paths.txt's order: ``path``, ``embedding`` (fixed_size_list<float32>[D], as written), then
+the columns of the other commands' files when they were made from these features, each read by its owner (a stale
+one is named in one warning line and left out): ``cluster``, ``duplicate_group`` (int32, null outside a group),
+``selection_rank`` (int32), ``label``, ``confidence``, ``label_given``, ``suspect_score`` (docs/collection.md lists
+them). The key-value metadata ``isif`` names the image root, the checkpoint, its sha256, D and N. Written in row
+groups of ``ROW_GROUP`` rows streamed from the memory-mapped features (memory stays at one row group), to a
+temporary name and renamed; never inside the image folder. pyarrow is an extra (``pip install 'isif[parquet]'``).
 """
 
 from __future__ import annotations
