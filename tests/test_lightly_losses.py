@@ -144,6 +144,50 @@ def test_moco_module_and_its_queue_follow_lightly_over_steps(seed):
         assert int(moco.ptr) == int(fn.memory_bank.bank_ptr)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_moco_with_lightly_queue_order_follows_lightly_cifar10_benchmark_over_steps(seed):
+    """``queue_update='term'``: the symmetric loss as lightly's benchmark computes it (two NTXentLoss calls on one
+    memory bank, view 1's keys enqueued between them), over steps that wrap the ring: same loss, gradient, queue."""
+    feats, tau = 10, 0.1
+    torch.manual_seed(seed)
+    moco = MoCo(nn.Linear(feats, feats), feats, num_instances=100, seed=seed, temperature=tau, queue=4 * B,
+                proj_hidden=8, proj_dim=D, queue_update="term").double().train()
+    fn = lightly_moco(tau, moco.queue.clone())
+    for step in range(3):
+        h, target = leaves(1000 * seed + step, (2 * B, feats), (2 * B, feats))
+        target.requires_grad_(False)
+        ours = moco(h, target=target)
+        with torch.no_grad():
+            k0, k1 = moco.target.head(target).chunk(2)
+        theirs = 0.5 * (fn(moco.projector(h[:B]), k1) + fn(moco.projector(h[B:]), k0))
+        close(ours, theirs, f"value, step {step}")
+        close(grads(ours, [h]), grads(theirs, [h]), f"gradient, step {step}")
+        close(moco.queue, fn.memory_bank.bank, f"queue after step {step}")
+        assert int(moco.ptr) == int(fn.memory_bank.bank_ptr)
+
+
+def test_split_batchnorm_per_view_equals_lightly_split_batchnorm_on_each_view():
+    """isif normalises both views in one pass (``views=2``); lightly's benchmark passes each view apart through its
+    SplitBatchNorm: the same outputs and gradients (the running statistics differ: lightly updates them twice)."""
+    from lightly.models.batchnorm import SplitBatchNorm
+
+    from isif.objectives.moco import split_batchnorm
+
+    ours = nn.Sequential(nn.BatchNorm2d(3)).double()
+    split_batchnorm(ours, 4, views=2)
+    theirs = SplitBatchNorm(3, 4).double()
+    with torch.no_grad():
+        for bn in (ours[0], theirs):
+            bn.weight.copy_(torch.tensor([0.5, 1.5, 2.0]))
+            bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    (x,) = leaves(7, (16, 3, 2, 2), scale=3.0)
+    y = ours(x)
+    ref = torch.cat([theirs(x[:8]), theirs(x[8:])])
+    close(y, ref, "output")
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    close(grads((y * w).sum(), [x]), grads((ref * w).sum(), [x]), "gradient")
+
+
 # BYOL and SimSiam -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -55,8 +55,9 @@ def test_the_lightly_matched_recipes_resolve_and_differ_from_the_own_where_said(
     assert own.optim.optimizer == "lars" and own.method.settings.loss_scale == pytest.approx(0.1)
     assert own.method.settings.proj_layers == 3 and own.augment.solarize_p == (0.0, 0.2)
     m = resolve("cifar10-race", {"method.name": "moco", **moco.LIGHTLY_RECIPE.changes(128)})
-    assert m.method.settings.bn_splits == 8
-    assert resolve("cifar10-race", {"method.name": "moco"}).method.settings.bn_splits == 1
+    assert m.method.settings.bn_splits == 8 and m.method.settings.queue_update == "term"
+    own = resolve("cifar10-race", {"method.name": "moco"}).method.settings
+    assert own.bn_splits == 1 and own.queue_update == "step"
 
 
 def test_the_recipes_learning_rate_scales_with_the_batch_and_flags_win():
