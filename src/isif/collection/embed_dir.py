@@ -1,6 +1,7 @@
 """The embed folder that ``isif embed`` writes, and its one owner: written, read, checked, labelled.
 
-    EMBED_DIR/shards/        NAME.npy features + NAME.json their files, the unit of resuming (``EmbedWriter``)
+    EMBED_DIR/shards/        NAME.npy features + NAME.json their files, the unit of resuming (``EmbedWriter``),
+                             + NAME.pixels.npy their pixel statistics (``pixel_stats.py``; ``EmbedDir.pixels``)
     EMBED_DIR/paths.txt      one image path a line, relative to the image root
     EMBED_DIR/index.json     root (the image folder), checkpoint, checkpoint_sha256, images, dim, shards,
                              segments (which shard rows make the collection, in paths.txt's order), features_id,
@@ -45,9 +46,12 @@ from ..base.errors import UserError
 from ..base.faults import fault_point
 from ..base.files import atomic_write_bytes, sha256_file
 from ..data.input_spec import InputSpec
+from .pixel_stats import COLUMNS as PIXEL_COLUMNS
+from .pixel_stats import VERSION as PIXELS_VERSION
 from .rows import BLOCK, Rows, unit_rows  # noqa: F401  (unit_rows: re-exported)
 
 FEATURES, PATHS, INDEX = "features.npy", "paths.txt", "index.json"
+PIXELS_SUFFIX = ".pixels.npy"  # beside each shard: its rows' pixel statistics (pixel_stats.py)
 FEATURES_NPY_MAX = 1_000_000  # features.npy is written up to here (512 MiB at 128-d); isif itself reads the shards
 FIRST = "run `isif embed CHECKPOINT FOLDER --out DIR` first"
 TOP_LEVEL = "(top level)"
@@ -88,6 +92,40 @@ class EmbedDir:
     def input_spec(self) -> InputSpec | None:
         """How the network saw the images (None for a folder written without it)."""
         return InputSpec.from_embed_dir(self.meta, self.folder / INDEX)
+
+    @functools.cached_property
+    def pixels(self) -> np.ndarray | None:
+        """(N, len(pixel_stats.COLUMNS)) float32, row i the pixel statistics of image i, measured while it was
+        embedded; None when some shard was written before isif measured them (or a features.npy folder)."""
+        parts, maps = [], {}
+        for name, lo, hi in self.segments:
+            if name not in maps:
+                try:
+                    m = json.loads((self.folder / "shards" / f"{name}.json").read_text())
+                    if m.get("pixels") != PIXELS_VERSION:
+                        return None
+                    maps[name] = np.load(self.folder / "shards" / f"{name}{PIXELS_SUFFIX}", mmap_mode="r",
+                                         allow_pickle=False)
+                except (OSError, ValueError, AttributeError):
+                    return None
+            p = maps[name]
+            if p.ndim != 2 or p.shape[1] != len(PIXEL_COLUMNS) or p.shape[0] < hi or p.dtype != np.float32:
+                return None
+            parts.append(p[lo:hi])
+        return np.concatenate(parts) if parts else None
+
+    def unreadable(self) -> list[tuple[str, str]]:
+        """(path, reason) of the files under the root that the embedding met but could not decode (from the
+        shards' manifests; files since removed left out)."""
+        out = []
+        for meta in sorted((self.folder / "shards").glob("*.json")):
+            try:
+                m = json.loads(meta.read_text())
+                out += [(str(k[0]), str(r)) for k, r in m.get("broken", [])
+                        if m.get("checkpoint_sha256") == self.checkpoint_sha256]
+            except (OSError, ValueError, AttributeError, TypeError, IndexError):
+                continue
+        return sorted({(p, r) for p, r in out if (self.root / p).is_file()})
 
     @functools.cached_property
     def labels(self) -> list[str] | None:
@@ -324,14 +362,18 @@ class EmbedWriter:
         atomic_write_bytes(self.out / INDEX, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
 
     def write_shard(self, keys: list, z: np.ndarray, kept: list[int], broken: dict[int, str], sha: str,
-                    seq: int = 0) -> str:
-        """Features first, then the manifest that makes the shard count: a kill in between leaves no shard.
-        ``seq``: the shard's place in the collection's order (a rerun's shards come after the earlier ones)."""
+                    seq: int = 0, pixels: np.ndarray | None = None) -> str:
+        """Features (and their pixel statistics) first, then the manifest that makes the shard count: a kill in
+        between leaves no shard. ``seq``: the shard's place in the collection's order (a rerun's shards come after
+        the earlier ones)."""
         name = _shard_name(keys)
         self.shards.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.shards / f"{name}.npy", lambda fh: np.save(fh, z))
         meta = {"checkpoint_sha256": sha, "seq": seq, "files": [list(keys[i]) for i in kept],
                 "broken": [[list(keys[i]), r] for i, r in sorted(broken.items())]}
+        if pixels is not None:
+            atomic_write_bytes(self.shards / f"{name}{PIXELS_SUFFIX}", lambda fh: np.save(fh, pixels))
+            meta["pixels"] = PIXELS_VERSION
         atomic_write_bytes(self.shards / f"{name}.json", lambda fh: fh.write(json.dumps(meta).encode()))
         fault_point("embed-shard")
         return name
@@ -370,6 +412,7 @@ class EmbedWriter:
             if stale.stem not in used:
                 stale.unlink()
                 (self.shards / f"{stale.stem}.npy").unlink(missing_ok=True)
+                (self.shards / f"{stale.stem}{PIXELS_SUFFIX}").unlink(missing_ok=True)
         return len(live), sum(1 for k in keys if k in broken)
 
     def _write_features(self, fh, segments: list[list], n: int, dim: int) -> None:

@@ -17,6 +17,8 @@ from ..data.decode import IMAGE_EXTS, BadImage, broken_image, max_decode_bytes, 
 from ..data.input_spec import InputSpec
 from ..training.checkpoint import load_trained, resolve_checkpoint
 from .embed_dir import EmbedWriter, file_key
+from .pixel_stats import COLUMNS as PIXEL_COLUMNS
+from .pixel_stats import pixel_stats
 
 
 @torch.no_grad()
@@ -99,13 +101,14 @@ class _Prepared(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, np.ndarray | None]:
         f = self.files[i]
+        info: dict = {}
         try:
-            arr = self.spec.decode(f.read_bytes(), str(f))
+            arr = self.spec.decode(f.read_bytes(), str(f), info)
         except (BadImage, OSError) as e:
-            return i, None, str(e) or "unreadable"
-        return i, self.spec.prepare(arr), ""
+            return i, None, str(e) or "unreadable", None
+        return i, self.spec.prepare(arr), "", pixel_stats(arr, info.get("size"))
 
 
 def _collate(items: list) -> list:
@@ -114,17 +117,20 @@ def _collate(items: list) -> list:
 
 @torch.no_grad()
 def embed_files(embedder: Embedder, files: list[Path], workers: int = 0, strict: bool = False,
-                progress=None) -> tuple[np.ndarray, list[int], dict[int, str]]:
+                progress=None, stats: list | None = None) -> tuple[np.ndarray, list[int], dict[int, str]]:
     """(features (n, D) float32, the indices of ``files`` embedded, {index: reason} of the broken ones), the
-    files decoded by ``workers`` DataLoader workers, in order, ``embedder.batch_size`` at a time."""
+    files decoded by ``workers`` DataLoader workers, in order, ``embedder.batch_size`` at a time; ``stats``, when
+    given, receives each embedded file's ``pixel_stats`` row, in the same order."""
     max_decode_bytes()  # a malformed ISIF_MAX_DECODE_MIB: refused here in one line, not in every worker
     sp = embedder.spec
     loader = torch.utils.data.DataLoader(_Prepared(files, sp), batch_size=embedder.batch_size, num_workers=workers,
                                          collate_fn=_collate, generator=torch.Generator().manual_seed(0))
     feats, kept, broken = [], [], {}
     for batch in loader:
-        good = [(i, x) for i, x, _ in batch if x is not None]
-        for i, _, reason in batch:
+        good = [(i, x) for i, x, _, _ in batch if x is not None]
+        if stats is not None:
+            stats += [p for _, x, _, p in batch if x is not None]
+        for i, _, reason, _ in batch:
             if reason:
                 if strict:
                     raise broken_image(files[i], reason)
@@ -178,8 +184,10 @@ def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256,
     for c, chunk in enumerate(chunks):
         if c % world.size != world.rank:
             continue
-        z, kept, bad = embed_files(embedder, [files[i] for i in chunk], workers, strict, bar)
-        store.write_shard([keys[i] for i in chunk], z, kept, bad, embedder.fingerprint, first_seq + c)
+        pixels: list[np.ndarray] = []
+        z, kept, bad = embed_files(embedder, [files[i] for i in chunk], workers, strict, bar, pixels)
+        store.write_shard([keys[i] for i in chunk], z, kept, bad, embedder.fingerprint, first_seq + c,
+                          np.stack(pixels) if pixels else np.zeros((0, len(PIXEL_COLUMNS)), np.float32))
     bar.close()
     barrier(world)
     n, skipped = (store.consolidate(keys, root, embedder.path, embedder.fingerprint, int(embedder.dim),

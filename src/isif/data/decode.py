@@ -345,19 +345,24 @@ def decode_estimate(data: bytes, name: str = "", draft: int | None = None) -> in
         return _estimate(_header(im, draft), draft)
 
 
-def decode_rgb(data: bytes, name: str = "", draft: int | None = None, max_bytes: int | None = None) -> np.ndarray:
+def decode_rgb(data: bytes, name: str = "", draft: int | None = None, max_bytes: int | None = None,
+               info: dict | None = None) -> np.ndarray:
     """Decode bytes into an upright (H, W, 3) uint8 RGB array; anything unreadable raises ``BadImage``.
 
     ``TooLarge`` (one line: the size, the limit and the fix) when the image is past PIL's pixel limit or its
     decoding would need more than ``max_bytes`` (None: ``max_decode_bytes()``), both checked from the header
     before any pixel is decoded. ``draft``: the caller needs a shorter side of about that many pixels (a JPEG
-    is decoded at a reduced scale, anything else reduced after decoding; see the module docstring)."""
+    is decoded at a reduced scale, anything else reduced after decoding; see the module docstring). ``info``, when
+    given, receives ``size``: the upright (width, height) of the full image, before any reduction."""
     limit = max_decode_bytes(max_bytes)
     _check_webp(name, data, draft, limit, max_bytes is None)
     with _opened(data, name) as im:
-        _check(name, _header(im, draft), draft, limit, max_bytes is None)
+        hd = _header(im, draft)
+        _check(name, hd, draft, limit, max_bytes is None)
         im.load()
         orientation = _orientation(im)
+        if info is not None:
+            info["size"] = hd.full[::-1] if orientation in (5, 6, 7, 8) else hd.full
         cur = _eight_bit(im)
         if cur is not im:
             im.close()  # frees the decoded pixels now

@@ -161,12 +161,12 @@ class InputSpec:
         """(the training augmentation, the test transform) of ``splits`` at this spec's size and normalisation."""
         return build_transforms(augment, self.size, dataclasses.replace(splits, mean=self.mean, std=self.std))
 
-    def decode(self, data: bytes, name: str) -> np.ndarray:
+    def decode(self, data: bytes, name: str, info: dict | None = None) -> np.ndarray:
         """An encoded image -> (H, W, 3) uint8 by the safe decoder (a JPEG drafted near ``size`` for fit "crop");
-        raises ``BadImage``."""
+        raises ``BadImage``. ``info``: as ``decode_rgb``'s."""
         from .decode import decode_rgb
 
-        return decode_rgb(data, name, draft=self.size if self.fit == "crop" else None)
+        return decode_rgb(data, name, draft=self.size if self.fit == "crop" else None, info=info)
 
     def prepare(self, arr: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (3, size, size) float in [0, 1], the test transform of a file (``prepare``)."""
@@ -211,7 +211,12 @@ def prepare(arr: np.ndarray, size: int, resize: int | None = None, fit: str = "s
         x = load_file_array(arr, resize).float().div_(255)
         top, left = int(round((resize - size) / 2.0)), int(round((resize - size) / 2.0))
         return x[:, top:top + size, left:left + size]
-    x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255)[None]  # (1, 3, H, W)
+    # resized in uint8 (torch's antialiased kernel, rounded to the nearest level): a full-size float copy of a large
+    # photo would cost 4 bytes a subpixel before any resize
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # torch wraps only writable arrays (a decoder's own output is)
+        arr = arr.copy()
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8, channels last
     h, w = x.shape[-2:]
     if (h, w) != (size, size):
         scale = size / min(h, w)
@@ -219,4 +224,4 @@ def prepare(arr: np.ndarray, size: int, resize: int | None = None, fit: str = "s
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
         top, left = (nh - size) // 2, (nw - size) // 2
         x = x[..., top:top + size, left:left + size]
-    return x[0]
+    return x[0].float().div_(255)
