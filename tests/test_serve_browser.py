@@ -382,3 +382,57 @@ def test_the_labels_tab_lists_label_next_suspects_and_one_label(labels_server, t
         wait.until(lambda d: "nearest of 30 images" in d.find_element(By.ID, "status").text)
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def audit_server(run, tmp_path):  # noqa: F811
+    import numpy as np
+    from PIL import Image
+
+    folder = photos(tmp_path / "photos", 30)
+    first = sorted(folder.rglob("*.png"))[0]
+    Image.fromarray((np.asarray(Image.open(first).convert("RGB")) * 0.1).astype(np.uint8)).save(folder / "dark.png")
+    emb = tmp_path / "emb"
+    assert main(["embed", str(run), str(folder), "--out", str(emb), "--quiet", "--workers", "0"]) == 0
+    assert main(["audit", str(emb), "--k", "3", "--sheet", "0"]) == 0
+    with serving(emb) as base:
+        yield base, emb
+
+
+def test_the_audit_tab_filters_by_issue_and_by_score(audit_server, tmp_path):
+    import csv
+
+    from selenium.webdriver.support.ui import Select
+
+    base, emb = audit_server
+    with open(emb / "audit.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    outliers = sorted(rows, key=lambda r: -float(r["outlier"]))
+    driver = browser()
+    try:
+        wait = WebDriverWait(driver, 30)
+        driver.get(base + "/")
+        tab = wait.until(lambda d: d.find_element(By.ID, "tab-audit") if d.find_element(
+            By.ID, "tab-audit").is_displayed() else False)
+        tab.click()
+        wait.until(EC.url_contains("#audit="))
+        Select(driver.find_element(By.ID, "audit-issue")).select_by_value("dark")
+        wait.until(EC.url_contains("#audit=dark"))
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("dark: 1 images flagged"))
+        cards = driver.find_elements(By.CSS_SELECTOR, "#results .result")
+        assert [c.get_attribute("title") for c in cards] == ["dark.png"]
+        assert "dark" in cards[0].find_element(By.CLASS_NAME, "issues").text
+        Select(driver.find_element(By.ID, "audit-issue")).select_by_value("outlier")
+        box = driver.find_element(By.ID, "audit-min")
+        score = [float(r["outlier"]) for r in outliers]
+        n = next(j for j in range(5, len(score)) if score[j - 1] > score[j])  # the top n, and no more
+        box.send_keys(f"{(score[n - 1] + score[n]) / 2:.6f}\n")
+        wait.until(EC.url_contains("#audit=outlier@"))
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith(f"outlier: {n} images with a score"))
+        cards = driver.find_elements(By.CSS_SELECTOR, "#results .result")
+        assert [c.get_attribute("title") for c in cards] == [r["path"] for r in outliers[:n]]  # the worst first
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        driver.save_screenshot(str(tmp_path / "audit.png"))
+    finally:
+        driver.quit()

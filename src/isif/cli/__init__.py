@@ -14,6 +14,7 @@ import sys
 
 from ..base.errors import UserError
 from .collection import (
+    AUDIT,
     CLUSTER,
     DUPLICATES,
     EMBED,
@@ -31,7 +32,8 @@ from .serve import SERVE
 from .train import BENCH, METHODS, PRESETS, RACE, TRAIN
 
 COMMANDS: tuple[Command, ...] = (TRAIN, RACE, EVAL, BENCH, EMBED, INDEX, PLOT, SEARCH, SERVE, EXPORT,
-                                 EXPORT_EMBEDDINGS, CLUSTER, DUPLICATES, MAP, SELECT, LABEL, PRESETS, METHODS)
+                                 EXPORT_EMBEDDINGS, CLUSTER, DUPLICATES, MAP, SELECT, LABEL, AUDIT, PRESETS,
+                                 METHODS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
-"""``isif embed``, ``index``, ``search``, ``cluster``, ``duplicates``, ``map``, ``export`` and
-``export-embeddings``: thin commands over ``isif.collection``; the printing of their results."""
+"""``isif embed``, ``index``, ``search``, ``cluster``, ``duplicates``, ``map``, ``export``, ``export-embeddings``,
+``select``, ``label`` and ``audit``: thin commands over ``isif.collection``; the printing of their results."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..collection.audit import AuditOptions
 from ..collection.label import LabelOptions
 from ..collection.options import (
     ClusterOptions,
@@ -128,12 +129,15 @@ def run_cluster(o: ClusterOptions) -> int:
 def run_duplicates(o: DuplicatesOptions) -> int:
     from ..collection.duplicates import duplicates_folder
 
-    res = duplicates_folder(o.embed_dir, o.threshold, o.out, o.max_groups, o.tile, o.block)
+    res = duplicates_folder(o.embed_dir, o.threshold, o.out, o.max_groups, o.tile, o.block, o.keep)
     cal = res["calibration"]
     how = (f"calibrated: {found_by_edit(cal)} of {cal['sample']} sampled copies at or above it"
            if res["source"] == "calibrated" else "--threshold")
     print(f"{res['groups']} near-duplicate groups, {res['images']} images (the largest {res['largest']}) at "
           f"cosine >= {res['threshold']:g} ({how}) -> {res['out']}/duplicates.csv, .png and .json")
+    if o.keep:
+        print(f"{res['keep']:,} of the {res['collection']:,} images to keep (each group's representative and every "
+              f"image in no group) -> {o.keep}")
     for w in res["warnings"]:
         print(f"isif: warning: {w}", file=sys.stderr)
     return 0
@@ -188,6 +192,21 @@ def run_select(o: SelectOptions) -> int:
     return 0
 
 
+def run_audit(o: AuditOptions) -> int:
+    from ..collection.audit import audit_folder
+
+    r = audit_folder(o)
+    print(f"audited {r.images:,} images (neighbours: {r.neighbours}) -> {r.out}/audit.csv"
+          + (", audit-ISSUE.png" if o.sheet else ""))
+    for name, n in r.counts.items():
+        shown = "; ".join(f"{p} ({s:.3g})" if name != "unreadable" else p for p, s in r.worst.get(name, [])[:3])
+        print(f"  {name:<16} {n:>8,}" + (f"   worst: {shown}" if n else ""))
+    if r.leaks is not None:
+        print(f"{r.leaks:,} images have a near-duplicate in {o.against} (cosine >= {r.leak_threshold:g}) -> "
+              f"{r.out}/leaks.csv")
+    return 0
+
+
 def run_label(o: LabelOptions) -> int:
     from ..collection.label import label_folder
 
@@ -223,6 +242,9 @@ SELECT = Command("select", "which images to label first, without labels (TypiClu
                            "random): selection.csv, selection.png", run_select, SelectOptions)
 LABEL = Command("label", "a label for every image from a few given ones, with a calibrated confidence; the given "
                          "labels likeliest wrong: labels.csv, suspects.csv", run_label, LabelOptions)
+AUDIT = Command("audit", "what not to train on: outliers, blurred, dark, bright, near-constant, odd and unreadable "
+                         "images; with --against, near-duplicates in another collection: audit.csv, leaks.csv",
+                run_audit, AuditOptions)
 EXPORT_EMBEDDINGS = Command("export-embeddings", "an embed folder as Parquet (path, embedding, cluster, duplicate "
                                                  "group) for DuckDB, pandas, LanceDB", run_export_embeddings,
                              ExportEmbeddingsOptions)

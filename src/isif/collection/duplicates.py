@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -161,9 +162,10 @@ def default_threshold(ed) -> tuple[float, dict]:
 
 
 def duplicates_folder(embed_dir: str, threshold: float | None = None, out: str | None = None, max_groups: int = 50,
-                      tile: int = 64, block: int = 2048) -> dict:
+                      tile: int = 64, block: int = 2048, keep: str | None = None) -> dict:
     """duplicates.csv (group, path, cosine to the group's representative, which is its first row),
-    duplicates.png and duplicates.json (the threshold and where it came from, the counts, the warnings)."""
+    duplicates.png and duplicates.json (the threshold and where it came from, the counts, the warnings); with
+    ``keep``, that file: the absolute path of every image to keep, one a line (``keep_list``)."""
     if threshold is not None and not (-1.0 < threshold <= 1.0):
         raise UserError(f"--threshold {threshold}: a cosine similarity, must be in (-1, 1]")
     if max_groups < 1 or tile < 16 or block < 1:
@@ -176,6 +178,8 @@ def duplicates_folder(embed_dir: str, threshold: float | None = None, out: str |
         source = "calibrated"
     require_images(ed)
     dest = output_dir(ed, out)
+    if keep:
+        output_dir(ed, Path(keep).parent)  # never into the image folder
     z = resident(ed.features)  # every pair is compared: in memory up to a million rows, else tiles read from disk
     groups = duplicate_groups(z, threshold, block)
     sims = [z[g] @ z[g[0]] for g in groups]
@@ -201,7 +205,19 @@ def duplicates_folder(embed_dir: str, threshold: float | None = None, out: str |
            "warnings": warnings, "calibration": cal, "out": str(dest)}
     atomic_write_bytes(dest / "duplicates.json", lambda fh: fh.write(json.dumps(
         {k: v for k, v in res.items() if k != "out"}, indent=2).encode()))
+    if keep:
+        rows = keep_list(len(ed.paths), groups)
+        atomic_write_bytes(Path(keep), lambda fh: fh.write("".join(f"{ed.image(int(i))}\n" for i in rows).encode()))
+        res["keep"] = len(rows)
     return res
+
+
+def keep_list(n: int, groups: list[np.ndarray]) -> np.ndarray:
+    """The rows to keep, in row order: every row in no group, and each group's first (its representative)."""
+    keep = np.ones(n, bool)
+    for g in groups:
+        keep[np.asarray(g)[1:]] = False
+    return np.nonzero(keep)[0]
 
 
 def group_warnings(groups: list[np.ndarray], n: int, threshold: float, cal: dict | None, source: str) -> list[str]:

@@ -128,6 +128,8 @@ class DuplicatesOptions:
     max_groups: int = setting(50, "groups drawn in duplicates.png", check=at_least(1))
     tile: int = _tile(64)
     block: int = setting(2048, "rows and columns of one similarity tile", check=at_least(1))
+    keep: str | None = setting(None, "also write the images to keep to this file, one absolute path a line: every "
+                                     "image in no group and each group's representative")
 
 
 @dataclass(kw_only=True)

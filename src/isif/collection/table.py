@@ -5,10 +5,11 @@
 One row per image, in paths.txt's order: ``path``, ``embedding`` (fixed_size_list<float32>[D], as written), then
 the columns of the other commands' files when they were made from these features, each read by its owner (a stale
 one is named in one warning line and left out): ``cluster``, ``duplicate_group`` (int32, null outside a group),
-``selection_rank`` (int32), ``label``, ``confidence``, ``label_given``, ``suspect_score`` (docs/collection.md lists
-them). The key-value metadata ``isif`` names the image root, the checkpoint, its sha256, D and N. Written in row
-groups of ``ROW_GROUP`` rows streamed from the memory-mapped features (memory stays at one row group), to a
-temporary name and renamed; never inside the image folder. pyarrow is an extra (``pip install 'isif[parquet]'``).
+``selection_rank`` (int32), ``label``, ``confidence``, ``label_given``, ``suspect_score``, and ``isif audit``'s
+scores (float32) and flags (bool): ``outlier``, ``outlier_flag``, ``blurry``, ... (docs/collection.md lists them).
+The key-value metadata ``isif`` names the image root, the checkpoint, its sha256, D and N. Written in row groups of
+``ROW_GROUP`` rows streamed from the memory-mapped features (memory stays at one row group), to a temporary name
+and renamed; never inside the image folder. pyarrow is an extra (``pip install 'isif[parquet]'``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ def export_embeddings(embed_dir: str | Path, out: str | Path | None = None, row_
         columns["label_given"] = (pa.bool_(), labels.given, None)
         if np.isfinite(labels.suspect).any():
             columns["suspect_score"] = (pa.float32(), labels.suspect.astype(np.float32), ~np.isfinite(labels.suspect))
+    from .audit import read_audit
+
+    audit = read_audit(ed, "the audit columns are left out")
+    for name, v in (audit or {}).items():
+        flag = name.endswith("_flag")
+        columns[name] = (pa.bool_(), v, None) if flag else (pa.float32(), v.astype(np.float32), ~np.isfinite(v))
     fields = [pa.field("path", pa.string(), nullable=False),
               pa.field("embedding", pa.list_(pa.field("item", pa.float32(), nullable=False), d), nullable=False)]
     fields += [pa.field(name, kind) for name, (kind, _, _) in columns.items()]

@@ -3,6 +3,7 @@ search), the checkpoint that embeds uploads, ``isif cluster``, ``isif map``, ``i
 output and a cache of thumbnails."""
 
 import io
+import math
 import sys
 import threading
 from collections import OrderedDict
@@ -103,6 +104,25 @@ def load_labelling(ed: EmbedDir) -> Labelling | None:
 
 
 @dataclass
+class Audit:
+    """``isif audit`` output as the page filters it: each issue's scores and flags, in gallery order."""
+
+    scores: dict[str, np.ndarray]
+    flags: dict[str, np.ndarray]
+
+
+def load_audit(ed: EmbedDir) -> Audit | None:
+    """audit.csv, read by its owner (a stale file: one warning, left out)."""
+    from ..collection.audit import read_audit
+
+    cols = read_audit(ed, "the Audit tab is not shown")
+    if not cols:
+        return None
+    issues = [c for c in cols if not c.endswith("_flag") and f"{c}_flag" in cols]
+    return Audit({c: cols[c] for c in issues}, {c: cols[f"{c}_flag"] for c in issues})
+
+
+@dataclass
 class Map:
     layout: MapLayout
     ids: list[int]  # the gallery id of each of layout.cells
@@ -165,6 +185,7 @@ class Collection:
         self.clusters = load_clusters(self.ed)
         self.map = load_map(self.ed)
         self.labelling = load_labelling(self.ed)
+        self.audit = load_audit(self.ed)
         self._model_lock = threading.Lock()
         self._thumbs = _Lru(4096)
 
@@ -180,7 +201,9 @@ class Collection:
                 "map": {"method": self.map.layout.method, "colour": self.map.layout.colour,
                         "thumbnails": len(self.map.ids)} if self.map else None,
                 "labels": self.gallery.labels is not None, "max_k": self._max_k(None),
-                "labelling": self.labelling_info()}
+                "labelling": self.labelling_info(),
+                "audit": [{"issue": c, "count": int(f.sum())} for c, f in self.audit.flags.items()]
+                if self.audit else None}
 
     def _max_k(self, exclude: int | None) -> int:
         return min(MAX_K, len(self) - (exclude is not None))
@@ -235,7 +258,29 @@ class Collection:
                 d.update(assigned=t.label[i], confidence=round(float(t.confidence[i]), 4), given=bool(t.given[i]))
                 if np.isfinite(t.suspect[i]):
                     d["suspect"] = round(float(t.suspect[i]), 4)
+        if self.audit is not None:
+            d["outlier"] = round(float(self.audit.scores["outlier"][i]), 3)
+            d["issues"] = [c for c, f in self.audit.flags.items() if f[i]]
         return d
+
+    def audited(self, issue: str, offset: int = 0, limit: int = 100, min_score: float | None = None) -> dict:
+        """A page of the images flagged for ``issue`` (or, with ``min_score``, of every image whose score for it is
+        at least that), the worst first."""
+        if self.audit is None:
+            raise RequestError(404, f"no audit: run `isif audit {self.ed.folder}` first")
+        if issue not in self.audit.scores:
+            raise RequestError(404, f"no issue {issue[:40]!r}: one of {', '.join(self.audit.scores)}")
+        if offset < 0 or not 1 <= limit <= 1000:
+            raise RequestError(400, "offset must be >= 0 and limit 1 to 1000")
+        if min_score is not None and not math.isfinite(min_score):
+            raise RequestError(400, "min_score must be a finite number")
+        s = self.audit.scores[issue]
+        keep = self.audit.flags[issue] if min_score is None else np.nan_to_num(s, nan=-np.inf) >= min_score
+        ids = np.nonzero(keep)[0]
+        ids = ids[np.argsort(-s[ids], kind="stable")]
+        return {"issue": issue, "total": len(ids), "offset": offset, "min_score": min_score,
+                "images": [{**self.describe(int(i)), "score": round(float(s[i]), 4)}
+                           for i in ids[offset:offset + limit]]}
 
     def image_path(self, i: int) -> Path:
         """Gallery image i's file, only when it resolves to a file inside the image folder."""

@@ -116,6 +116,14 @@ def add_api(app, col: Collection, default_k: int, slots: DecodeSlots) -> None:
                 data = await run_in_threadpool(col.thumb, i, side)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": PRIVATE_CACHE})
 
+    add_list_api(app, col)
+    add_map_api(app, col)
+
+
+def add_list_api(app, col: Collection) -> None:
+    """The lists the other commands' files make: clusters, labels (select, label) and audit issues, a page at a
+    time."""
+
     @app.get("/api/clusters")
     def clusters():
         return col.cluster_list()
@@ -128,7 +136,9 @@ def add_api(app, col: Collection, default_k: int, slots: DecodeSlots) -> None:
     def labelled(which: str, offset: int = 0, limit: int = 100):
         return col.labelled(which, offset, limit)
 
-    add_map_api(app, col)
+    @app.get("/api/audit/{issue}")
+    def audited(issue: str, offset: int = 0, limit: int = 100, min_score: float | None = None):
+        return col.audited(issue, offset, limit, min_score)
 
 
 def add_map_api(app, col: Collection) -> None:

@@ -52,6 +52,12 @@ function card(item, onClick) {
     lab.textContent = parts.join(" · ");
     meta.append(lab);
   }
+  if (item.issues !== undefined && (item.issues.length || item.score !== undefined)) {
+    const au = document.createElement("div");
+    au.className = "issues";
+    au.textContent = (item.score !== undefined ? `score ${item.score.toFixed(2)} · ` : "") + item.issues.join(", ");
+    meta.append(au);
+  }
   b.append(img, meta);
   b.addEventListener("click", () => onClick(item));
   return b;
@@ -88,11 +94,12 @@ async function searchFile(file) {
 
 function showTab(name) {
   if (name !== "map") cancelMapHash();
-  for (const tab of ["search", "clusters", "map", "labels"]) {
+  for (const tab of ["search", "clusters", "map", "labels", "audit"]) {
     $(`tab-${tab}`).classList.toggle("active", name === tab);
   }
-  $("results").hidden = name !== "search" && name !== "labels";
+  $("results").hidden = name !== "search" && name !== "labels" && name !== "audit";
   $("labels-panel").hidden = name !== "labels";
+  $("audit-panel").hidden = name !== "audit";
   $("query-panel").hidden = name !== "search";
   $("clusters").hidden = name !== "clusters";
   $("map").hidden = name !== "map";
@@ -389,12 +396,53 @@ function setupLabels() {
   $("tab-labels").addEventListener("click", () => { leaveMap(); go(`labels=${first}`); });
 }
 
+// The audit tab: isif audit's flagged images of one issue, the worst first, or every image whose score for it is at
+// least a number; routed as #audit=ISSUE and #audit=ISSUE@MIN.
+async function showAudit(issue, min) {
+  showTab("audit");
+  $("query").hidden = true;
+  $("audit-issue").value = issue;
+  $("audit-min").value = min === undefined ? "" : min;
+  setStatus("loading…");
+  try {
+    const q = min === undefined ? "" : `&min_score=${encodeURIComponent(min)}`;
+    const out = await api(`/api/audit/${encodeURIComponent(issue)}?limit=200${q}`);
+    $("results").replaceChildren(...out.images.map((r) => card(r, (item) => { location.hash = `id=${item.id}`; })));
+    const what = min === undefined ? "flagged" : `with a score of at least ${min}`;
+    setStatus(`${issue}: ${out.total} images ${what}` + (out.total > out.images.length ? `, the worst ${out.images.length}` :
+      "") + "; click one to search");
+  } catch (e) { setStatus(e.message, true); }
+}
+
+function auditHash() {
+  const min = $("audit-min").value.trim();
+  return `audit=${$("audit-issue").value}` + (min === "" ? "" : `@${min}`);
+}
+
+function setupAudit() {
+  const issues = info.audit;
+  $("tab-audit").hidden = !issues;
+  if (!issues) return;
+  $("audit-issue").replaceChildren(...issues.map((c) => {
+    const o = document.createElement("option");
+    o.value = c.issue;
+    o.textContent = `${c.issue} (${c.count})`;
+    return o;
+  }));
+  $("audit-issue").addEventListener("change", () => go(auditHash()));
+  $("audit-min").addEventListener("change", () => go(auditHash()));
+  const first = (issues.find((c) => c.count) || issues[0]).issue;
+  $("tab-audit").addEventListener("click", () => { leaveMap(); go(`audit=${first}`); });
+}
+
 function route() {
   const wanted = parseMapHash(location.hash);
   if (wanted) { showMap(wanted); return; }
   cancelMapHash();
   const l = location.hash.match(/^#labels=(next|suspects|class-\d+)$/);
   if (l) { showLabels(l[1]); return; }
+  const a = location.hash.match(/^#audit=([a-z_]+)(?:@(-?[0-9.]+))?$/);
+  if (a) { showAudit(a[1], a[2]); return; }
   const m = location.hash.match(/^#(id|cluster)=(\d+)$/);
   if (m) {
     if (m[1] === "id") searchId(m[2]); else showCluster(m[2]);
@@ -416,6 +464,7 @@ async function start() {
   $("tab-clusters").hidden = !info.clusters;
   $("tab-map").hidden = !info.map;
   setupLabels();
+  setupAudit();
   $("tab-search").addEventListener("click", () => { leaveMap(); showTab("search"); });
   $("tab-clusters").addEventListener("click", () => { leaveMap(); showClusters(); });
   $("tab-map").addEventListener("click", () => go(view.layout ? mapHash().slice(1) : "map"));  // the last view
