@@ -48,6 +48,15 @@ def isif(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "isif", *args], capture_output=True, text=True, env=e, timeout=300)
 
 
+def features_of(out):
+    """The feature shards of an embed folder (each has a .pixels.npy beside it)."""
+    return [p for p in (out / "shards").glob("*.npy") if not p.name.endswith(".pixels.npy")]
+
+
+def pixels_of(out):
+    return list((out / "shards").glob("*.pixels.npy"))
+
+
 def test_shards_equal_one_pass_and_workers_change_nothing(run, tmp_path):
     folder = photos(tmp_path / "p", 23)
     assert main(["embed", str(run), str(folder), "--out", str(tmp_path / "one"), "--quiet", "--workers", "0"]) == 0
@@ -56,7 +65,7 @@ def test_shards_equal_one_pass_and_workers_change_nothing(run, tmp_path):
     z1, p1, m1 = load(tmp_path / "one")
     z2, p2, m2 = load(tmp_path / "sh")
     assert p1 == p2 and len(p1) == 23 and m2["shards"] == 5
-    assert len(list((tmp_path / "sh" / "shards").glob("*.npy"))) == 5
+    assert len(features_of(tmp_path / "sh")) == 5 and len(pixels_of(tmp_path / "sh")) == 5
     assert np.allclose(z1, z2, atol=1e-6)
     assert m1["checkpoint_sha256"] == m2["checkpoint_sha256"] and m2["input"]["size"] == 32
 
@@ -106,7 +115,8 @@ def test_incremental_rerun_embeds_only_new_and_changed_files(run, tmp_path, caps
     kept = [p for p in p0 if p in p1 and p != "album2/002.png"]
     assert p1[:len(kept)] == kept and p1[len(kept):] == sorted(p1[len(kept):])
     assert np.allclose(z1[:len(kept)], z0[[p0.index(p) for p in kept]], atol=1e-6)
-    assert m1["shards"] == 3 and len(list((out / "shards").glob("*.npy"))) == 3  # the emptied shard is deleted
+    # the emptied shard is deleted, its pixel statistics with it
+    assert m1["shards"] == 3 and len(features_of(out)) == 3 and len(pixels_of(out)) == 3
 
 
 def test_refusals_are_one_line(run, tmp_path, capsys, image_tree):
