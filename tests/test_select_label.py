@@ -301,3 +301,8 @@ def test_the_table_carries_rank_label_confidence_and_suspect_and_leaves_out_stal
     assert "isif select" in err and "isif label" in err
     names = pq.read_schema(d / "embeddings.parquet").names
     assert not {"selection_rank", "label", "suspect_score"} & set(names)
+
+
+def test_auto_is_typiclust_for_a_small_labelled_set_and_random_past_it():
+    assert sel.auto_strategy(0, 20)[0] == "typiclust" and sel.auto_strategy(400, 100)[0] == "typiclust"
+    assert sel.auto_strategy(0, 1000)[0] == "random" and sel.auto_strategy(450, 51)[0] == "random"
