@@ -67,10 +67,10 @@ def extract(zip_path: Path, dest: Path) -> tuple[Path, Path]:
 
 def embedded(checkpoint: str, folder: Path, out: Path):
     from isif.collection.embed_dir import load_embed_dir
-    from isif.collection.embedding import embed_folder
+    from isif.collection.embedding import EmbedOptions, embed_folder
 
     if not (out / "index.json").is_file():
-        embed_folder(checkpoint, str(folder), out, workers=1)
+        embed_folder(EmbedOptions(checkpoint=checkpoint, folder=str(folder), out=str(out), workers=1, quiet=True))
     ed = load_embed_dir(out)
     names = sorted(set(ed.labels))
     y = np.array([names.index(c) for c in ed.labels])

@@ -7,11 +7,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from isif.cli import main
 from isif.collection import audit as au
@@ -62,8 +63,56 @@ def test_pixel_stats_equal_their_definitions():
     arr = (rng.random((23, 31, 3)) ** 2 * 255).astype(np.uint8)
     got = dict(zip(COLUMNS, pixel_stats(arr).tolist(), strict=True))
     ref = naive_stats(arr)
-    for k in COLUMNS:
+    for k in ref:
         assert got[k] == pytest.approx(ref[k], rel=2e-5, abs=2e-6), k
+
+
+def naive_mirror_hash(arr: np.ndarray) -> int:
+    """The mirror hash from its definition: brightness, averaged with its mirror, box-reduced to 32 x 32 (PIL),
+    scipy's orthonormal 2-D DCT-II, the 8 lowest vertical x the 8 lowest even horizontal frequencies, DC out,
+    bits above their median, most significant first."""
+    from scipy.fft import dctn
+
+    x = arr.astype(np.float64) / 255
+    b = np.sqrt(0.241 * x[..., 0] ** 2 + 0.691 * x[..., 1] ** 2 + 0.068 * x[..., 2] ** 2)
+    sym = np.floor((b + b[:, ::-1]) * 127.5 + 0.5).astype(np.uint8)
+    g = np.asarray(Image.fromarray(sym).resize((32, 32), Image.BOX), np.float64)
+    c = dctn(g, type=2, norm="ortho")[:8, 0:16:2].ravel()
+    bits = [0] + [int(v > np.median(c[1:])) for v in c[1:]]
+    return int("".join(map(str, bits)), 2)
+
+
+def test_mirror_hash_equals_its_definition_ignores_a_mirror_and_tells_pictures_apart(tmp_path):
+    import io
+
+    from PIL import ImageDraw
+
+    from isif.collection.duplicates import HASH_BITS
+    from isif.collection.pixel_stats import hash_words
+
+    rng = np.random.default_rng(4)
+    pics = []
+    for _ in range(8):  # a background and six coloured discs each
+        im = Image.new("RGB", (64, 48), tuple(int(v) for v in rng.integers(0, 256, 3)))
+        for _ in range(6):
+            x0, y0 = (int(v) for v in rng.integers(0, 48, 2))
+            ImageDraw.Draw(im).ellipse([x0, y0, x0 + int(rng.integers(8, 40)), y0 + int(rng.integers(8, 40))],
+                                       fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        pics.append(np.asarray(im))
+    words = lambda arrs: hash_words(np.stack([pixel_stats(a) for a in arrs]))  # noqa: E731
+    h = words(pics)
+    assert [int(v) for v in h] == [naive_mirror_hash(a) for a in pics]
+    assert (words([a[:, ::-1].copy() for a in pics]) == h).all()  # a mirror has the very same hash
+    copies = []
+    for a in pics:  # mirrored and re-encoded as JPEG (q60 on real photos: docs/own-images.md)
+        buf = io.BytesIO()
+        Image.fromarray(a[:, ::-1]).save(buf, "JPEG", quality=90)
+        copies.append(np.asarray(Image.open(buf).convert("RGB")))
+    own = np.bitwise_count(words(copies) ^ h)
+    apart = np.bitwise_count(h[:, None] ^ h[None, :])[np.triu_indices(len(h), 1)]
+    # flat discs put many coefficients near the median, the hardest case for a median hash: most copies within
+    # HASH_BITS, every one far nearer its own picture than any two pictures are to each other
+    assert (own <= HASH_BITS).mean() >= 0.75 and own.max() < apart.min() and apart.min() > 2 * HASH_BITS
 
 
 def test_pixel_stats_of_a_large_image_are_measured_box_reduced_and_report_the_full_size():
@@ -110,7 +159,7 @@ def test_each_check_flags_its_planted_statistics_and_nothing_else():
 # ----------------------------------------------------------------------------- outliers and neighbours
 
 
-def test_outlier_score_is_the_robust_z_of_the_kth_neighbour_distance(tmp_path):
+def test_outlier_score_is_the_robust_z_of_the_mean_distance_to_the_k_nearest(tmp_path):
     rng = np.random.default_rng(3)
     centres = np.linalg.qr(rng.normal(size=(16, 3)))[0].T
     z = unit(np.repeat(centres, 20, axis=0) + rng.normal(0, 0.15, (60, 16)))
@@ -122,7 +171,7 @@ def test_outlier_score_is_the_robust_z_of_the_kth_neighbour_distance(tmp_path):
     score, dist, norm, how = au.outlier_scores(ed, 4)
     s = z.astype(np.float64) @ z.astype(np.float64).T
     np.fill_diagonal(s, -np.inf)
-    d = 1 - np.sort(s, 1)[:, ::-1][:, 3]
+    d = 1 - np.sort(s, 1)[:, ::-1][:, :4].mean(1)
     med = np.median(d)
     mad = 1.4826 * np.median(np.abs(d - med))
     np.testing.assert_allclose(dist, d, atol=1e-5)
@@ -200,8 +249,6 @@ def test_pixel_statistics_survive_an_incremental_embed_and_an_old_folder_gets_a_
     i = ed.paths.index("wide.png")
     assert tuple(ed.pixels[i, :2]) == (128, 32)
     # an older folder: its shards without the statistics
-    import shutil
-
     old = tmp_path / "old"
     shutil.copytree(emb, old)
     for m in (old / "shards").glob("*.json"):
@@ -213,6 +260,14 @@ def test_pixel_statistics_survive_an_incremental_embed_and_an_old_folder_gets_a_
     err = capsys.readouterr().err
     assert "pixel checks skipped" in err and "isif embed" in err and err.count("\n") == 1
     assert "dark" not in rows_of(old / "audit.csv")[0]
+    assert main(["audit", str(old), "--checks", "dark", "--sheet", "0"]) == 2  # asked for by name: refused
+    one_line_error(capsys, "--checks dark", f"isif embed {load_embed_dir(old).checkpoint}", "--out NEW")
+    assert main(["audit", str(emb), "--checks", "dark,blury", "--sheet", "0"]) == 2
+    one_line_error(capsys, "'blury'", "blurry")
+    assert main(["audit", str(emb), "--checks", "dark,grayscale", "--sheet", "0", "--out", str(tmp_path / "a")]) == 0
+    cols = set(rows_of(tmp_path / "a" / "audit.csv")[0])
+    assert cols == {"path", "outlier", "outlier_flag", "dark", "dark_flag", "grayscale", "grayscale_flag",
+                    "unreadable"}
 
 
 def test_leaks_between_two_collections(tmp_path, capsys):
@@ -224,6 +279,8 @@ def test_leaks_between_two_collections(tmp_path, capsys):
     eb = write_embed_dir(tmp_path / "b", b, [f"b/{i}.png" for i in range(30)], tmp_path / "img")
     assert main(["audit", str(ea), "--against", str(eb), "--sheet", "0"]) == 2  # no calibration: --threshold
     one_line_error(capsys, "--threshold")
+    assert main(["audit", str(ea), "--against", str(eb), "--threshold", "2", "--sheet", "0"]) == 2
+    one_line_error(capsys, "--threshold 2", "(-1, 1]")
     assert main(["audit", str(ea), "--against", str(eb), "--threshold", "0.95", "--sheet", "0"]) == 0
     leaks = rows_of(ea / "leaks.csv")
     assert [(r["path"], r["other_path"]) for r in leaks] in ([("a/10.png", "b/3.png"), ("a/40.png", "b/17.png")],
@@ -243,7 +300,7 @@ def test_bad_input_is_refused_in_one_line(tmp_path, capsys):
     for argv, phrase in ((["audit", str(e), "--k", "5"], "--k 5"), (["audit", str(e), "--k", "0"], "--k"),
                          (["audit", str(tmp_path / "none")], "no such folder"),
                          (["audit", str(e), "--out", str(tmp_path / "img" / "x")], "inside the image folder"),
-                         (["audit", str(e), "--against", str(e), "--threshold", "2"], "--threshold 2")):
+                         (["audit", str(e), "--against", str(e), "--threshold", "0.9"], "audited itself")):
         assert main(argv) == 2, argv
         one_line_error(capsys, phrase)
 
@@ -342,3 +399,34 @@ def test_export_embeddings_carries_the_audit_columns_and_leaves_a_stale_audit_ou
     assert "audit" in capsys.readouterr().err
     assert "outlier" not in pq.read_table(emb.parent / "u.parquet").column_names
     (emb / "audit.json").write_text(json.dumps(meta))
+
+
+def test_a_mirrored_copy_is_found_by_its_hash_where_the_embedding_alone_misses_it(planted, tmp_path, capsys):
+    run, root, emb = planted
+    srcs = sorted(p for p in root.rglob("*.png") if p.parent != root)
+    other = tmp_path / "other"
+    other.mkdir()
+    ImageOps.mirror(Image.open(srcs[3]).convert("RGB")).save(other / "copy.jpg", quality=90)
+    Image.open(srcs[-1]).convert("RGB").rotate(90).save(other / "turned.png")  # not a copy the hash knows
+    e2 = tmp_path / "e2"
+    assert main(["embed", str(run), str(other), "--out", str(e2), "--quiet"]) == 0
+    hi = "0.999999"  # above any cosine of two different files: only the hash can pair them
+    assert main(["audit", str(emb), "--against", str(e2), "--threshold", hi, "--sheet", "0"]) == 0
+    leaks = rows_of(emb / "leaks.csv")
+    rel = str(srcs[3].relative_to(root))
+    assert [(r["path"], r["other_path"]) for r in leaks] == [(rel, "copy.jpg")] and int(leaks[0]["hash_bits"]) <= 6
+    assert main(["audit", str(emb), "--against", str(e2), "--threshold", hi, "--hash-bits", "-1",
+                 "--sheet", "0"]) == 0
+    assert rows_of(emb / "leaks.csv") == []
+    both = tmp_path / "both"  # one folder: the original and its copy form a group of duplicates
+    shutil.copytree(root, both)
+    shutil.copy(other / "copy.jpg", both / "copy.jpg")
+    e3 = tmp_path / "e3"
+    assert main(["embed", str(run), str(both), "--out", str(e3), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["duplicates", str(e3), "--threshold", hi]) == 0
+    assert "or perceptual hashes <= 6 bits apart" in capsys.readouterr().out
+    groups = {r["path"]: r["group"] for r in rows_of(e3 / "duplicates.csv")}
+    assert groups.get(rel) is not None and groups.get(rel) == groups.get("copy.jpg")
+    assert main(["duplicates", str(e3), "--threshold", hi, "--hash-bits", "-1"]) == 0
+    assert "copy.jpg" not in {r["path"] for r in rows_of(e3 / "duplicates.csv")}

@@ -249,7 +249,7 @@ def test_the_command_uses_the_calibrated_threshold_and_writes_its_record(emb, tm
     out = capsys.readouterr()
     assert ("3 near-duplicate groups, 6 images (the largest 2) at cosine >= 0.95 (calibrated: 95% (jpeg 100%, "
             "crop 50%) of 24 sampled copies") in out.out
-    assert out.err == ""
+    assert out.err.count("\n") == 1 and "copies by the embedding alone" in out.err  # no hashes in this folder
     rows = read_csv(emb / "duplicates.csv")
     assert len(rows) == 6 and {r["path"] for r in rows} == set(EXACT) | set(NEAR) | set(CHAIN[1:])
     firsts = [r for k, r in enumerate(rows) if k == 0 or rows[k - 1]["group"] != r["group"]]
@@ -263,7 +263,7 @@ def test_the_command_uses_the_calibrated_threshold_and_writes_its_record(emb, tm
     with_calibration(emb, separable=False)
     assert main(["duplicates", str(emb)]) == 0
     err = capsys.readouterr().err
-    assert "puts look-alikes as close as copies" in err and "(crop 50%)" in err and err.count("\n") == 1
+    assert "puts look-alikes as close as copies" in err and "(crop 50%)" in err and err.count("\n") == 2
 
 
 def test_a_collection_above_the_in_memory_limit_gives_the_groups_of_one_in_memory(emb, tmp_path, capsys,  # noqa: F811
@@ -293,7 +293,7 @@ def test_an_implausibly_large_group_is_reported_with_what_to_do(tmp_path, capsys
         paths.append(f"{i}.png")
     e = with_calibration(write_embed_dir(tmp_path / "e", np.ones((30, 4)), paths, root))
     assert large_group(30) == 25 and large_group(10_000) == 100
-    assert main(["duplicates", str(e)]) == 0
+    assert main(["duplicates", str(e), "--hash-bits", "-1"]) == 0
     out = capsys.readouterr()
     assert "the largest 30" in out.out
     assert "warning: the largest group holds 30 of the 30 images, implausible as copies" in out.err
@@ -324,3 +324,19 @@ def test_isif_embed_records_a_calibration_that_duplicates_then_uses(tmp_path, ca
     assert json.loads((out / "index.json").read_text())["calibration"] == cal
     assert main(["duplicates", str(out)]) == 0
     assert f"at cosine >= {cal['threshold']:g} (calibrated" in capsys.readouterr().out
+
+
+def test_hash_pairs_join_the_groups_and_a_group_is_still_a_clique():
+    rng = np.random.default_rng(9)
+    z = rng.normal(size=(8, 16))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    z[1] = z[0]  # 0~1 by the embedding
+    hashes = rng.integers(0, 2**63, 8, dtype=np.int64).astype(np.uint64)
+    hashes[2] = hashes[0] ^ np.uint64(0b101)  # 0~2 by the hash (2 bits), but 1 and 2 only through 0
+    hashes[5] = hashes[4] ^ np.uint64(0b111)  # 4~5 by the hash alone (3 bits)
+    assert [g.tolist() for g in duplicate_groups(z, 0.99, block=3)] == [[0, 1]]
+    joined = [sorted(g.tolist()) for g in duplicate_groups(z, 0.99, block=3, hashes=hashes, hash_bits=3)]
+    assert [4, 5] in joined and ([0, 1] in joined or [0, 2] in joined) and [0, 1, 2] not in joined
+    assert [4, 5] not in [sorted(g.tolist()) for g in duplicate_groups(z, 0.99, hashes=hashes, hash_bits=2)]
+    hashes[1] = hashes[0]  # now every pair of 0, 1, 2 is a copy
+    assert [0, 1, 2] in [sorted(g.tolist()) for g in duplicate_groups(z, 0.99, block=3, hashes=hashes, hash_bits=3)]

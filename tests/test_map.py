@@ -19,6 +19,7 @@ from isif.cli import main
 from isif.collection.map_layout import MAP_JSON, MapLayout, load_map_layout
 from isif.collection.maps import (
     UMAP_MISSING,
+    MapOptions,
     assignment_cost,
     grid_assign,
     grid_shape,
@@ -202,9 +203,9 @@ def test_the_map_of_a_labelled_folder_is_coloured_by_folder_with_a_legend(emb, i
     assert all(pixels_of(right, c) == 0 for c in colour_of.values())  # no legend in map-full.png
 
     # map.png: the same grid at 28 px a cell, the legend right of it
-    res = map_folder(str(emb), "pca")
-    s = res["screen"]
-    assert (res["cols"], res["rows"], s["tile"]) == (6, 5, 28)
+    res = map_folder(MapOptions(embed_dir=str(emb), method="pca"))
+    s = res.screen
+    assert (res.cols, res.rows, s["tile"]) == (6, 5, 28)
     screen = np.asarray(Image.open(emb / "map.png").convert("RGB"))
     assert screen.shape == (s["height"], s["width"], 3)
     small = [(s["left"] + c * 28, s["top"] + r * 28, s["left"] + (c + 1) * 28, s["top"] + (r + 1) * 28)
@@ -360,5 +361,5 @@ def test_bad_input_is_refused_in_one_line(emb, capsys, monkeypatch):
     assert main(["map", str(emb), "--out", str(emb / "map-full.png")]) == 2
     one_line_error(capsys, "written beside map.png")
     with pytest.raises(UserError, match="million"):
-        map_folder(str(emb), "pca", thumbs=24, full_tile=10**5)  # a picture too large to make
+        map_folder(MapOptions(embed_dir=str(emb), method="pca", thumbs=24, full_tile=10**5))  # too large to make
     assert not list(emb.glob("map*"))

@@ -42,6 +42,7 @@ import isif.serve.routes  # noqa: E402
 from isif.cli import main  # noqa: E402
 from isif.serve.app import bind, create_app, serve  # noqa: E402
 from isif.serve.collection import Collection  # noqa: E402
+from isif.serve.options import ServeOptions  # noqa: E402
 
 from .test_embed_scale import photos, run  # noqa: E402,F401  (the module's trained checkpoint)
 from .test_unlabelled import _png_with_size  # noqa: E402
@@ -354,10 +355,10 @@ def _stop_at_once(server, port):
 
 
 def test_the_command_warns_off_loopback_and_refuses_in_one_line(run, collection, tmp_path, capsys):  # noqa: F811
-    serve(str(collection), host="127.0.0.1", port=0, ready=_stop_at_once)
+    serve(ServeOptions(embed_dir=str(collection), host="127.0.0.1", port=0), ready=_stop_at_once)
     out = capsys.readouterr()
     assert f"serving {N} images (exact search) at http://127.0.0.1:" in out.out and "warning" not in out.err
-    serve(str(collection), host="0.0.0.0", port=0, ready=_stop_at_once)
+    serve(ServeOptions(embed_dir=str(collection), host="0.0.0.0", port=0), ready=_stop_at_once)
     assert "warning: --host 0.0.0.0 lets anyone" in capsys.readouterr().err
 
     def refused(*args: str) -> str:
@@ -399,7 +400,8 @@ def test_a_real_server_answers_over_http(collection):
         box.update(server=server, port=port)
         ready.set()
 
-    t = threading.Thread(target=serve, args=(str(collection),), kwargs={"port": 0, "ready": keep}, daemon=True)
+    t = threading.Thread(target=serve, args=(ServeOptions(embed_dir=str(collection), port=0),),
+                         kwargs={"ready": keep}, daemon=True)
     t.start()
     assert ready.wait(60)
     base = f"http://127.0.0.1:{box['port']}"

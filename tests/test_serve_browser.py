@@ -27,6 +27,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from isif.cli import main  # noqa: E402
 from isif.serve.app import serve  # noqa: E402
+from isif.serve.options import ServeOptions  # noqa: E402
 
 from .test_embed_scale import photos, run  # noqa: E402,F401  (the module's trained checkpoint)
 from .test_serve import make_map  # noqa: E402
@@ -59,7 +60,8 @@ def serving(emb: Path):
         box.update(server=srv, port=port)
         ready.set()
 
-    t = threading.Thread(target=serve, args=(str(emb),), kwargs={"port": 0, "ready": keep, "k": 6}, daemon=True)
+    t = threading.Thread(target=serve, args=(ServeOptions(embed_dir=str(emb), port=0, k=6),), kwargs={"ready": keep},
+                         daemon=True)
     t.start()
     assert ready.wait(60)
     try:

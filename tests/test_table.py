@@ -48,12 +48,12 @@ def test_the_table_equals_the_embed_folder_with_its_clusters_and_duplicate_group
 
 
 def test_row_groups_stream_the_features_and_keep_their_order(emb, tmp_path):  # noqa: F811
-    from isif.collection.table import export_embeddings
+    from isif.collection.table import ExportEmbeddingsOptions, export_embeddings
 
-    res = export_embeddings(emb, tmp_path / "t.parquet", row_group=5)
+    res = export_embeddings(ExportEmbeddingsOptions(embed_dir=str(emb), out=str(tmp_path / "t.parquet")), row_group=5)
     f = pq.ParquetFile(tmp_path / "t.parquet")
     z = np.load(emb / "features.npy")
-    assert res["images"] == len(z) and f.metadata.num_row_groups == -(-len(z) // 5)
+    assert res.images == len(z) and f.metadata.num_row_groups == -(-len(z) // 5)
     got = np.asarray(f.read().column("embedding").combine_chunks().flatten()).reshape(z.shape)
     assert np.array_equal(got, z)
 

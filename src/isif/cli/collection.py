@@ -5,36 +5,29 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from ..collection.audit import AuditOptions
+from ..collection.cluster import ClusterOptions
+from ..collection.duplicates import DuplicatesOptions
+from ..collection.embedding import EmbedOptions
+from ..collection.export import ExportOptions
+from ..collection.index import IndexOptions
 from ..collection.label import LabelOptions
-from ..collection.options import (
-    ClusterOptions,
-    DuplicatesOptions,
-    EmbedOptions,
-    ExportEmbeddingsOptions,
-    ExportOptions,
-    IndexOptions,
-    MapOptions,
-    SearchOptions,
-)
+from ..collection.maps import MapOptions
+from ..collection.search import SearchOptions
 from ..collection.select import SelectOptions
+from ..collection.table import ExportEmbeddingsOptions
 from .flags import Command
 
 
 def run_embed(o: EmbedOptions) -> int:
     from ..collection.embedding import embed_folder
-    from ..data.stream import default_workers
 
-    out = Path(o.out) if o.out else Path(str(Path(o.folder).resolve()) + "-embeddings")
-    workers = default_workers() if o.workers is None else o.workers
-    res = embed_folder(o.checkpoint, o.folder, out, o.batch_size, o.device, o.strict, workers, o.shard_size,
-                       o.overwrite, progress=not o.quiet)
-    if res["images"]:
-        print(f"embedded {res['images']} images ({res['dim']}-d) into {res['out']} (paths.txt, shards/); "
-              f"{res['new']} new or changed" + (f", skipped {res['skipped']} unreadable" if res["skipped"] else ""))
-    ix = res.get("index")
+    res = embed_folder(o)
+    if res.images:
+        print(f"embedded {res.images} images ({res.dim}-d) into {res.out} (paths.txt, shards/); "
+              f"{res.new} new or changed" + (f", skipped {res.skipped} unreadable" if res.skipped else ""))
+    ix = res.index
     if ix:
         how = (f"extended with {ix['extended']:,} new rows" if "extended" in ix else
                "rebuilt (files were removed or changed)")
@@ -42,7 +35,7 @@ def run_embed(o: EmbedOptions) -> int:
         low = low_recall(ix)
         if low:
             print(f"isif: warning: {low}", file=sys.stderr)
-    cal = res.get("calibration")
+    cal = res.calibration
     if cal:
         print(f"near-duplicate threshold: cosine {cal['threshold']:g}, measured on {cal['sample']} images and a copy "
               f"of each: {found_by_edit(cal)} of the copies at or above it, "
@@ -59,7 +52,7 @@ def found_by_edit(cal: dict) -> str:
 def run_index(o: IndexOptions) -> int:
     from ..collection.index import index_embed_dir
 
-    meta = index_embed_dir(o.embed_dir, o.kind, o.seed, o.recall_queries, o.rerank, **o.params())
+    meta = index_embed_dir(o)
     print(f"{meta['kind']} index of {meta['images']:,} embeddings {json.dumps(meta['params'])}: built in "
           f"{meta['build_s']:.1f} s, {meta['bytes_per_vector']:g} bytes a vector, {index_recall(meta)} against "
           f"exact search on {meta['recall_queries']} queries -> {o.embed_dir}/index.faiss")
@@ -97,48 +90,44 @@ def index_recall(meta: dict) -> str:
 
 
 def run_search(o: SearchOptions) -> int:
-    from ..base.device import resolve_device
-    from ..collection.embedding import Embedder
-    from ..collection.search import grid, run_search
+    from ..collection.search import search_images
 
-    embedder = Embedder(o.checkpoint, str(resolve_device(o.device or "auto")), o.batch_size)
-    res = run_search(embedder, o.queries, o.gallery, o.k, o.strict, o.exact)
-    rows = res["rows"]
-    grid(rows[: o.max_rows], Path(o.out), size=o.tile)
+    r = search_images(o)
     if o.json:
-        print(json.dumps({"results": res["results"], "grid": o.out}))
+        print(json.dumps({"results": r.results, "grid": o.out}))
         return 0
-    for r in res["results"]:
-        print(r["query"])
-        for rank, n in enumerate(r["neighbours"], start=1):
+    for q in r.results:
+        print(q["query"])
+        for rank, n in enumerate(q["neighbours"], start=1):
             mark = "" if "same_label" not in n else ("  same class" if n["same_label"] else "  other class")
             print(f"  {rank:3d}  {n['cosine']:.4f}  {n['path']}{mark}")
-    print(f"grid of {min(len(rows), o.max_rows)} queries x {res['k']} neighbours: {o.out}")
+    print(f"grid of {min(len(r.rows), o.max_rows)} queries x {r.k} neighbours: {o.out}")
     return 0
 
 
 def run_cluster(o: ClusterOptions) -> int:
     from ..collection.cluster import cluster_folder
 
-    res = cluster_folder(o.embed_dir, o.k, o.seed, o.out, o.per_sheet, o.tile, o.train_rows)
-    print(f"{res['k']} clusters (sizes {', '.join(map(str, res['sizes']))}; inertia {res['inertia']:.4f}) -> "
-          f"{res['out']}/clusters.csv, clusters.json and {res['sheets']} contact sheets in clusters/")
+    r = cluster_folder(o)
+    print(f"{r.k} clusters (sizes {', '.join(map(str, r.sizes))}; inertia {r.inertia:.4f}) -> "
+          f"{r.out}/clusters.csv, clusters.json and {r.sheets} contact sheets in clusters/")
     return 0
 
 
 def run_duplicates(o: DuplicatesOptions) -> int:
     from ..collection.duplicates import duplicates_folder
 
-    res = duplicates_folder(o.embed_dir, o.threshold, o.out, o.max_groups, o.tile, o.block, o.keep)
-    cal = res["calibration"]
+    r = duplicates_folder(o)
+    cal = r.calibration
     how = (f"calibrated: {found_by_edit(cal)} of {cal['sample']} sampled copies at or above it"
-           if res["source"] == "calibrated" else "--threshold")
-    print(f"{res['groups']} near-duplicate groups, {res['images']} images (the largest {res['largest']}) at "
-          f"cosine >= {res['threshold']:g} ({how}) -> {res['out']}/duplicates.csv, .png and .json")
-    if o.keep:
-        print(f"{res['keep']:,} of the {res['collection']:,} images to keep (each group's representative and every "
+           if r.source == "calibrated" else "--threshold")
+    print(f"{r.groups} near-duplicate groups, {r.images} images (the largest {r.largest}) at "
+          f"cosine >= {r.threshold:g} ({how})" + (f" or perceptual hashes <= {o.hash_bits} bits apart" if r.hashed
+                                                  else "") + f" -> {r.out}/duplicates.csv, .png and .json")
+    if r.keep is not None:
+        print(f"{r.keep:,} of the {r.collection:,} images to keep (each group's representative and every "
               f"image in no group) -> {o.keep}")
-    for w in res["warnings"]:
+    for w in r.warnings:
         print(f"isif: warning: {w}", file=sys.stderr)
     return 0
 
@@ -146,14 +135,14 @@ def run_duplicates(o: DuplicatesOptions) -> int:
 def run_map(o: MapOptions) -> int:
     from ..collection.maps import LEGEND_MAX, map_folder
 
-    res = map_folder(o.embed_dir, o.method, o.out, o.thumbs, o.seed, o.tile, o.full_tile)
-    colour = f", {res['coloured_by']}" if res["coloured_by"] else ""
-    print(f"{res['method'].upper()} map of {res['images']} images ({res['thumbnails']} thumbnails{colour}) -> "
-          f"{res['png']}; beside it map-full.png (to zoom into), map.csv and map.json")
-    if res["umap_missing"]:
+    r = map_folder(o)
+    colour = f", {r.coloured_by}" if r.coloured_by else ""
+    print(f"{r.method.upper()} map of {r.images} images ({r.thumbnails} thumbnails{colour}) -> "
+          f"{r.png}; beside it map-full.png (to zoom into), map.csv and map.json")
+    if r.umap_missing:
         print("placed by PCA since umap-learn is not installed; UMAP keeps neighbours closer: `pip install umap-learn`")
-    if res["colour"] == "none" and res["classes"] > LEGEND_MAX:
-        print(f"not coloured: {res['classes']} folders are too many to tell apart; to colour by cluster, run "
+    if r.colour == "none" and r.classes > LEGEND_MAX:
+        print(f"not coloured: {r.classes} folders are too many to tell apart; to colour by cluster, run "
               f"`isif cluster {o.embed_dir} --k K` first")
     return 0
 
@@ -161,18 +150,18 @@ def run_map(o: MapOptions) -> int:
 def run_export(o: ExportOptions) -> int:
     from ..collection.export import export
 
-    res = export(o.checkpoint, o.format, Path(o.out) if o.out else None, o.atol)
-    what = "architecture and input recipe" if res["format"] == "safetensors" else "preprocessing"
-    print(f"exported {res['format']} to {res['out']} (input {res['input']}); max |difference| vs the checkpoint "
-          f"{res['max_abs_diff']:.2e} on {res['checked']} images; {what} in {res['spec']}")
+    r = export(o)
+    what = "architecture and input recipe" if r.format == "safetensors" else "preprocessing"
+    print(f"exported {r.format} to {r.out} (input {r.input}); max |difference| vs the checkpoint "
+          f"{r.max_abs_diff:.2e} on {r.checked} images; {what} in {r.spec}")
     return 0
 
 
 def run_export_embeddings(o: ExportEmbeddingsOptions) -> int:
     from ..collection.table import export_embeddings
 
-    res = export_embeddings(o.embed_dir, o.out)
-    print(f"wrote {res['images']:,} embeddings ({res['dim']}-d) to {res['out']}: columns {', '.join(res['columns'])}")
+    r = export_embeddings(o)
+    print(f"wrote {r.images:,} embeddings ({r.dim}-d) to {r.out}: columns {', '.join(r.columns)}")
     return 0
 
 

@@ -7,10 +7,9 @@ from .flags import Command
 
 
 def run_serve(o: ServeOptions) -> int:
-    from ..base.device import resolve_device
     from ..serve.app import serve
 
-    serve(o.embed_dir, o.checkpoint, o.host, o.port, o.exact, o.max_upload_mib, o.k, str(resolve_device(o.device)))
+    serve(o)
     return 0
 
 

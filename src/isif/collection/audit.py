@@ -2,15 +2,17 @@
 
 Per image, an outlier score from the embedding and the pixel checks of ``CHECKS`` from the statistics ``isif
 embed`` measured while decoding (``pixel_stats.py``), each a score (higher: worse) and a flag; the files that
-did not decode, from the embedding's manifests. The outlier score is the cosine distance to the k-th nearest
-other image, as a robust z-score against the collection's own distances: (d - median) / (1.4826 MAD), flagged
-above ``OUTLIER_Z`` (a normal collection's tail sits near 3). With ``--against`` the images with a near-duplicate
-in the other collection (the same checkpoint's embedding; the calibrated copy threshold), found through the
-other collection's index when it has one. Rules and measurements: docs/collection.md ("Auditing").
+did not decode, from the embedding's manifests. The outlier score is the mean cosine distance to the k nearest
+other images (the kNN outlier score of Angiulli and Pizzuti, 2002), as a robust z-score against the
+collection's own distances: (d - median) / (1.4826 MAD), flagged above ``OUTLIER_Z``. With ``--against`` the
+images with a near-duplicate in the other collection (the same checkpoint's embedding; the calibrated copy
+threshold), found through the other collection's index when it has one. Rules and measurements:
+docs/collection.md ("Auditing").
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -22,6 +24,7 @@ import numpy as np
 
 from ..base.errors import UserError
 from ..base.settings import at_least, setting
+from .duplicates import HASH_BITS
 from .embed_dir import EmbedDir, load_embed_dir, made_from_these, output_dir
 from .pixel_stats import COLUMNS
 from .render import read_csv, rows_image, thumbnails, write_bytes, write_csv, write_png
@@ -87,10 +90,14 @@ class AuditOptions:
     embed_dir: str = setting(help="an `isif embed` output folder", positional=True, metavar="EMBED_DIR")
     against: str | None = setting(None, "another embed folder (the same checkpoint): the images of EMBED_DIR with "
                                         "a near-duplicate there go to leaks.csv")
-    k: int = setting(10, "the outlier score's neighbour: the distance to the k-th nearest other image",
+    k: int = setting(10, "the outlier score's neighbours: the mean distance to the k nearest other images",
                      check=at_least(1))
     threshold: float | None = setting(None, "the copy threshold of --against, a cosine (default: EMBED_DIR's "
                                             "calibrated one)")
+    hash_bits: int = setting(HASH_BITS, "with --against, also a copy: mirror-aware perceptual hashes at most this "
+                                        "many bits apart (of 64; -1: the embedding alone)", check=at_least(-1))
+    checks: str | None = setting(None, "the pixel checks to run, comma-separated, or none (default: every one "
+                                       "the embed folder has statistics for)")
     exact: bool = setting(False, "exact neighbours even when a faiss index is there")
     out: str | None = setting(None, "output folder (default EMBED_DIR)")
     sheet: int = setting(48, "the worst images drawn per issue in audit-ISSUE.png (0: none)", check=at_least(0))
@@ -146,12 +153,13 @@ def _index_of(ed: EmbedDir, exact: bool):
 
 
 def outlier_scores(ed: EmbedDir, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray, dict, str]:
-    """(robust z-scores, the k-th neighbour's cosine distances, {median, mad}, how the neighbours were found)."""
+    """(robust z-scores, the mean cosine distances to the k nearest, {median, mad}, how the neighbours were found).
+    The mean of the k rather than the k-th alone: steadier, and the score cleanlab's Datalab ranks by."""
     if len(ed.paths) <= k:
         raise UserError(f"--k {k}: the collection has {len(ed.paths)} images; choose a k below that")
     index, how = _index_of(ed, exact)
     sims, _ = nearest(ed.features, ed.features, k, index, skip_self=True)
-    d = 1.0 - sims[:, k - 1].astype(np.float64)
+    d = 1.0 - sims.astype(np.float64).mean(1)
     med = float(np.median(d))
     mad = float(1.4826 * np.median(np.abs(d - med)))
     return _robust_z(d), d, {"median": med, "mad": mad}, how
@@ -162,6 +170,9 @@ def leak_threshold(ed: EmbedDir, other: EmbedDir, threshold: float | None) -> tu
     checkpoint's embedding, a threshold that is not a cosine, none given and none calibrated."""
     from .duplicates import default_threshold
 
+    if ed.folder.resolve() == other.folder.resolve():
+        raise UserError(f"--against {other.folder} is the collection audited itself: name another embed folder "
+                        f"(copies within one collection: `isif duplicates {ed.folder}`)")
     if ed.checkpoint_sha256 != other.checkpoint_sha256 or ed.features.shape[1] != other.features.shape[1]:
         raise UserError(f"--against {other.folder} was embedded by another checkpoint than {ed.folder} (sha256 "
                         f"{str(other.checkpoint_sha256)[:12]}... against {str(ed.checkpoint_sha256)[:12]}...): "
@@ -173,18 +184,61 @@ def leak_threshold(ed: EmbedDir, other: EmbedDir, threshold: float | None) -> tu
     return float(threshold), "--threshold"
 
 
-def find_leaks(ed: EmbedDir, other: EmbedDir, threshold: float,
-               exact: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows of ``ed``, their nearest rows of ``other``, cosines) at or above ``threshold``, most similar first."""
+def _hash_nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(for each hash of ``a``, the row of ``b`` fewest bits away, those bits): every pair, in blocks of rows of
+    ``a`` (memory O(QUERIES) bytes)."""
+    rows, bits = np.zeros(len(a), np.int64), np.zeros(len(a), np.int64)
+    step = max(1, QUERIES // max(1, len(b)))
+    for s in range(0, len(a), step):
+        d = np.bitwise_count(a[s:s + step, None] ^ b[None, :])
+        rows[s:s + step] = d.argmin(1)
+        bits[s:s + step] = d[np.arange(len(d)), rows[s:s + step]]
+    return rows, bits
+
+
+def find_leaks(ed: EmbedDir, other: EmbedDir, threshold: float, exact: bool = False,
+               hash_bits: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(rows of ``ed``, their copies' rows of ``other``, cosines, hash bits apart or None) most similar first: the
+    nearest row at cosine >= ``threshold``, or (``hash_bits`` >= 0 and both have hashes) the row with the nearest
+    mirror hash when it is at most ``hash_bits`` apart at a cosine of at least ``duplicates.hash_floor``."""
+    from .duplicates import hash_floor, image_hashes
+
     index, _ = _index_of(other, exact)
     sims, ids = nearest(ed.features, other.features, 1, index)
-    rows = np.nonzero(sims[:, 0] >= threshold)[0]
-    rows = rows[np.argsort(-sims[rows, 0], kind="stable")]
-    return rows, ids[rows, 0], sims[rows, 0]
+    sim, to = sims[:, 0].astype(np.float64), ids[:, 0]
+    ha = image_hashes(ed, hash_bits)
+    hb = image_hashes(other, hash_bits) if ha is not None else None
+    leak = sim >= threshold
+    if ha is not None and hb is not None:
+        hrow, hbits = _hash_nearest(ha, hb)
+        cand = np.nonzero((hbits <= hash_bits) & ~leak)[0]
+        hsim = np.einsum("ij,ij->i", np.asarray(ed.features[cand], np.float64),
+                         np.asarray(other.features[hrow[cand]], np.float64)) if len(cand) else np.zeros(0)
+        ok = cand[hsim >= hash_floor(ed.meta.get("calibration"))]
+        to[ok], sim[ok], leak[ok] = hrow[ok], hsim[hsim >= hash_floor(ed.meta.get("calibration"))], True
+    rows = np.nonzero(leak)[0]
+    rows = rows[np.argsort(-sim[rows], kind="stable")]
+    bits = np.bitwise_count(ha[rows] ^ hb[to[rows]]) if ha is not None and hb is not None else None
+    return rows, to[rows], sim[rows], bits
 
 
 def _fmt(x: float) -> str:
     return f"{x:.6g}"
+
+
+def _wanted_checks(ed: EmbedDir, checks: str | None) -> list[str]:
+    """The pixel checks to run: all by default; ``checks`` names some (comma-separated, or "none"), refused in one
+    line when one is unknown or when the embed folder has no pixel statistics to run them on."""
+    if checks is None:
+        return list(CHECKS)
+    names = [c.strip() for c in checks.split(",") if c.strip() and c.strip() != "none"]
+    unknown = [c for c in names if c not in CHECKS]
+    if unknown:
+        raise UserError(f"--checks {unknown[0]!r}: not a pixel check; choose from {', '.join(CHECKS)} (or none)")
+    if names and ed.pixels is None:
+        raise UserError(f"--checks {','.join(names)}: {ed.folder} was embedded before isif measured pixel "
+                        f"statistics; re-embed into a new folder: `isif embed {ed.checkpoint} {ed.root} --out NEW`")
+    return names
 
 
 def audit_folder(o: AuditOptions) -> AuditResult:
@@ -194,23 +248,23 @@ def audit_folder(o: AuditOptions) -> AuditResult:
     leak_t, source = leak_threshold(ed, other, o.threshold) if other is not None else (None, None)
     dest = output_dir(ed, o.out)
     z, dist, norm, how = outlier_scores(ed, o.k, o.exact)
-    pixels = ed.pixels
-    if pixels is None:
+    pixels, wanted = ed.pixels, _wanted_checks(ed, o.checks)
+    if pixels is None and wanted:
         print(f"isif: pixel checks skipped: {ed.folder} was embedded before isif measured pixel statistics; "
               f"`isif embed` into a new --out measures them (the outlier score needs only the features)",
               file=sys.stderr)
     scores: dict[str, np.ndarray] = {"outlier": z}
     flags: dict[str, np.ndarray] = {"outlier": z > OUTLIER_Z}
     for name, c in CHECKS.items():
-        if pixels is not None:
+        if pixels is not None and name in wanted:
             scores[name] = c.score(pixels)
             flags[name] = c.flag(scores[name])
     broken = ed.unreadable()
     header = ("path",) + tuple(x for name in scores for x in (name, f"{name}_flag")) + ("unreadable",)
-    rows = [(p,) + tuple(x for name in scores for x in (_fmt(float(scores[name][i])), int(flags[name][i]))) + (0,)
-            for i, p in enumerate(ed.paths)]
-    rows += [(p,) + ("",) * (2 * len(scores)) + (1,) for p, _ in broken]
-    write_csv(dest / AUDIT_CSV, header, rows)
+    rows = ((p,) + tuple(x for name in scores for x in (_fmt(float(scores[name][i])), int(flags[name][i]))) + (0,)
+            for i, p in enumerate(ed.paths))  # streamed: a million rows never held as tuples
+    write_csv(dest / AUDIT_CSV, header, itertools.chain(rows, ((p,) + ("",) * (2 * len(scores)) + (1,)
+                                                              for p, _ in broken)))
     counts = {name: int(f.sum()) for name, f in flags.items()} | {"unreadable": len(broken)}
     worst = {}
     for name, f in flags.items():
@@ -221,16 +275,18 @@ def audit_folder(o: AuditOptions) -> AuditResult:
     leaks = None
     meta = {"features_id": ed.features_id, "images": len(ed.paths), "k": o.k, "outlier_z": OUTLIER_Z,
             "outlier_distance": norm, "neighbours": how, "pixels": pixels is not None,
-            "checks": {n: c.what for n, c in CHECKS.items()}, "counts": counts,
+            "checks": {n: c.what for n, c in CHECKS.items() if n in scores}, "counts": counts,
             "unreadable": [{"path": p, "reason": r[:200]} for p, r in broken]}
     if other is not None:
-        lr, lo, ls = find_leaks(ed, other, leak_t, o.exact)
-        write_csv(dest / LEAKS_CSV, ("path", "other_path", "cosine"),
-                  ((ed.paths[i], other.paths[j], f"{min(float(s), 1.0):.6f}")
-                   for i, j, s in zip(lr.tolist(), lo.tolist(), ls.tolist(), strict=True)))
+        lr, lo, ls, lb = find_leaks(ed, other, leak_t, o.exact, o.hash_bits)
+        bits = lb.tolist() if lb is not None else [""] * len(lr)
+        write_csv(dest / LEAKS_CSV, ("path", "other_path", "cosine", "hash_bits"),
+                  ((ed.paths[i], other.paths[j], f"{min(float(s), 1.0):.6f}", b)
+                   for i, j, s, b in zip(lr.tolist(), lo.tolist(), ls.tolist(), bits, strict=True)))
         leaks = len(lr)
         meta["against"] = {"folder": str(other.folder), "features_id": other.features_id, "threshold": leak_t,
-                           "threshold_source": source, "leaks": leaks}
+                           "threshold_source": source, "leaks": leaks,
+                           "hash_bits": o.hash_bits if lb is not None else None}
     write_bytes(dest / AUDIT_JSON, (json.dumps(meta, indent=2) + "\n").encode())
     if o.sheet and ed.root.is_dir():
         _sheets(ed, dest, scores, flags, o)

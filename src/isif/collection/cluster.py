@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from ..base.errors import UserError
+from ..base.settings import at_least, setting
 from ..data.decode import report_skipped
 from .embed_dir import EmbedDir, load_embed_dir, output_dir, require_images
-from .options import ClusterOptions
+from .options import embed_dir_arg, tile_setting
 from .render import read_csv, rows_image, thumbnails, write_bytes, write_csv, write_png
 
 
@@ -31,6 +32,28 @@ class Clustering:
     distances: np.ndarray  # (N,) float64, Euclidean distance to the own centre
     centres: np.ndarray  # (k, D) float64, the means of the members
     inertia: float  # sum of squared distances
+
+
+@dataclass(kw_only=True)
+class ClusterOptions:
+    embed_dir: str = embed_dir_arg()
+    k: int = setting(help="number of clusters (1 to the number of images)")
+    seed: int = setting(0, "k-means++ seed (and of the training sample)")
+    train_rows: int = setting(1_000_000, "k-means trains on every image up to this many, above on a seeded sample "
+                                         "of this many (then every image goes to its nearest centre)",
+                              check=at_least(1))
+    out: str | None = setting(None, "output folder (default EMBED_DIR)")
+    per_sheet: int = setting(64, "images per contact sheet, most central first", check=at_least(1))
+    tile: int = tile_setting(64)
+
+
+@dataclass
+class ClusterResult:
+    k: int
+    sizes: list[int]  # images a cluster, the largest first
+    inertia: float
+    out: Path
+    sheets: int  # contact sheets written
 
 
 TRAIN_ROWS = ClusterOptions.train_rows  # k-means runs on every row up to here; above, on a seeded sample of this many
@@ -100,17 +123,17 @@ def cluster_order(c: Clustering) -> np.ndarray:
     return np.lexsort((np.arange(len(c.labels)), c.distances, c.labels))
 
 
-def cluster_folder(embed_dir: str, k: int, seed: int = 0, out: str | None = None, per_sheet: int = 64,
-                   tile: int = 64, train_rows: int = TRAIN_ROWS) -> dict:
+def cluster_folder(o: ClusterOptions) -> ClusterResult:
     """clusters.csv, clusters.json and clusters/cluster-NNN.png (most central images first)."""
-    ed = load_embed_dir(embed_dir)
+    k, seed, per_sheet, tile, train_rows = o.k, o.seed, o.per_sheet, o.tile, o.train_rows
+    ed = load_embed_dir(o.embed_dir)
     n = len(ed.paths)
     if not 1 <= k <= n:
         raise UserError(f"--k {k}: must be between 1 and the number of images ({n})")
     if per_sheet < 1 or tile < 16:
         raise UserError("--per-sheet must be >= 1 and --tile >= 16 pixels")
     require_images(ed)
-    dest = output_dir(ed, out)
+    dest = output_dir(ed, o.out)
     c = cluster_features(ed.features, k, seed, train_rows=train_rows)  # on disk: read in blocks above train_rows
     order = cluster_order(c)
     write_csv(dest / "clusters.csv", ("path", "cluster", "distance_to_centre"),
@@ -124,7 +147,7 @@ def cluster_folder(embed_dir: str, k: int, seed: int = 0, out: str | None = None
             "embed_dir": str(ed.folder.resolve())}
     write_bytes(dest / "clusters.json", (json.dumps(meta, indent=2) + "\n").encode())
     sheets = cluster_sheets(ed, c, order, dest / "clusters", per_sheet, tile)
-    return {"k": k, "sizes": sizes.tolist(), "inertia": c.inertia, "out": str(dest), "sheets": len(sheets)}
+    return ClusterResult(k, sizes.tolist(), float(c.inertia), dest, len(sheets))
 
 
 def cluster_sheets(ed: EmbedDir, c: Clustering, order: np.ndarray, folder: Path, per_sheet: int,

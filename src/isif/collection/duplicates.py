@@ -16,28 +16,39 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..base.errors import UserError
 from ..base.files import atomic_write_bytes
+from ..base.settings import at_least, setting
 from ..data.decode import report_skipped
 from .embed_dir import load_embed_dir, output_dir, require_images
+from .options import embed_dir_arg, tile_setting
+from .pixel_stats import hash_words
 from .render import read_csv, rows_image, thumbnails, write_csv, write_png
 from .rows import resident
 
+HASH_BITS = 6  # of 64: 99.6% of mirrored JPEG q60 copies within it (docs/own-images.md, "Copies whatever the network")
 
-def similar_pairs(z: np.ndarray, threshold: float,
-                  block: int = 2048) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Every pair i < j with z[i] . z[j] >= threshold, as (i, j, cosine) arrays, one tile of at most
-    block x block similarities at a time (tiles on and above the diagonal; only non-empty ones are yielded)."""
+
+def similar_pairs(z: np.ndarray, threshold: float, block: int = 2048, hashes: np.ndarray | None = None,
+                  hash_bits: int = -1, hash_floor: float = -1.0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every pair i < j with z[i] . z[j] >= threshold, or with ``hashes`` (uint64 ``mirror_hash`` words) at most
+    ``hash_bits`` bits apart and cosine >= ``hash_floor``, as (i, j, cosine) arrays, one tile of at most block x
+    block similarities at a time (tiles on and above the diagonal; only non-empty ones are yielded)."""
     n = z.shape[0]
     for r0 in range(0, n, block):
         a = z[r0:r0 + block]
         for c0 in range(r0, n, block):
             s = a @ z[c0:c0 + block].T
-            ii, jj = np.nonzero(s >= threshold)
+            hit = s >= threshold
+            if hashes is not None and hash_bits >= 0:
+                near = np.bitwise_count(hashes[r0:r0 + block, None] ^ hashes[None, c0:c0 + block]) <= hash_bits
+                hit |= near & (s >= hash_floor)
+            ii, jj = np.nonzero(hit)
             if r0 == c0:
                 keep = ii < jj
                 ii, jj = ii[keep], jj[keep]
@@ -45,11 +56,12 @@ def similar_pairs(z: np.ndarray, threshold: float,
                 yield ii + r0, jj + c0, s[ii, jj]
 
 
-def _pairs(z: np.ndarray, threshold: float, block: int, max_pairs: int) -> tuple[np.ndarray, np.ndarray]:
-    """(i, j) int64 arrays of every pair with cosine >= threshold, i < j; refused past ``max_pairs`` pairs (a
+def _pairs(z: np.ndarray, threshold: float, block: int, max_pairs: int, hashes: np.ndarray | None = None,
+           hash_bits: int = -1, hash_floor: float = -1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) int64 arrays of every pair of ``similar_pairs``, i < j; refused past ``max_pairs`` pairs (a
     threshold inside the bulk of the similarities, where no grouping can mean "copies")."""
     ii, jj, count = [], [], 0
-    for i, j, _ in similar_pairs(z, threshold, block):
+    for i, j, _ in similar_pairs(z, threshold, block, hashes, hash_bits, hash_floor):
         ii.append(i)
         jj.append(j)
         count += len(i)
@@ -99,10 +111,12 @@ def _representative_first(z: np.ndarray, g: np.ndarray) -> np.ndarray:
     return g[order]
 
 
-def duplicate_groups(z: np.ndarray, threshold: float, block: int = 2048,
-                     max_pairs: int | None = None) -> list[np.ndarray]:
-    """Groups of near-duplicates at cosine >= ``threshold``: every two members of a group are at least that
-    similar (complete linkage, never a chain a~b~c with a, c apart), and an image is in at most one group.
+def duplicate_groups(z: np.ndarray, threshold: float, block: int = 2048, max_pairs: int | None = None,
+                     hashes: np.ndarray | None = None, hash_bits: int = -1,
+                     hash_floor: float = -1.0) -> list[np.ndarray]:
+    """Groups of near-duplicates: every two members of a group are copies, at cosine >= ``threshold`` or (with
+    ``hashes``) mirror hashes at most ``hash_bits`` apart at cosine >= ``hash_floor`` (complete linkage, never a
+    chain a~b~c with a, c apart), and an image is in at most one group.
 
     The pairs above the threshold make a graph; a connected component that is already a clique is a group as it
     stands, the others are split by ``_complete_linkage``. Each group is an index array with its representative
@@ -112,7 +126,7 @@ def duplicate_groups(z: np.ndarray, threshold: float, block: int = 2048,
     from scipy.sparse.csgraph import connected_components
 
     n = z.shape[0]
-    ii, jj = _pairs(z, threshold, block, max_pairs or max(1_000_000, 50 * n))
+    ii, jj = _pairs(z, threshold, block, max_pairs or max(1_000_000, 50 * n), hashes, hash_bits, hash_floor)
     if not len(ii):
         return []
     _, comp = connected_components(coo_matrix((np.ones(len(ii), np.int8), (ii, jj)), shape=(n, n)),
@@ -161,31 +175,66 @@ def default_threshold(ed) -> tuple[float, dict]:
     return float(t), cal
 
 
-def duplicates_folder(embed_dir: str, threshold: float | None = None, out: str | None = None, max_groups: int = 50,
-                      tile: int = 64, block: int = 2048, keep: str | None = None) -> dict:
+@dataclass(kw_only=True)
+class DuplicatesOptions:
+    embed_dir: str = embed_dir_arg()
+    threshold: float | None = setting(None, "cosine similarity that makes two images copies, in (-1, 1] "
+                                            "(default: calibrated by `isif embed` on the collection)")
+    out: str | None = setting(None, "output folder (default EMBED_DIR)")
+    max_groups: int = setting(50, "groups drawn in duplicates.png", check=at_least(1))
+    tile: int = tile_setting(64)
+    block: int = setting(2048, "rows and columns of one similarity tile", check=at_least(1))
+    keep: str | None = setting(None, "also write the images to keep to this file, one absolute path a line: every "
+                                     "image in no group and each group's representative")
+    hash_bits: int = setting(HASH_BITS, "also copies: images whose mirror-aware perceptual hashes (64 bits, "
+                                        "measured by `isif embed`) differ in at most this many bits (-1: the "
+                                        "embedding alone)", check=at_least(-1))
+
+
+@dataclass
+class DuplicatesResult:
+    threshold: float
+    source: str  # "calibrated" or "--threshold"
+    groups: int
+    collection: int  # images in the collection
+    images: int  # images in some group
+    largest: int
+    warnings: list[str]  # one line each, with what to do
+    calibration: dict | None
+    out: Path
+    keep: int | None  # images in the keep-list, when one was written
+    hashed: bool  # whether perceptual hashes joined the embedding's pairs
+
+
+def duplicates_folder(o: DuplicatesOptions) -> DuplicatesResult:
     """duplicates.csv (group, path, cosine to the group's representative, which is its first row),
     duplicates.png and duplicates.json (the threshold and where it came from, the counts, the warnings); with
-    ``keep``, that file: the absolute path of every image to keep, one a line (``keep_list``)."""
+    ``o.keep``, that file: the absolute path of every image to keep, one a line (``keep_list``)."""
+    threshold, max_groups, tile, block, keep = o.threshold, o.max_groups, o.tile, o.block, o.keep
     if threshold is not None and not (-1.0 < threshold <= 1.0):
         raise UserError(f"--threshold {threshold}: a cosine similarity, must be in (-1, 1]")
     if max_groups < 1 or tile < 16 or block < 1:
         raise UserError("--max-groups and --block must be >= 1, --tile >= 16 pixels")
-    ed = load_embed_dir(embed_dir)
+    ed = load_embed_dir(o.embed_dir)
     cal = ed.meta.get("calibration") if isinstance(ed.meta.get("calibration"), dict) else None
     source = "--threshold"
     if threshold is None:
         threshold, cal = default_threshold(ed)
         source = "calibrated"
     require_images(ed)
-    dest = output_dir(ed, out)
+    dest = output_dir(ed, o.out)
     if keep:
         output_dir(ed, Path(keep).parent)  # never into the image folder
     z = resident(ed.features)  # every pair is compared: in memory up to a million rows, else tiles read from disk
-    groups = duplicate_groups(z, threshold, block)
+    hashes = image_hashes(ed, o.hash_bits)
+    floor = hash_floor(cal)
+    groups = duplicate_groups(z, threshold, block, hashes=hashes, hash_bits=o.hash_bits, hash_floor=floor)
     sims = [z[g] @ z[g[0]] for g in groups]
-    write_csv(dest / "duplicates.csv", ("group", "path", "similarity"),
-              ((gi, ed.paths[i], f"{min(float(s), 1.0):.6f}")
-               for gi, (g, sg) in enumerate(zip(groups, sims, strict=True)) for i, s in zip(g, sg, strict=True)))
+    bits = [np.bitwise_count(hashes[g] ^ hashes[g[0]]) if hashes is not None else [""] * len(g) for g in groups]
+    write_csv(dest / "duplicates.csv", ("group", "path", "similarity", "hash_bits"),
+              ((gi, ed.paths[i], f"{min(float(s), 1.0):.6f}", str(b))
+               for gi, (g, sg, bg) in enumerate(zip(groups, sims, bits, strict=True))
+               for i, s, b in zip(g, sg, bg, strict=True)))
     bad: list[str] = []
     rows = []
     for gi, (g, sg) in enumerate(zip(groups[:max_groups], sims[:max_groups], strict=True)):
@@ -194,22 +243,48 @@ def duplicates_folder(embed_dir: str, threshold: float | None = None, out: str |
         rows.append((f"group {gi}: {len(g)} images{more}", thumbnails([ed.image(i) for i in shown], tile, bad),
                      [f"{min(float(s), 1.0):.3f}" for s in sg[:len(shown)]]))
     title = (f"{len(groups)} near-duplicate groups at cosine >= {threshold:g} ({source})"
+             + (f" or hashes <= {o.hash_bits} bits apart" if hashes is not None else "")
              + (f", the {max_groups} largest shown" if len(groups) > max_groups else "")
              + ("; under each image: cosine to the group's first, its representative" if groups else ""))
     write_png(dest / "duplicates.png", rows_image(title, rows, tile))
     report_skipped(bad, "duplicates.png")
     warnings = group_warnings(groups, len(ed.paths), threshold, cal, source)
-    res = {"threshold": threshold, "source": source, "groups": len(groups), "collection": len(ed.paths),
-           "features_of": ed.checkpoint_sha256,
-           "images": int(sum(len(g) for g in groups)), "largest": int(len(groups[0])) if groups else 0,
-           "warnings": warnings, "calibration": cal, "out": str(dest)}
-    atomic_write_bytes(dest / "duplicates.json", lambda fh: fh.write(json.dumps(
-        {k: v for k, v in res.items() if k != "out"}, indent=2).encode()))
+    meta = {"threshold": threshold, "source": source, "groups": len(groups), "collection": len(ed.paths),
+            "features_of": ed.checkpoint_sha256, "images": int(sum(len(g) for g in groups)),
+            "largest": int(len(groups[0])) if groups else 0, "warnings": warnings, "calibration": cal,
+            "hash_bits": o.hash_bits if hashes is not None else None, "hash_floor": floor}
+    atomic_write_bytes(dest / "duplicates.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    kept = None
     if keep:
         rows = keep_list(len(ed.paths), groups)
         atomic_write_bytes(Path(keep), lambda fh: fh.write("".join(f"{ed.image(int(i))}\n" for i in rows).encode()))
-        res["keep"] = len(rows)
-    return res
+        kept = len(rows)
+    return DuplicatesResult(threshold, source, len(groups), len(ed.paths), meta["images"], meta["largest"], warnings,
+                            cal, dest, kept, hashes is not None)
+
+
+def hash_floor(cal: dict | None) -> float:
+    """The least cosine at which a hash match counts as a copy: the 1st percentile of the calibrated copies'
+    cosines (a pHash coincidence between two unrelated images is far below it), or -1 without a calibration."""
+    try:
+        return float(cal["copies"]["p01"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        return -1.0
+
+
+def image_hashes(ed, hash_bits: int) -> np.ndarray | None:
+    """The (N,) uint64 mirror hashes of the collection (``pixel_stats.mirror_hash``), or None: ``hash_bits`` < 0,
+    or an embed folder written before isif measured them (one line says how to get them)."""
+    if hash_bits < 0:
+        return None
+    pixels = ed.pixels
+    if pixels is None:
+        import sys
+
+        print(f"isif: copies by the embedding alone: {ed.folder} was embedded before isif measured perceptual "
+              f"hashes; `isif embed` into a new --out measures them", file=sys.stderr)
+        return None
+    return hash_words(pixels)
 
 
 def keep_list(n: int, groups: list[np.ndarray]) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,12 @@ from ..base.device import autocast, param_dtype
 from ..base.errors import UserError
 from ..base.faults import fault_point
 from ..base.files import sha256_file
+from ..base.settings import at_least, setting
 from ..data.decode import IMAGE_EXTS, BadImage, broken_image, max_decode_bytes, report_skipped
 from ..data.input_spec import InputSpec
 from ..training.checkpoint import load_trained, resolve_checkpoint
 from .embed_dir import EmbedWriter, file_key
+from .options import checkpoint_arg
 from .pixel_stats import COLUMNS as PIXEL_COLUMNS
 from .pixel_stats import pixel_stats
 
@@ -145,30 +148,59 @@ def embed_files(embedder: Embedder, files: list[Path], workers: int = 0, strict:
     return z.astype(np.float32, copy=False), kept, broken
 
 
-def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256, device: str = "auto",
-                 strict: bool = False, workers: int = 0, shard_size: int = SHARD_SIZE, overwrite: bool = False,
-                 progress: bool = False) -> dict:
-    """Embed every image under ``folder`` into ``out``, shard by shard: resumable (a rerun keeps the finished
+@dataclass(kw_only=True)
+class EmbedOptions:
+    checkpoint: str = checkpoint_arg()
+    folder: str = setting(help="a folder of images (searched recursively)", positional=True)
+    out: str | None = setting(None, "output folder (default FOLDER-embeddings beside the folder)")
+    batch_size: int = setting(256, "images per forward pass", check=at_least(1))
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    workers: int | None = setting(None, "DataLoader workers decoding the files (default cores-1, max 8)",
+                                  check=at_least(0))
+    shard_size: int = setting(50_000, "images per shard, the unit a rerun resumes from", check=at_least(1))
+    overwrite: bool = setting(False, "replace embeddings made with another checkpoint")
+    strict: bool = setting(False, "stop at the first broken file instead of skipping it")
+    quiet: bool = setting(False, "no progress bar")
+
+
+@dataclass
+class EmbedResult:
+    images: int  # in the collection now
+    skipped: int  # unreadable files
+    new: int  # files embedded by this run (new or changed)
+    dim: int
+    out: Path
+    shards: int  # written by this run
+    calibration: dict | None  # the near-duplicate calibration, when this run measured it (calibration.py)
+    index: dict | None  # the index's metadata, when this run brought an existing one up to date
+
+
+def embed_folder(o: EmbedOptions) -> EmbedResult:
+    """Embed every image under ``o.folder`` into ``o.out``, shard by shard: resumable (a rerun keeps the finished
     shards), incremental (a rerun embeds only new or changed files; removed ones drop out); under torchrun each
     process embeds every W-th shard and the first consolidates."""
     from tqdm.auto import tqdm
 
     from ..base.device import resolve_device
     from ..base.dist import barrier, device_for, setup, shared_folder
+    from ..data.stream import default_workers
 
-    world = setup(device)
-    device = str(resolve_device(device_for(world, device)))
+    folder, strict, shard_size = o.folder, o.strict, o.shard_size
+    out = Path(o.out) if o.out else Path(str(Path(folder).resolve()) + "-embeddings")
+    workers = default_workers() if o.workers is None else o.workers
+    world = setup(o.device)
+    device = str(resolve_device(device_for(world, o.device)))
     root = Path(folder)
     files = list_images(folder)
     if Path(out).resolve().is_relative_to(root.resolve()):
         raise UserError(f"--out {out} is inside the image folder {folder}; isif never writes there: pass --out "
                         "somewhere else")
-    embedder = Embedder(checkpoint, device, batch_size)
+    embedder = Embedder(o.checkpoint, device, o.batch_size)
     shared_folder(Path(out), world, "the embed folder rank 0 consolidates; under torchrun every node writes its "
                                     "shards there, so it must be on storage every node shares: put --out there")
     store = EmbedWriter(out)
     if world.main:
-        store.check_owner(embedder.fingerprint, overwrite)
+        store.check_owner(embedder.fingerprint, o.overwrite)
     barrier(world)
     keys = [file_key(root, f) for f in files]
     rows, broken = store.done(embedder.fingerprint)
@@ -179,7 +211,7 @@ def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256,
     chunks = [pending[s:s + shard_size] for s in range(0, len(pending), shard_size)]
     first_seq = store.next_seq(embedder.fingerprint)
     barrier(world)  # every process has read the same finished shards before any writes a new one
-    bar = tqdm(total=len(pending), desc="embedding", unit="img", disable=None if progress and world.main else True,
+    bar = tqdm(total=len(pending), desc="embedding", unit="img", disable=None if not o.quiet and world.main else True,
                file=sys.stderr)
     for c, chunk in enumerate(chunks):
         if c % world.size != world.rank:
@@ -200,8 +232,7 @@ def embed_folder(checkpoint: str, folder: str, out: Path, batch_size: int = 256,
         raise UserError(f"{folder}: none of the {len(files)} images could be read")
     calibrated, index = _after(embedder, store, Path(out)) if world.main else (None, None)
     barrier(world)
-    return {"images": n, "skipped": skipped, "new": len(pending), "dim": int(embedder.dim),
-            "out": str(out), "shards": len(chunks), "calibration": calibrated, "index": index}
+    return EmbedResult(n, skipped, len(pending), int(embedder.dim), Path(out), len(chunks), calibrated, index)
 
 
 def _after(embedder: Embedder, store: EmbedWriter, out: Path) -> tuple[dict | None, dict | None]:

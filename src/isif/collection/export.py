@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,8 +28,10 @@ from torch import nn
 from ..base import __version__
 from ..base.errors import UserError
 from ..base.files import atomic_write_bytes, sha256_file
+from ..base.settings import one_of, setting
 from ..data.input_spec import InputSpec
 from .network import load_from_checkpoint, load_model
+from .options import checkpoint_arg
 
 
 class Exportable(nn.Module):
@@ -100,7 +103,36 @@ def _keep(out: Path, write_model, spec_path: Path, meta: dict) -> None:
 FORMATS = ("torchscript", "onnx", "safetensors")
 
 
-def export(checkpoint: str, fmt: str, out: Path | None = None, atol: float = 1e-5, check_batch: int = 4) -> dict:
+@dataclass(kw_only=True)
+class ExportOptions:
+    checkpoint: str = checkpoint_arg()
+    format: str = setting("torchscript", "torchscript or onnx: a graph with the normalisation inside; safetensors: "
+                                         "the weights, with the architecture and input recipe in its metadata "
+                                         "(isif.load_model and --weights read it)",
+                          check=one_of("torchscript", "onnx", "safetensors"))
+    out: str | None = setting(None, "output file (default CHECKPOINT_NAME.torchscript.pt, .onnx or .safetensors "
+                                    "beside it)")
+    atol: float = setting(1e-5, "largest allowed embedding difference")
+
+
+@dataclass
+class ExportResult:
+    format: str
+    out: Path
+    spec: Path  # the JSON beside it: preprocessing (graphs) or architecture and input recipe (safetensors)
+    max_abs_diff: float  # largest embedding difference from the checkpoint on a fresh batch
+    checked: int  # images in that batch
+    input: str
+
+
+def export(o: ExportOptions, check_batch: int = 4) -> ExportResult:
+    """``isif export``: the checkpoint as ``o.format``, kept only when it agrees with the checkpoint to ``o.atol``."""
+    r = export_file(o.checkpoint, o.format, Path(o.out) if o.out else None, o.atol, check_batch)
+    return ExportResult(r["format"], Path(r["out"]), Path(r["spec"]), r["max_abs_diff"], r["checked"], r["input"])
+
+
+def export_file(checkpoint: str, fmt: str, out: Path | None = None, atol: float = 1e-5,
+                check_batch: int = 4) -> dict:
     """Export ``checkpoint`` (a .pt file or a run folder) as ``fmt``, run the export on a fresh batch and keep it
     only when it agrees with the checkpoint to ``atol``; returns what was written."""
     if fmt not in FORMATS:

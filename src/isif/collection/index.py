@@ -32,6 +32,7 @@ import numpy as np
 from ..base.errors import UserError
 from ..base.extras import FAISS_INSTALL, faiss_module
 from ..base.files import atomic_write_bytes
+from ..base.settings import at_least, one_of, setting
 from .rows import BLOCK, Rows
 
 
@@ -277,11 +278,39 @@ def build_index(embeddings, kind: str = "auto", seed: int = 0, **params: Any) ->
     return build(z, default_kind(len(z)) if kind == "auto" else kind, seed, **params)
 
 
-def index_embed_dir(embed_dir: str | Path, kind: str = "auto", seed: int = 0, sample: int = 1000,
-                    rerank: int | None = None, **params) -> dict:
-    """Build, measure and save the index of ``embed_dir``'s features (``isif index``); returns its metadata.
-    ``rerank``: candidates re-scored exactly at search time (default: ``AUTO_RERANK`` for a compressed index that
-    ``auto`` chose, else none)."""
+@dataclass(kw_only=True)
+class IndexOptions:
+    embed_dir: str = setting(help="an `isif embed` output folder", positional=True, metavar="EMBED_DIR")
+    kind: str = setting("auto", "auto: exact below 100,000 images, HNSW below 2,000,000, ivfpq with --rerank 100 "
+                                "above; ivfpq and ivfpq-hnsw hold product-quantised codes (--pq-m bytes a vector)",
+                        check=one_of("auto", *KINDS))
+    nlist: int | None = setting(None, "ivf, ivfpq: cells (default about 4 sqrt(N)); ivfpq-hnsw: the faiss wiki's "
+                                      "65,536 from 1M vectors, 262,144 from 10M", check=at_least(1))
+    nprobe: int | None = setting(None, "cells visited per query (default ivf nlist/16, ivfpq 32, ivfpq-hnsw 64)",
+                                 check=at_least(1))
+    m: int = setting(32, "hnsw: links per node", check=at_least(1))
+    ef_search: int = setting(64, "hnsw: candidates kept per query", check=at_least(1))
+    pq_m: int = setting(32, "ivfpq: sub-quantisers, must divide the dimension (bytes a code at 8 bits)",
+                        check=at_least(1))
+    pq_bits: int = setting(8, "ivfpq: bits a sub-quantiser", check=at_least(1))
+    opq: bool = setting(False, "ivfpq: an OPQ rotation before the codes (learnt on the training sample)")
+    rerank: int | None = setting(None, "re-score the index's K best candidates exactly on the float features (0: "
+                                       "none; default 100 for a compressed index chosen by auto, else 0)",
+                                 check=at_least(0))
+    recall_queries: int = setting(1000, "sampled queries of the Recall@10 check", check=at_least(1))
+    seed: int = setting(0, "seed of the index build and of the Recall@10 queries")
+
+    def params(self) -> dict[str, int | None]:
+        """The index's own parameters, for the kind that takes them (``INDEX_KINDS``; auto: none)."""
+        takes = INDEX_KINDS[self.kind].takes if self.kind in INDEX_KINDS else ()
+        return {name: getattr(self, name) for name in takes}
+
+
+def index_embed_dir(o: IndexOptions) -> dict[str, Any]:
+    """Build, measure and save the index of ``o.embed_dir``'s features (``isif index``); returns its metadata, as
+    index.json beside it holds it. ``o.rerank``: candidates re-scored exactly at search time (default:
+    ``AUTO_RERANK`` for a compressed index that ``auto`` chose, else none)."""
+    embed_dir, kind, seed, sample, rerank, params = o.embed_dir, o.kind, o.seed, o.recall_queries, o.rerank, o.params()
     ed = _embed_dir(embed_dir)
     z = ed.features
     chosen = default_kind(len(z)) if kind == "auto" else kind

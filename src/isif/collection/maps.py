@@ -37,9 +37,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..base.errors import UserError
+from ..base.settings import at_least, one_of, setting
 from ..data.decode import report_skipped
 from .embed_dir import EmbedDir, load_embed_dir, output_dir, require_images
 from .map_layout import MAP_CSV, MAP_FULL, MAP_JSON, MapLayout, write_map_layout
+from .options import embed_dir_arg
 from .render import BLACK, PALETTE, WHITE, thumbnails, write_csv, write_png
 
 UMAP_MISSING = ("--method umap needs umap-learn: `pip install umap-learn` (or `pip install -e '.[umap]'`), or use "
@@ -242,11 +244,42 @@ def _checked(embed_dir: str, method: str, out: str | None, thumbs: int, seed: in
     return ed, png, pick
 
 
-def map_folder(embed_dir: str, method: str = "auto", out: str | None = None, thumbs: int = 2000, seed: int = 0,
-               tile: int = 28, full_tile: int = 96) -> dict:
-    """map.png, map-full.png, map.csv and map.json (see the module docstring); ``out`` is map.png's path (default
-    EMBED_DIR/map.png), the other three are written beside it."""
-    ed, png, pick = _checked(embed_dir, method, out, thumbs, seed, tile, full_tile)
+@dataclass(kw_only=True)
+class MapOptions:
+    embed_dir: str = embed_dir_arg()
+    method: str = setting("auto", "auto: UMAP when umap-learn is installed, else PCA",
+                          check=one_of("auto", "umap", "pca"))
+    out: str | None = setting(None, "the screen-size PNG (default EMBED_DIR/map.png); map-full.png, map.csv and "
+                                    "map.json are written beside it")
+    thumbs: int = setting(2000, "thumbnails drawn, a seeded sample, one per grid cell", check=at_least(0))
+    seed: int = setting(0, "seed of UMAP, of the thumbnail sample and of the greedy grid placement")
+    tile: int = setting(28, "pixels per grid cell in map.png", check=at_least(8))
+    full_tile: int = setting(96, "pixels per grid cell in map-full.png, the picture to zoom into", check=at_least(16))
+
+
+@dataclass
+class MapResult:
+    method: str  # "umap" or "pca", as used
+    images: int
+    thumbnails: int
+    png: Path
+    full_png: Path
+    csv: Path
+    json: Path
+    colour: str  # "folder", "cluster" or "none"
+    coloured_by: str  # the title's words for it ("" when not coloured)
+    classes: int
+    umap_missing: bool  # auto fell back to PCA for want of umap-learn
+    screen: dict  # map.png's grid: tile, left, top, width, height
+    cols: int
+    rows: int
+
+
+def map_folder(o: MapOptions) -> MapResult:
+    """map.png, map-full.png, map.csv and map.json (see the module docstring); ``o.out`` is map.png's path
+    (default EMBED_DIR/map.png), the other three are written beside it."""
+    method, seed, tile, full_tile = o.method, o.seed, o.tile, o.full_tile
+    ed, png, pick = _checked(o.embed_dir, method, o.out, o.thumbs, seed, tile, full_tile)
     n = len(ed.paths)
     colouring = map_colours(ed)
     xy, used = embed_2d(np.asarray(ed.features), method, seed)
@@ -281,12 +314,11 @@ def map_folder(embed_dir: str, method: str = "auto", out: str | None = None, thu
                        colouring.kind, [(c, r, ed.paths[i]) for i, (c, r) in where.items()])
     write_map_layout(dest / MAP_JSON, layout)
     report_skipped(bad, "the map")
-    return {"method": used, "images": n, "thumbnails": len(kept), "png": str(png), "full_png": str(full_png),
-            "csv": str(dest / MAP_CSV), "json": str(dest / MAP_JSON), "colour": colouring.kind,
-            "coloured_by": colouring.title, "classes": len(set(ed.labels)) if ed.labels else 0,
-            "umap_missing": method == "auto" and used == "pca" and umap_module() is None,
-            "screen": {"tile": tile, "left": s_left, "top": s_top, "width": screen.width, "height": screen.height},
-            "cols": cols, "rows": rows}
+    return MapResult(used, n, len(kept), png, full_png, dest / MAP_CSV, dest / MAP_JSON, colouring.kind,
+                     colouring.title, len(set(ed.labels)) if ed.labels else 0,
+                     method == "auto" and used == "pca" and umap_module() is None,
+                     {"tile": tile, "left": s_left, "top": s_top, "width": screen.width, "height": screen.height},
+                     cols, rows)
 
 
 # ----------------------------------------------------------------------------- drawing

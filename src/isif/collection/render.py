@@ -67,11 +67,16 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_csv(path: Path, header: tuple[str, ...], rows: Iterable[tuple]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    write_bytes(path, buf.getvalue().encode())
+    """A CSV table, atomically, streamed from ``rows`` (a generator of millions of rows costs no memory)."""
+    def write(fh) -> None:
+        text = io.TextIOWrapper(fh, encoding="utf-8", newline="", write_through=False)
+        w = csv.writer(text, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+        text.flush()
+        text.detach()  # leave the file to atomic_write_bytes to fsync and close
+
+    atomic_write_bytes(Path(path), write)
 
 
 def read_csv(path: Path, parse: Callable[[dict], tuple], fix: str) -> list[tuple] | None:

@@ -18,10 +18,12 @@ from PIL import Image, ImageDraw, ImageOps
 
 from ..base.errors import UserError
 from ..base.files import atomic_write_bytes
+from ..base.settings import at_least, setting
 from ..data.decode import IMAGE_EXTS, is_image_name
 from ..evaluate.engine import order_candidates
 from .embed_dir import class_labels, is_embed_dir, label_of, load_embed_dir
 from .embedding import Embedder, list_images
+from .options import checkpoint_arg
 from .rows import BLOCK, Rows, resident
 
 GREEN, RED, GREY, BLUE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (50, 110, 220)
@@ -200,14 +202,45 @@ def grid(rows: list[tuple[Path, list[Path], list[bool | None], list[float]]], pa
     atomic_write_bytes(Path(path), write)
 
 
-def run_search(embedder: Embedder, queries: list[str], gallery: str, k: int, strict: bool = False,
-               exact: bool = False) -> dict:
-    """Embed the queries, search the gallery, and describe every hit.
+@dataclass(kw_only=True)
+class SearchOptions:
+    checkpoint: str = checkpoint_arg()
+    queries: list[str] = setting(help="query images or folders of them", positional=True, metavar="QUERY")
+    gallery: str = setting(help="a folder of images, or an `isif embed` output folder")
+    k: int = setting(5, "neighbours per query", check=at_least(1))
+    out: str = setting("search.png", "the grid PNG")
+    max_rows: int = setting(8, "queries drawn in the grid", check=at_least(1))
+    tile: int = setting(112, "side of each image in the grid, in pixels", check=at_least(32))
+    batch_size: int = setting(256, "images per forward pass", check=at_least(1))
+    device: str | None = setting(None, "auto, cpu, cuda or cuda:N (default auto)")
+    strict: bool = setting(False, "stop at the first broken image instead of skipping it")
+    json: bool = setting(False, "print one JSON object")
+    exact: bool = setting(False, "exact search even when the gallery has a faiss index")
 
-    Returns {"results": [{"query", "neighbours": [{"path", "cosine", "same_label"?}]}], "rows": grid rows, "k"}.
-    A query that is itself in the gallery never finds itself. ``same_label`` (class-folder galleries only) tells
-    whether a neighbour shares the query's folder name.
-    """
+
+@dataclass
+class SearchResult:
+    results: list[dict]  # [{"query", "neighbours": [{"path", "cosine", "same_label"?}]}], the --json output
+    rows: list[tuple]  # the grid's rows: (query, neighbours, same label or None, cosines)
+    k: int
+
+
+def search_images(o: SearchOptions) -> SearchResult:
+    """``isif search``: the queries embedded by ``o.checkpoint``, their ``o.k`` nearest in the gallery, and the grid
+    PNG at ``o.out`` (its first ``o.max_rows`` queries)."""
+    from ..base.device import resolve_device
+
+    embedder = Embedder(o.checkpoint, str(resolve_device(o.device or "auto")), o.batch_size)
+    res = run_search(embedder, o.queries, o.gallery, o.k, o.strict, o.exact)
+    grid(res.rows[: o.max_rows], Path(o.out), size=o.tile)
+    return res
+
+
+def run_search(embedder: Embedder, queries: list[str], gallery: str, k: int, strict: bool = False,
+               exact: bool = False) -> SearchResult:
+    """Embed the queries, search the gallery, and describe every hit. A query that is itself in the gallery never
+    finds itself. ``same_label`` (class-folder galleries only) tells whether a neighbour shares the query's folder
+    name."""
     if not Path(gallery).is_dir():
         raise UserError(f"--gallery {gallery}: no such folder; pass a folder of images or an isif embed output")
     files = query_files(queries)
@@ -240,4 +273,4 @@ def run_search(embedder: Embedder, queries: list[str], gallery: str, k: int, str
             {"path": str(p), "cosine": float(sc), **({"same_label": s} if s is not None else {})}
             for p, sc, s in zip(neigh, scores[i].tolist(), same, strict=True)]})
         rows.append((q, neigh, same, scores[i].tolist()))
-    return {"results": results, "rows": rows, "k": k}
+    return SearchResult(results, rows, k)

@@ -15,13 +15,16 @@ and renamed; never inside the image folder. pyarrow is an extra (``pip install '
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..base.errors import UserError
 from ..base.files import atomic_write_bytes
+from ..base.settings import setting
 from .embed_dir import load_embed_dir, output_dir
+from .options import embed_dir_arg
 
 ROW_GROUP = 65_536
 PARQUET_INSTALL = "writing Parquet needs pyarrow: pip install 'isif[parquet]' (or pip install pyarrow)"
@@ -36,22 +39,32 @@ def _pyarrow():
     return pa, pq
 
 
-def export_embeddings(embed_dir: str | Path, out: str | Path | None = None, row_group: int = ROW_GROUP) -> dict:
-    """Write the Parquet file of ``embed_dir`` (see the module docstring); returns what was written."""
+@dataclass(kw_only=True)
+class ExportEmbeddingsOptions:
+    embed_dir: str = embed_dir_arg()
+    out: str | None = setting(None, "the Parquet file (default EMBED_DIR/embeddings.parquet); never inside the image "
+                                    "folder")
+
+
+@dataclass
+class TableResult:
+    out: Path
+    images: int
+    dim: int
+    columns: list[str]
+
+
+def _columns(ed, pa) -> dict[str, tuple]:
+    """The optional columns, name -> (arrow type, values, null mask or None), from each current file beside the
+    features (a stale or unreadable one is named on stderr by its reader and left out)."""
+    from .audit import read_audit
     from .cluster import read_clusters
     from .duplicates import read_duplicates
-
-    ed = load_embed_dir(embed_dir, unit=False)
-    target = Path(out) if out else ed.folder / "embeddings.parquet"
-    if target.suffix.lower() != ".parquet":
-        raise UserError(f"--out {target}: name a .parquet file")
-    output_dir(ed, target.parent)  # never inside the image folder (refused in one line)
-    pa, pq = _pyarrow()
-    n, d = ed.features.shape
     from .label import read_labels_table
     from .select import read_selection
 
-    columns: dict[str, tuple] = {}  # name -> (arrow type, values, null mask or None)
+    n = len(ed.paths)
+    columns: dict[str, tuple] = {}
     clusters = read_clusters(ed, "the cluster column is left out")
     if clusters is not None:
         columns["cluster"] = (pa.int32(), clusters.of.astype(np.int32), clusters.of < 0)
@@ -70,12 +83,22 @@ def export_embeddings(embed_dir: str | Path, out: str | Path | None = None, row_
         columns["label_given"] = (pa.bool_(), labels.given, None)
         if np.isfinite(labels.suspect).any():
             columns["suspect_score"] = (pa.float32(), labels.suspect.astype(np.float32), ~np.isfinite(labels.suspect))
-    from .audit import read_audit
-
-    audit = read_audit(ed, "the audit columns are left out")
-    for name, v in (audit or {}).items():
+    for name, v in (read_audit(ed, "the audit columns are left out") or {}).items():
         flag = name.endswith("_flag")
         columns[name] = (pa.bool_(), v, None) if flag else (pa.float32(), v.astype(np.float32), ~np.isfinite(v))
+    return columns
+
+
+def export_embeddings(o: ExportEmbeddingsOptions, row_group: int = ROW_GROUP) -> TableResult:
+    """Write the Parquet file of ``o.embed_dir`` (see the module docstring); returns what was written."""
+    ed = load_embed_dir(o.embed_dir, unit=False)
+    target = Path(o.out) if o.out else ed.folder / "embeddings.parquet"
+    if target.suffix.lower() != ".parquet":
+        raise UserError(f"--out {target}: name a .parquet file")
+    output_dir(ed, target.parent)  # never inside the image folder (refused in one line)
+    pa, pq = _pyarrow()
+    n, d = ed.features.shape
+    columns = _columns(ed, pa)
     fields = [pa.field("path", pa.string(), nullable=False),
               pa.field("embedding", pa.list_(pa.field("item", pa.float32(), nullable=False), d), nullable=False)]
     fields += [pa.field(name, kind) for name, (kind, _, _) in columns.items()]
@@ -95,4 +118,4 @@ def export_embeddings(embed_dir: str | Path, out: str | Path | None = None, row_
                 w.write_table(pa.Table.from_arrays(arrays, schema=schema))
 
     atomic_write_bytes(target, write)
-    return {"out": str(target), "images": int(n), "dim": int(d), "columns": ["path", "embedding", *columns]}
+    return TableResult(target, int(n), int(d), ["path", "embedding", *columns])

@@ -66,6 +66,7 @@ from ..data.decode import max_decode_bytes
 from .collection import MAX_K, Collection
 from .errors import json_errors
 from .guard import WAIT_S, BodyLimit, DecodeSlots, Guard, allowed_hosts, decode_slots, is_loopback
+from .options import ServeOptions
 from .routes import add_api, add_page
 
 INSTALL = ("isif serve needs FastAPI and uvicorn: pip install 'isif[serve]' (or pip install fastapi uvicorn "
@@ -113,10 +114,12 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(embed_dir: str, checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          exact: bool = False, max_upload_mib: float = 20.0, k: int = 24, device: str = "cpu",
-          ready=None) -> None:
-    """Load the collection, bind, print the address and serve until interrupted."""
+def serve(o: ServeOptions, ready=None) -> None:
+    """Load the collection, bind, print the address and serve until interrupted; ``ready(server, port)`` is called
+    once bound (tests stop the server there)."""
+    from ..base.device import resolve_device
+
+    host, port, max_upload_mib, k = o.host, o.port, o.max_upload_mib, o.k
     try:
         import uvicorn
     except ImportError:
@@ -124,7 +127,7 @@ def serve(embed_dir: str, checkpoint: str | None = None, host: str = "127.0.0.1"
     if max_upload_mib <= 0 or not 1 <= k <= MAX_K:
         raise UserError(f"--max-upload-mib must be > 0 and --k 1 to {MAX_K}")
     max_decode_bytes()  # a malformed ISIF_MAX_DECODE_MIB is one line now, not a 500 at the first upload
-    col = Collection(embed_dir, checkpoint, exact, device)
+    col = Collection(o.embed_dir, o.checkpoint, o.exact, str(resolve_device(o.device)))
     if not is_loopback(host):
         print(f"warning: --host {host} lets anyone who can reach this machine read every image of the collection "
               "(there is no authentication); the default 127.0.0.1 keeps it to this machine", file=sys.stderr)
