@@ -343,13 +343,13 @@ def _build_and_save(ed, kind: str, seed: int, sample: int, rerank: int, params: 
         used = params
     t0 = time.perf_counter()
     plain, reranked = _recalls(index, z, sample, seed, rerank)
-    data = faiss.serialize_index(index)
+    atomic_write_bytes(ed.folder / INDEX_FILE, lambda fh: faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write)))
     meta = {"kind": kind, "params": used, "images": int(len(z)), "dim": int(z.shape[1]), "recall@10": plain,
             "rerank": rerank, "recall@10_reranked": reranked, "recall_queries": int(min(sample, len(z))),
             "seed": seed, "build_s": t_build, "recall_s": time.perf_counter() - t0,
-            "bytes_per_vector": round(data.nbytes / len(z), 1), "features_id": ed.features_id,
+            "bytes_per_vector": round((ed.folder / INDEX_FILE).stat().st_size / len(z), 1),
+            "features_id": ed.features_id,
             "segments": ed.segments, "faiss": getattr(faiss, "__version__", "?")}
-    atomic_write_bytes(ed.folder / INDEX_FILE, lambda fh: fh.write(data.tobytes()))
     atomic_write_bytes(ed.folder / META_FILE, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
     return meta
 
@@ -376,13 +376,13 @@ def extend_index(embed_dir: str | Path) -> dict | None:
         meta = {}
     if meta.get("features_id") == ed.features_id:
         return None
-    faiss = faiss_module()
+    faiss_module()  # one line naming the install when faiss is missing
     old, new = [tuple(s) for s in meta.get("segments", [])], ed.segments
     kind = meta.get("kind", default_kind(len(ed.features)))
     sample, seed, rerank = meta.get("recall_queries", 1000), meta.get("seed", 0), meta.get("rerank", 0)
     if old and new[:len(old)] == old and kind in KINDS:
         t0 = time.perf_counter()
-        index = faiss.deserialize_index(np.frombuffer((d / INDEX_FILE).read_bytes(), dtype=np.uint8))
+        index = read_index_file(d / INDEX_FILE)
         start = int(sum(hi - lo for _, lo, hi in old))
         add_rows(index, ed.features, start)
         set_search_params(index, meta.get("params", {}))
@@ -390,6 +390,13 @@ def extend_index(embed_dir: str | Path) -> dict | None:
                               (meta.get("build_s") or 0.0) + time.perf_counter() - t0)
         return res | {"extended": len(ed.features) - start}
     return _build_and_save(ed, kind, seed, sample, rerank, build_options(meta)) | {"rebuilt": True}
+
+
+def read_index_file(path: Path):
+    """A faiss index streamed from its file (never the whole file in memory beside the index it becomes)."""
+    faiss = faiss_module()
+    with open(path, "rb") as fh:
+        return faiss.read_index(faiss.PyCallbackIOReader(fh.read))
 
 
 def load_index(embed_dir: str | Path, features_id: str | None = None) -> tuple[Any, dict] | None:
@@ -401,10 +408,10 @@ def load_index(embed_dir: str | Path, features_id: str | None = None) -> tuple[A
     d = Path(embed_dir)
     if not (d / INDEX_FILE).is_file():
         return None
-    faiss = faiss_module()
+    faiss_module()  # one line naming the install when faiss is missing
     try:
         meta = json.loads((d / META_FILE).read_text())
-        index = faiss.deserialize_index(np.frombuffer((d / INDEX_FILE).read_bytes(), dtype=np.uint8))
+        index = read_index_file(d / INDEX_FILE)
     except Exception as e:  # faiss raises RuntimeError on damage; a missing or bad meta file is OSError/ValueError
         raise UserError(f"{d / INDEX_FILE}: damaged or unreadable index ({type(e).__name__}); rebuild it with "
                         f"`isif index {d}` or search with --exact") from None
