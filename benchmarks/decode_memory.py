@@ -17,7 +17,9 @@ wall time and, for the current decoder, its estimate from the header (``decode_e
 the limit ``max_bytes`` is compared with: it should never be below the peak. ``--impl`` loads
 ``decode_rgb`` from another file instead, e.g. the previous version:
 ``git show HEAD~1:src/isif/data/decode.py | sed 's/from \\.\\.errors/from isif.base.errors/' > /tmp/old/decode.py``.
-A refused image prints its one-line refusal instead of figures.
+A refused image prints its one-line refusal instead of figures. ``--prepare SIZE`` also runs the network's test
+transform at SIZE px on the decoded array (``isif.data.input_spec.prepare``, what `isif embed` and `isif serve` do
+next), inside the measured peak: the whole cost of one file on its way to the network.
 """
 
 from __future__ import annotations
@@ -70,9 +72,12 @@ def _load_decoder(impl: str | None):
     return mod
 
 
-def child(path: str, draft: int | None, impl: str | None) -> dict:
-    """One decode in this process: the peak resident memory it added (MiB) and its wall time."""
+def child(path: str, draft: int | None, impl: str | None, size: int = 0) -> dict:
+    """One decode (and with ``size``, the test transform) in this process: the peak resident memory it added (MiB)
+    and its wall time."""
     mod = _load_decoder(impl)
+    if size:
+        from isif.data.input_spec import prepare
     data = Path(path).read_bytes()
     estimate = None
     if hasattr(mod, "decode_estimate"):
@@ -86,6 +91,8 @@ def child(path: str, draft: int | None, impl: str | None) -> dict:
     t = time.perf_counter()
     try:
         arr = mod.decode_rgb(data, path, draft=draft)
+        if size:
+            arr = prepare(arr, size).numpy()
     except mod.BadImage as e:
         return {"refused": str(e)}
     seconds = time.perf_counter() - t
@@ -98,18 +105,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/tmp/isif-decode-bench", help="where the test images are made")
     ap.add_argument("--impl", default=None, help="a decode.py file to measure instead of isif.data.decode")
+    ap.add_argument("--prepare", type=int, default=0, help="also the test transform at this size (e.g. 224)")
     ap.add_argument("--child", nargs=2, metavar=("PATH", "DRAFT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child[0], int(a.child[1]) or None, a.impl)))
+        print(json.dumps(child(a.child[0], int(a.child[1]) or None, a.impl, a.prepare)))
         return
     d = Path(a.dir)
     make_files(d)
-    print(f"decoder: {a.impl or 'isif.data.decode'}; ISIF_MAX_DECODE_MIB={os.environ.get('ISIF_MAX_DECODE_MIB')}")
+    print(f"decoder: {a.impl or 'isif.data.decode'}; ISIF_MAX_DECODE_MIB={os.environ.get('ISIF_MAX_DECODE_MIB')}"
+          + (f"; then the test transform at {a.prepare} px" if a.prepare else ""))
     print(f"{'case':28s} {'file KiB':>9s} {'peak MiB':>9s} {'estimate':>9s} {'output':>7s} {'VmHWM':>7s} "
           f"{'seconds':>8s}")
     for label, name, draft in CASES:
-        cmd = [sys.executable, __file__, "--child", str(d / name), str(draft or 0)]
+        cmd = [sys.executable, __file__, "--child", str(d / name), str(draft or 0), "--prepare", str(a.prepare)]
         out = subprocess.run(cmd + (["--impl", a.impl] if a.impl else []), capture_output=True, text=True)
         if out.returncode:
             print(f"{label:28s} failed: {out.stderr.strip().splitlines()[-1:]}")
