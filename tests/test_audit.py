@@ -261,13 +261,18 @@ def test_pixel_statistics_survive_an_incremental_embed_and_an_old_folder_gets_a_
     assert "pixel checks skipped" in err and "isif embed" in err and err.count("\n") == 1
     assert "dark" not in rows_of(old / "audit.csv")[0]
     assert main(["audit", str(old), "--checks", "dark", "--sheet", "0"]) == 2  # asked for by name: refused
-    one_line_error(capsys, "--checks dark", f"isif embed {load_embed_dir(old).checkpoint}", "--out NEW")
+    one_line_error(capsys, "--checks dark", f"isif embed {load_embed_dir(old).checkpoint}", f"--out {old}")
     assert main(["audit", str(emb), "--checks", "dark,blury", "--sheet", "0"]) == 2
     one_line_error(capsys, "'blury'", "blurry")
     assert main(["audit", str(emb), "--checks", "dark,grayscale", "--sheet", "0", "--out", str(tmp_path / "a")]) == 0
     cols = set(rows_of(tmp_path / "a" / "audit.csv")[0])
     assert cols == {"path", "outlier", "outlier_flag", "dark", "dark_flag", "grayscale", "grayscale_flag",
                     "unreadable"}
+    # the command the hint names: an incremental embed into the old folder embeds its files again, once
+    assert main(["embed", str(run), str(root), "--out", str(old), "--quiet"]) == 0
+    again = load_embed_dir(old)
+    assert again.pixels is not None and sorted(again.paths) == sorted(ed.paths)
+    np.testing.assert_allclose(again.pixels[[again.paths.index(p) for p in ed.paths]], ed.pixels)
 
 
 def test_leaks_between_two_collections(tmp_path, capsys):

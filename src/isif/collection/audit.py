@@ -236,8 +236,8 @@ def _wanted_checks(ed: EmbedDir, checks: str | None) -> list[str]:
     if unknown:
         raise UserError(f"--checks {unknown[0]!r}: not a pixel check; choose from {', '.join(CHECKS)} (or none)")
     if names and ed.pixels is None:
-        raise UserError(f"--checks {','.join(names)}: {ed.folder} was embedded before isif measured pixel "
-                        f"statistics; re-embed into a new folder: `isif embed {ed.checkpoint} {ed.root} --out NEW`")
+        raise UserError(f"--checks {','.join(names)}: {ed.folder} was embedded before isif measured these pixel "
+                        f"statistics; `isif embed {ed.checkpoint} {ed.root} --out {ed.folder}` measures them")
     return names
 
 
@@ -250,9 +250,9 @@ def audit_folder(o: AuditOptions) -> AuditResult:
     z, dist, norm, how = outlier_scores(ed, o.k, o.exact)
     pixels, wanted = ed.pixels, _wanted_checks(ed, o.checks)
     if pixels is None and wanted:
-        print(f"isif: pixel checks skipped: {ed.folder} was embedded before isif measured pixel statistics; "
-              f"`isif embed` into a new --out measures them (the outlier score needs only the features)",
-              file=sys.stderr)
+        print(f"isif: pixel checks skipped: {ed.folder} was embedded before isif measured these pixel statistics; "
+              f"`isif embed {ed.checkpoint} {ed.root} --out {ed.folder}` measures them (the outlier score needs "
+              "only the features)", file=sys.stderr)
     scores: dict[str, np.ndarray] = {"outlier": z}
     flags: dict[str, np.ndarray] = {"outlier": z > OUTLIER_Z}
     for name, c in CHECKS.items():

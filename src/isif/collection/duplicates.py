@@ -282,7 +282,7 @@ def image_hashes(ed, hash_bits: int) -> np.ndarray | None:
         import sys
 
         print(f"isif: copies by the embedding alone: {ed.folder} was embedded before isif measured perceptual "
-              f"hashes; `isif embed` into a new --out measures them", file=sys.stderr)
+              f"hashes; `isif embed {ed.checkpoint} {ed.root} --out {ed.folder}` measures them", file=sys.stderr)
         return None
     return hash_words(pixels)
 

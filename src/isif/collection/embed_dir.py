@@ -334,6 +334,8 @@ class EmbedWriter:
                 continue  # a shard is complete only once its manifest is written
             if m.get("checkpoint_sha256") != sha or not (self.shards / f"{meta.stem}.npy").is_file():
                 continue
+            if m.get("pixels") != PIXELS_VERSION:  # older pixel statistics: its files are embedded again, once
+                continue
             seq[meta.stem] = int(m.get("seq", 0))
             for r, k in enumerate(m["files"]):
                 rows[tuple(k)] = (meta.stem, r)
