@@ -24,7 +24,7 @@ import numpy as np
 
 from ..base.errors import UserError
 from ..base.settings import at_least, setting
-from .duplicates import HASH_BITS
+from .duplicates import HASH_BITS, default_threshold, hash_floor, image_hashes
 from .embed_dir import EmbedDir, load_embed_dir, made_from_these, output_dir
 from .pixel_stats import COLUMNS
 from .render import read_csv, rows_image, thumbnails, write_bytes, write_csv, write_png
@@ -168,8 +168,6 @@ def outlier_scores(ed: EmbedDir, k: int, exact: bool = False) -> tuple[np.ndarra
 def leak_threshold(ed: EmbedDir, other: EmbedDir, threshold: float | None) -> tuple[float, str]:
     """(the copy threshold, where it came from) for leaks of ``ed`` into ``other``, or a one-line refusal: another
     checkpoint's embedding, a threshold that is not a cosine, none given and none calibrated."""
-    from .duplicates import default_threshold
-
     if ed.folder.resolve() == other.folder.resolve():
         raise UserError(f"--against {other.folder} is the collection audited itself: name another embed folder "
                         f"(copies within one collection: `isif duplicates {ed.folder}`)")
@@ -201,8 +199,6 @@ def find_leaks(ed: EmbedDir, other: EmbedDir, threshold: float, exact: bool = Fa
     """(rows of ``ed``, their copies' rows of ``other``, cosines, hash bits apart or None) most similar first: the
     nearest row at cosine >= ``threshold``, or (``hash_bits`` >= 0 and both have hashes) the row with the nearest
     mirror hash when it is at most ``hash_bits`` apart at a cosine of at least ``duplicates.hash_floor``."""
-    from .duplicates import hash_floor, image_hashes
-
     index, _ = _index_of(other, exact)
     sims, ids = nearest(ed.features, other.features, 1, index)
     sim, to = sims[:, 0].astype(np.float64), ids[:, 0]
@@ -214,8 +210,9 @@ def find_leaks(ed: EmbedDir, other: EmbedDir, threshold: float, exact: bool = Fa
         cand = np.nonzero((hbits <= hash_bits) & ~leak)[0]
         hsim = np.einsum("ij,ij->i", np.asarray(ed.features[cand], np.float64),
                          np.asarray(other.features[hrow[cand]], np.float64)) if len(cand) else np.zeros(0)
-        ok = cand[hsim >= hash_floor(ed.meta.get("calibration"))]
-        to[ok], sim[ok], leak[ok] = hrow[ok], hsim[hsim >= hash_floor(ed.meta.get("calibration"))], True
+        close = hsim >= hash_floor(ed.meta.get("calibration"))
+        ok = cand[close]
+        to[ok], sim[ok], leak[ok] = hrow[ok], hsim[close], True
     rows = np.nonzero(leak)[0]
     rows = rows[np.argsort(-sim[rows], kind="stable")]
     bits = np.bitwise_count(ha[rows] ^ hb[to[rows]]) if ha is not None and hb is not None else None
