@@ -169,3 +169,25 @@ def test_prepare_keeps_the_checks_the_cli_banner_made(tmp_path, image_tree, monk
     with pytest.raises(UserError, match="--batch-size 7 .* divisible by the 2 processes"):
         prepare(cfg, tmp_path / "run", resume=False, overwrite=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["moco", "isif"])
+def test_the_banner_times_the_whole_step_on_copies(tmp_path, image_tree, method, monkeypatch):
+    """The estimate runs the method's own step (its heads, loss, momentum target, optimiser) three times, on
+    copies: the run's weights, optimiser, objective state (MoCo's queue) and random streams stay as they were."""
+    import torch
+
+    from isif.training import step
+
+    s = prepare(use_method(tiny_config(image_tree, epochs=1), method), tmp_path / "run", False, False)
+    before = {k: v.clone() for k, v in {**s.parts.model.state_dict(), **s.parts.objective.state_dict()}.items()}
+    calls, rng, aug = [], torch.random.get_rng_state(), s.parts.aug_gen.get_state()
+    real = step.train_step
+    monkeypatch.setattr(step, "train_step", lambda parts, *a, **k: calls.append(parts) or real(parts, *a, **k))
+    assert step.estimate_step_seconds(s.parts, s.sets.train.images, 8) > 0
+    assert len(calls) == 3 and all(p.objective is not s.parts.objective and p.model is not s.parts.model
+                                   for p in calls)
+    after = {**s.parts.model.state_dict(), **s.parts.objective.state_dict()}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not s.parts.opt.state and torch.equal(rng, torch.random.get_rng_state())
+    assert torch.equal(aug, s.parts.aug_gen.get_state())

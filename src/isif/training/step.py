@@ -320,10 +320,10 @@ def train_step(parts: Parts, x: torch.Tensor, idx: torch.Tensor, gen: torch.Gene
 
 
 def estimate_step_seconds(parts: Parts, images, batch_size: int, repeats: int = 2) -> float:
-    """Seconds one training step will take here: the forward and backward pass of a copy of the network on
-    this process's share of the batch, timed after one warm-up (the run's own weights, statistics and random
-    streams are untouched), or decoding a batch by the workers when that is slower."""
-    import copy
+    """Seconds one training step will take here, timed after one warm-up: the whole step (views, the method's
+    networks and loss, backward, optimiser) on copies of the model, objective and optimiser, so the run's weights,
+    state and random streams are untouched; under torchrun or ``--compile`` the network's forward and backward
+    alone. Or decoding a batch by the workers, when that is slower."""
     import time
 
     from ..base.device import param_dtype, sync
@@ -331,23 +331,38 @@ def estimate_step_seconds(parts: Parts, images, batch_size: int, repeats: int = 
 
     w, dev, t = parts.world, parts.device, parts.cfg.train
     b = max(1, batch_size // w.size)
-    model = copy.deepcopy(parts.model).train()
-    g = torch.Generator().manual_seed(0)
-    x = size_groups([torch.rand(b, 3, side, side, generator=g).to(dev, param_dtype(t.precision))
-                     for side in parts.view_sides()])  # one tensor per size group, as make_views gives
-    if not x:  # no views: nothing trains
+    if not parts.views:  # no views: nothing trains
         return 0.0
-    if t.channels_last:
-        x = [v.contiguous(memory_format=torch.channels_last) for v in x]
-    start = 0.0
-    for i in range(repeats + 1):
-        if i == 1:
-            sync(dev)
-            start = time.perf_counter()
-        with autocast(dev, t.precision):
-            z = model(x if len(x) > 1 else x[0])
-        z.float().square().sum().backward()
-    sync(dev)
+    g = torch.Generator().manual_seed(0)
+    whole = not w.active and parts.net is parts.model
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        if whole:  # one deepcopy keeps the optimiser's and the objective's references to the copied parameters
+            model, objective, opt = copy.deepcopy((parts.model, parts.objective, parts.opt))
+            shadow = dataclasses.replace(parts, model=model, net=model, objective=objective, opt=opt,
+                                         scaler=torch.amp.GradScaler(dev.type, enabled=parts.scaler.is_enabled()))
+            x = torch.randint(0, 256, (b, *images.shape[1:]), dtype=torch.uint8, generator=g).to(dev)
+            idx = torch.arange(b, device=dev) % max(1, len(images))
+
+            def once() -> None:
+                train_step(shadow, x, idx, g)
+        else:
+            model = copy.deepcopy(parts.model).train()
+            v = size_groups([torch.rand(b, 3, side, side, generator=g).to(dev, param_dtype(t.precision))
+                             for side in parts.view_sides()])  # one tensor per size group, as make_views gives
+            if t.channels_last:
+                v = [u.contiguous(memory_format=torch.channels_last) for u in v]
+
+            def once() -> None:
+                with autocast(dev, t.precision):
+                    z = model(v if len(v) > 1 else v[0])
+                z.float().square().sum().backward()
+        start = 0.0
+        for i in range(repeats + 1):
+            if i == 1:
+                sync(dev)
+                start = time.perf_counter()
+            once()
+        sync(dev)
     compute = (time.perf_counter() - start) / repeats
     if not isinstance(images, LazyImages):
         return compute
