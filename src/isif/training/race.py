@@ -109,7 +109,8 @@ def label_free_ranking(histories: dict[str, list[dict]]) -> str:
     for i, n in enumerate(order, 1):
         cells = [metric(k).format(v) if (v := final(trained[n], k)) is not None else "–" for k in cols]
         lines.append(f"| {i} | {n} | " + " | ".join(cells) + " |")
-    text = "Ranked without labels (the last evaluation's view top-1 on the held-out images):\n\n" + "\n".join(lines)
+    text = ("Ranked without labels (the last evaluation's view top-1 on the held-out images; it favours embeddings "
+            "trained for instance retrieval over backbone features, see docs/method.md):\n\n" + "\n".join(lines))
     if labelled:
         both = [n for n in order if final(trained[n], labelled) is not None]
         rho = spearman([final(trained[n], LABEL_FREE) for n in both], [final(trained[n], labelled) for n in both])
