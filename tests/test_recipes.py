@@ -54,6 +54,9 @@ def test_the_lightly_matched_recipes_resolve_and_differ_from_the_own_where_said(
     own = resolve("cifar10-race", {"method.name": "barlow-twins"})
     assert own.optim.optimizer == "lars" and own.method.settings.loss_scale == pytest.approx(0.1)
     assert own.method.settings.proj_layers == 3 and own.augment.solarize_p == (0.0, 0.2)
+    shared = {"train.recipe": "shared"}  # the run's SGD: the losses scaled as measured to learn under it
+    assert resolve("cifar10-race", {"method.name": "barlow-twins", **shared}).method.settings.loss_scale == 0.01
+    assert resolve("cifar10-race", {"method.name": "vicreg", **shared}).method.settings.loss_scale == 0.04
     m = resolve("cifar10-race", {"method.name": "moco", **moco.LIGHTLY_RECIPE.changes(128)})
     assert m.method.settings.bn_splits == 8 and m.method.settings.queue_update == "term"
     own = resolve("cifar10-race", {"method.name": "moco"}).method.settings
